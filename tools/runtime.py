@@ -1,0 +1,320 @@
+"""Small runtime helpers shared by the task programs.
+
+Devices, seeding, atomic checkpoint writes, snapshot discovery, CSV training logs and plain-text
+result tables. Nothing here knows about a particular task.
+
+Example:
+    >>> device = resolve_device("auto")
+    >>> seed_everything(1)
+    >>> log = CsvLog("exp/train.log", ["epoch", "lr", "loss"], resume_epoch=None)
+    >>> log.write([0.5, 1e-4, 0.123], ["{:.6f}", "{:g}", "{:.6f}"])
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "resolve_device",
+    "seed_everything",
+    "atomic_open",
+    "atomic_save",
+    "find_snapshots",
+    "CsvLog",
+    "read_csv_log",
+    "format_table",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and seeding
+# --------------------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn a device name into a ``torch.device`` that exists on this machine.
+
+    Args:
+        name: ``"auto"`` (CUDA when available, else CPU) or any torch device string such as
+            ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+
+    Raises:
+        ValueError: the name is not a device string, or names a device this machine lacks.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"device name must be a str, got {type(name).__name__}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device: {name!r} is not a valid device string; expected 'auto', "
+                         "'cpu', 'cuda' or 'cuda:<index>'") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device: {name!r} was requested but CUDA is not available on this "
+                             "machine; use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device: {name!r} was requested but only {count} CUDA device(s) "
+                             f"exist (indices 0..{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: {name!r} was requested but MPS is not available; "
+                         "use 'cpu' or 'auto'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python ``random``, NumPy and torch (CPU and every CUDA device).
+
+    Args:
+        seed: an integer in ``[0, 2**32 - 1]`` (NumPy's range).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32 - 1], got {seed}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes and snapshots
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    Readers never see a half-written file: they see the old content or the new one. If the
+    ``with`` body raises, the temporary file is removed and ``path`` is left untouched.
+
+    Example:
+        >>> with atomic_open("results.txt", "w") as f:
+        ...     f.write("done\\n")
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` that never leaves a truncated checkpoint behind (temp file + fsync + rename).
+
+    Example:
+        >>> atomic_save(model.state_dict(), "exp/weights_epoch_10.pth")
+    """
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def find_snapshots(exp_root: PathLike, prefix: str = "weights_epoch_") -> dict[int, Path]:
+    """Find ``<prefix><epoch>.pth`` files in ``exp_root``.
+
+    Returns:
+        ``{epoch: path}`` sorted by epoch; empty when the folder does not exist.
+
+    Example:
+        >>> find_snapshots("exp/nyu")            # doctest: +SKIP
+        {100: PosixPath('exp/nyu/weights_epoch_100.pth'), 200: ...}
+    """
+    exp_root = Path(exp_root)
+    if not exp_root.is_dir():
+        return {}
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.pth")
+    found = {}
+    for entry in exp_root.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_file():
+            found[int(match.group(1))] = entry
+    return dict(sorted(found.items()))
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV logs
+# --------------------------------------------------------------------------------------------------
+def _parse_float(text: str) -> float:
+    text = text.strip()
+    return float(text) if text else math.nan
+
+
+class CsvLog:
+    """An append-only CSV log (``train.log`` / ``test.log``) that can resume an interrupted run.
+
+    Args:
+        path: the log file.
+        columns: the header names; the first column is the x axis (epoch).
+        resume_epoch: ``None`` starts a fresh log (header only, any old file replaced). A number
+            keeps the existing header and the data rows whose first column is ``<= resume_epoch``
+            and drops later rows (they belong to epochs that will be recomputed).
+        formats: default per-column formats used when :meth:`write` is called without formats.
+
+    Raises:
+        ValueError: when resuming a log whose header differs from ``columns``.
+
+    Example:
+        >>> log = CsvLog("exp/test.log", ["epoch", "lr", "loss", "rmse"])
+        >>> log.write([10, 1e-4, 0.01, 2.5], ["{:.6f}", "{:g}", "{:.6f}", "{:.6f}"])
+        >>> log.close()
+    """
+
+    def __init__(self, path: PathLike, columns: Sequence[str],
+                 resume_epoch: float | None = None, formats: Sequence[str] | None = None) -> None:
+        self._handle: IO[str] | None = None
+        columns = list(columns)
+        if not columns or not all(isinstance(c, str) and c and "," not in c for c in columns):
+            raise ValueError(f"columns must be non-empty names without commas, got {columns!r}")
+        self.path = Path(path)
+        self.columns = columns
+        self.formats = self._check_formats(formats) if formats is not None else None
+        header = ",".join(columns)
+        kept: list[str] = []
+        if resume_epoch is not None and self.path.is_file():
+            kept = self._rows_to_keep(header, float(resume_epoch))
+        with atomic_open(self.path, "w") as handle:
+            handle.write("".join(line + "\n" for line in [header, *kept]))
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _rows_to_keep(self, header: str, resume_epoch: float) -> list[str]:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        if not lines:  # an empty file: treat as fresh
+            return []
+        if lines[0].strip() != header:
+            raise ValueError(f"{self.path}: cannot resume, its header {lines[0].strip()!r} differs "
+                             f"from the expected {header!r}; start a fresh log (e.g. --overwrite)")
+        return [line for line in lines[1:]
+                if line.strip() and _parse_float(line.split(",", 1)[0]) <= resume_epoch]
+
+    def _check_formats(self, formats: Sequence[str]) -> list[str]:
+        formats = list(formats)
+        if len(formats) != len(self.columns):
+            raise ValueError(f"formats: expected {len(self.columns)} entries (one per column "
+                             f"{self.columns}), got {len(formats)}")
+        return formats
+
+    def write(self, values: Sequence[Any], formats: Sequence[str] | None = None) -> None:
+        """Append one row and flush. ``None`` (or NaN) values are written as an empty field."""
+        if self._handle is None:
+            raise ValueError(f"{self.path}: the log is closed")
+        if len(values) != len(self.columns):
+            raise ValueError(f"values: expected {len(self.columns)} entries (one per column "
+                             f"{self.columns}), got {len(values)}")
+        formats = self._check_formats(formats) if formats is not None else self.formats
+        if formats is None:
+            formats = ["{:g}"] * len(self.columns)
+        fields = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+                  for v, fmt in zip(values, formats)]
+        self._handle.write(",".join(fields) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "CsvLog":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_handle"):
+            self.close()
+
+
+def read_csv_log(path: PathLike) -> dict[str, list[float]]:
+    """Read a CSV log written by :class:`CsvLog` into ``{column: values}`` (empty field -> NaN).
+
+    Works for header-only files (every list empty).
+    """
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty log file, expected a CSV header line")
+    columns = [c.strip() for c in lines[0].split(",")]
+    data: dict[str, list[float]] = {c: [] for c in columns}
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split(",")
+        if len(fields) != len(columns):
+            raise ValueError(f"{path}:{number}: expected {len(columns)} fields, got {len(fields)}")
+        try:
+            for column, field in zip(columns, fields):
+                data[column].append(_parse_float(field))
+        except ValueError:
+            raise ValueError(f"{path}:{number}: non-numeric field in {line!r}") from None
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Result tables
+# --------------------------------------------------------------------------------------------------
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                 formats: Mapping[str, str] | None = None, float_format: str = "{:.4f}") -> str:
+    """Format rows as a fixed-width plain-text table (numbers right-aligned, text left-aligned).
+
+    Args:
+        rows: one mapping per row; a missing or ``None`` value prints as ``-``.
+        columns: the column names, in order.
+        formats: optional per-column format strings, e.g. ``{"rmse": "{:.2f}"}``.
+        float_format: the format of other float values.
+
+    Example:
+        >>> print(format_table([{"model": "PAC", "x8": 4.59}], ["model", "x8"]))
+        model      x8
+        -----  ------
+        PAC    4.5900
+    """
+    formats = dict(formats or {})
+
+    def cell(row: Mapping[str, Any], column: str) -> tuple[str, bool]:
+        value = row.get(column)
+        if value is None:
+            return "-", True
+        numeric = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if column in formats:
+            return formats[column].format(value), numeric
+        if isinstance(value, (float, np.floating)):
+            return float_format.format(value), True
+        return str(value), numeric
+
+    columns = list(columns)
+    cells = [[cell(row, c) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i][0]) for r in cells]) for i, c in enumerate(columns)]
+    right = [any(r[i][1] for r in cells) for i in range(len(columns))]
+
+    def line(texts: Sequence[str]) -> str:
+        parts = [t.rjust(w) if r else t.ljust(w) for t, w, r in zip(texts, widths, right)]
+        return "  ".join(parts).rstrip()
+
+    out = [line(columns), line(["-" * w for w in widths])]
+    out += [line([text for text, _ in r]) for r in cells]
+    return "\n".join(out)
