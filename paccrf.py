@@ -1,0 +1,618 @@
+"""Learnable mean-field CRFs whose messages are pixel-adaptive convolutions (PAC-CRF).
+
+A PAC-CRF runs ``num_steps`` mean-field iterations on per-pixel class scores (the *unary*, logits of
+shape (B, C, H, W)). Each pairwise kernel passes messages with a :class:`pac.PacConv2d` whose adaptive
+kernel ``K = exp(-0.5 * ||f_j - f_i||^2)`` comes from *edge features* ``f`` (e.g. position and colour
+divided by bandwidths, see :func:`create_YXRGB`)::
+
+    Q     = softmax(logQ)                                  # over classes
+    logQ' = unary_weight * unary - sum_k  w_k * compat_k(messenger_k(Q, K_k))
+
+The update uses the *unary*, not the previous ``logQ``; ``logQ`` starts at the unary.
+
+Kernel types (``compat_type`` of :meth:`PacCRF.add_pairwise_kernel`):
+
+=========  ==========================================================================================
+``'4d'``   full (C, C, k, k) filter: class compatibility and spatial filter learnt jointly
+``'2d'``   learnable (C, C) 1x1 compatibility conv (init ``1 - I``) after a shared spatial filter
+``'potts'`` Potts model: the shared spatial message of each class attracts that class; the stored
+           pairwise weight is ``-pairwise_weight``
+``'na'``   a plain ``nn.Conv2d`` message (no edge features): a ConvCRF-like learnt spatial kernel
+=========  ==========================================================================================
+
+The shared spatial filter of '2d'/'potts' is a learnable Gaussian-initialised (1, 1, k, k) weight when
+``spatial_filter=True``, and a fixed buffer of ones with a zero centre when ``spatial_filter=False``.
+
+Which pairwise weights ``w_k`` learn (kept from the 2019 reference so released weights behave the same):
+the parameter ``pairwise_weights.{k}`` exists for every kernel, but it is used (and so receives a
+gradient) **only** for ``compat_type='potts'`` with ``spatial_filter=False`` and ``fixed_weighting=False``.
+For every other kernel the forward pass uses the constant initial value and the parameter stays at its
+init; in those kernels the scale of the message is learnt through the messenger / compat weights.
+``unary_weight`` is learnable unless ``fixed_weighting=True``.
+
+Blur ``b > 1`` runs a kernel at 1/b resolution: Q and the edge features are average-pooled with
+kernel = stride = b and a centred ceil padding (``count_include_pad=False``), the message is upsampled
+bilinearly by b and cropped back to (H, W).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from pac import PacConv2d
+
+__all__ = ['PacCRF', 'PacCRFLoose', 'DenseCRF', 'crf_refine', 'create_position_feats', 'create_YXRGB']
+
+COMPAT_TYPES = ('potts', '2d', '4d', 'na')
+FINAL_OUTPUTS = ('log_Q', 'log_softmax', 'softmax')
+_COMPAT_PERTURBATION = 0.0005  # half-width of the uniform noise of perturbed_init on compat weights
+
+EdgeFeat = Union[Tensor, Sequence[Optional[Tensor]], None]
+EdgeKernel = Union[Tensor, Sequence[Optional[Tensor]], None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature helpers
+# ------------------------------------------------------------------------------------------------
+
+def _scale_tensor(scales: Any, device: Optional[torch.device] = None) -> Tensor:
+    """Scalar / list / tensor of per-channel scales -> tensor broadcastable over (B, C, H, W)."""
+    scales = scales if isinstance(scales, Tensor) else torch.tensor(scales, dtype=torch.float32)
+    scales = scales.to(device)
+    return scales.view(1, -1, 1, 1) if scales.dim() > 0 else scales
+
+
+def create_position_feats(shape: Sequence[int], scales: Any = None, bs: int = 1,
+                          device: Optional[torch.device] = None) -> Tensor:
+    """Pixel coordinates as features: channel 0 is the row index, channel 1 the column index.
+
+    Args:
+        shape: spatial size (H, W).
+        scales: optional divisor, a scalar or one value per channel (list or tensor).
+        bs: batch size (the grid is repeated).
+        device: device of the result.
+
+    Shape:
+        Output: (bs, 2, H, W), float32 (or the dtype of a tensor ``scales``).
+
+    Example:
+        >>> create_position_feats((2, 3), scales=2.0)[0, 1]
+        tensor([[0.0000, 0.5000, 1.0000],
+                [0.0000, 0.5000, 1.0000]])
+    """
+    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
+    feats = torch.stack(torch.meshgrid(*axes, indexing='ij'), dim=0).unsqueeze(0)
+    if scales is not None:
+        feats = feats / _scale_tensor(scales, device)
+    return feats.expand(bs, *feats.shape[1:]).contiguous()
+
+
+def create_YXRGB(img: Tensor, yx_scale: Any = None, rgb_scale: Any = None, scales: Any = None) -> Tensor:
+    """Concatenate (row, column) / ``yx_scale`` and ``img`` / ``rgb_scale``: bilateral edge features.
+
+    Args:
+        img: image (..., C, H, W); leading dims are flattened into the batch. C is usually 3.
+        yx_scale: position bandwidth, scalar or (2,).
+        rgb_scale: colour bandwidth, scalar or (C,).
+        scales: alternative to the two above: ``scales[:2]`` for position, ``scales[2:]`` for colour.
+
+    Shape:
+        Output: (B, 2 + C, H, W).
+
+    Example:
+        >>> feats = create_YXRGB(torch.rand(1, 3, 64, 64) * 255, yx_scale=80.0, rgb_scale=13.0)
+        >>> feats.shape
+        torch.Size([1, 5, 64, 64])
+    """
+    if not isinstance(img, Tensor) or img.dim() < 3:
+        raise TypeError(f'img: expected a tensor of shape (..., C, H, W), got '
+                        f'{tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__}')
+    if scales is not None:
+        if yx_scale is not None or rgb_scale is not None:
+            raise ValueError('scales: give either scales or yx_scale/rgb_scale, not both')
+        yx_scale, rgb_scale = scales[:2], scales[2:]
+    img = img.reshape(-1, *img.shape[-3:])
+    yx = create_position_feats(img.shape[-2:], yx_scale, img.shape[0], img.device).to(img.dtype)
+    rgb = img if rgb_scale is None else img / _scale_tensor(rgb_scale, img.device)
+    return torch.cat([yx, rgb], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blur (multi-resolution messages)
+# ------------------------------------------------------------------------------------------------
+
+def _ceil_pad_factor(sizes: Sequence[int], factor: int) -> Tuple[int, ...]:
+    """Padding per dim so that avg-pooling with kernel = stride = ``factor`` gives ceil(size / factor)."""
+    return tuple(((factor - size % factor) % factor + 1) // 2 for size in sizes)
+
+
+def _blur_down(x: Tensor, factor: int) -> Tensor:
+    """Average-pool by ``factor`` with centred ceil padding; padded pixels do not count."""
+    if factor == 1:
+        return x
+    return F.avg_pool2d(x, factor, factor, padding=_ceil_pad_factor(x.shape[-2:], factor),
+                        count_include_pad=False)
+
+
+def _blur_up(msg: Tensor, factor: int, size: Sequence[int]) -> Tensor:
+    """Inverse of :func:`_blur_down`: bilinear upsampling by ``factor``, then crop the padding."""
+    if factor == 1:
+        return msg
+    pad_h, pad_w = _ceil_pad_factor(size, factor)
+    msg = F.interpolate(msg, scale_factor=factor, mode='bilinear', align_corners=False)
+    return msg[..., pad_h:pad_h + size[0], pad_w:pad_w + size[1]]
+
+
+def _blurred_size(size: Sequence[int], factor: int) -> Tuple[int, ...]:
+    return tuple(-(-n // factor) for n in size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation helpers
+# ------------------------------------------------------------------------------------------------
+
+def _check_positive_int(name: str, value: Any, odd: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (odd and value % 2 == 0):
+        raise ValueError(f'{name}: expected a positive {"odd " if odd else ""}int, got {value!r}')
+
+
+def _check_final_output(final_output: Any) -> None:
+    if final_output not in FINAL_OUTPUTS:
+        raise ValueError(f'Unknown value for final_output: {final_output!r}; expected one of {FINAL_OUTPUTS}')
+
+
+def _check_unary(unary: Any, channels: int) -> None:
+    if not isinstance(unary, Tensor):
+        raise TypeError(f'unary: expected a Tensor of shape (B, {channels}, H, W), got {type(unary).__name__}')
+    if unary.dim() != 4 or unary.shape[1] != channels:
+        raise ValueError(f'unary: expected shape (B, {channels}, H, W) for a CRF with {channels} classes, '
+                         f'got {tuple(unary.shape)}')
+
+
+def _check_edge_feat(name: str, feat: Any, unary: Tensor) -> None:
+    if not isinstance(feat, Tensor):
+        raise TypeError(f'{name}: expected a Tensor of shape (B, F, H, W), got {type(feat).__name__}')
+    expected = (unary.shape[0], unary.shape[2], unary.shape[3])
+    if feat.dim() != 4 or (feat.shape[0], feat.shape[2], feat.shape[3]) != expected:
+        raise ValueError(f'{name}: expected shape ({expected[0]}, F, {expected[1]}, {expected[2]}) to match '
+                         f'the unary, got {tuple(feat.shape)}')
+
+
+def _apply_final_output(logQ: Tensor, final_output: str) -> Tensor:
+    _check_final_output(final_output)
+    if final_output == 'softmax':
+        return F.softmax(logQ, dim=1)
+    if final_output == 'log_softmax':
+        return F.log_softmax(logQ, dim=1)
+    return logQ
+
+
+def _as_kernel_list(pairwise_kernels: Any) -> List[Dict[str, Any]]:
+    if pairwise_kernels is None:
+        return []
+    if isinstance(pairwise_kernels, dict):
+        return [pairwise_kernels]
+    if isinstance(pairwise_kernels, (list, tuple)) and all(isinstance(k, dict) for k in pairwise_kernels):
+        return list(pairwise_kernels)
+    raise TypeError(f'pairwise_kernels: expected a dict or a list of dicts of add_pairwise_kernel '
+                    f'arguments, got {pairwise_kernels!r}')
+
+
+def _crf_extra_repr(channels: int, num_steps: int, final_output: str, perturbed_init: bool,
+                    fixed_weighting: bool, pairwise_repr: Sequence[str], checkpoint_steps: bool) -> str:
+    s = f'categories={channels}, num_steps={num_steps}, final_output={final_output}'
+    if perturbed_init:
+        s += ', perturbed_init=True'
+    if fixed_weighting:
+        s += ', fixed_weighting=True'
+    if checkpoint_steps:
+        s += ', checkpoint_steps=True'
+    return s + ', pairwise_kernels=(' + ', '.join(pairwise_repr) + ')'
+
+
+# ------------------------------------------------------------------------------------------------
+# CRFs
+# ------------------------------------------------------------------------------------------------
+
+class PacCRF(nn.Module):
+    r"""Mean-field CRF with pixel-adaptive messages; all steps share their parameters.
+
+    Args:
+        channels: number of classes C.
+        num_steps: number of mean-field iterations.
+        final_output: ``'log_Q'`` (the last logits, default), ``'log_softmax'`` or ``'softmax'``.
+        perturbed_init: add U(-5e-4, 5e-4) noise to the initial messenger / compat weights.
+        native_impl: use pac.py's plain-autograd path instead of the memory-lean default.
+        fixed_weighting: keep ``unary_weight`` and every pairwise weight constant (no parameters used).
+        unary_weight: initial weight of the unary term.
+        pairwise_kernels: a dict, or a list of dicts, of :meth:`add_pairwise_kernel` arguments.
+        checkpoint_steps: recompute each mean-field step in backward (``torch.utils.checkpoint``), so
+            training memory does not grow with ``num_steps``. Same values and gradients.
+
+    Shape:
+        - unary: (B, C, H, W) logits.
+        - edge_feat: (B, F, H, W), or a sequence with one such tensor per kernel (None for 'na').
+        - edge_kernel (optional, instead of edge_feat): (B, 1, k, k, H_b, W_b) with H_b = ceil(H / blur),
+          or a sequence with one per kernel (None for 'na').
+        - Output: (B, C, H, W).
+
+    Example:
+        >>> crf = PacCRF(21, num_steps=5, pairwise_kernels=[
+        ...     dict(kernel_size=5, dilation=1, compat_type='4d'),
+        ...     dict(kernel_size=5, dilation=4, compat_type='4d')])
+        >>> img = torch.rand(2, 3, 64, 64) * 255
+        >>> out = crf(torch.randn(2, 21, 64, 64), create_YXRGB(img, yx_scale=100.0, rgb_scale=30.0))
+        >>> out.shape
+        torch.Size([2, 21, 64, 64])
+    """
+
+    def __init__(self, channels: int, num_steps: int, final_output: str = 'log_Q', perturbed_init: bool = True,
+                 native_impl: bool = False, fixed_weighting: bool = False, unary_weight: float = 1.0,
+                 pairwise_kernels: Union[Dict[str, Any], Sequence[Dict[str, Any]], None] = None, *,
+                 checkpoint_steps: bool = False) -> None:
+        super().__init__()
+        _check_positive_int('channels', channels)
+        _check_positive_int('num_steps', num_steps)
+        _check_final_output(final_output)
+        self.channels = channels
+        self.num_steps = num_steps
+        self.final_output = final_output
+        self.perturbed_init = perturbed_init
+        self.native_impl = native_impl
+        self.fixed_weighting = fixed_weighting
+        self.checkpoint_steps = checkpoint_steps
+        self.init_unary_weight = float(unary_weight)
+        if fixed_weighting:
+            self.unary_weight = self.init_unary_weight
+        else:
+            self.unary_weight = nn.Parameter(torch.tensor(self.init_unary_weight))
+        self.messengers = nn.ModuleList()
+        self.compat = nn.ModuleList()
+        self.pairwise_weights = nn.ParameterList()
+        self.init_pairwise_weights: List[float] = []
+        self._use_pairwise_weights: List[bool] = []
+        self.blur: List[int] = []
+        self.pairwise_repr: List[str] = []
+        for kernel_args in _as_kernel_list(pairwise_kernels):
+            self.add_pairwise_kernel(**kernel_args)
+
+    def add_pairwise_kernel(self, kernel_size: int = 3, dilation: int = 1, blur: int = 1,
+                            compat_type: str = '4d', spatial_filter: bool = True,
+                            pairwise_weight: float = 1.0) -> None:
+        """Append a pairwise kernel (see the module docstring for the compat types).
+
+        Args:
+            kernel_size: odd window size k of the messenger.
+            dilation: dilation of the window; the padding is (k // 2) * dilation ("same" size).
+            blur: run this kernel at 1 / blur resolution.
+            compat_type: 'potts', '2d', '4d' or 'na'.
+            spatial_filter: for 'potts' / '2d': learn a Gaussian-initialised shared spatial filter (True)
+                or use a fixed window of ones with a zero centre (False). Ignored by '4d' and 'na'.
+            pairwise_weight: weight w of the message. Negated for 'potts'. It is a learnt parameter only
+                for 'potts' with spatial_filter=False and fixed_weighting=False; otherwise it stays a
+                constant (the parameter ``pairwise_weights.{i}`` exists but is unused).
+        """
+        _check_positive_int('kernel_size', kernel_size, odd=True)
+        _check_positive_int('dilation', dilation)
+        _check_positive_int('blur', blur)
+        if compat_type not in COMPAT_TYPES:
+            raise ValueError(f'compat_type: expected one of {COMPAT_TYPES}, got {compat_type!r}')
+        channels, padding = self.channels, (kernel_size // 2) * dilation
+        if compat_type == 'na':
+            messenger = nn.Conv2d(channels, channels, kernel_size, padding=padding, dilation=dilation, bias=False)
+        else:
+            shared = compat_type != '4d'
+            filler = 'crf_pool' if shared and not spatial_filter else \
+                ('crf_perturbed' if self.perturbed_init else 'crf')
+            messenger = PacConv2d(channels, channels, kernel_size, padding=padding, dilation=dilation, bias=False,
+                                  shared_filters=shared, filler=filler, native_impl=self.native_impl)
+        self.messengers.append(messenger)
+        self.compat.append(nn.Conv2d(channels, channels, 1, bias=False) if compat_type == '2d' else None)
+        init_weight = -float(pairwise_weight) if compat_type == 'potts' else float(pairwise_weight)
+        self.init_pairwise_weights.append(init_weight)
+        self.pairwise_weights.append(nn.Parameter(torch.tensor(init_weight)))
+        self._use_pairwise_weights.append(compat_type == 'potts' and not spatial_filter and not self.fixed_weighting)
+        self.blur.append(blur)
+        type_repr = '0d' if compat_type == 'potts' else compat_type
+        self.pairwise_repr.append(f'{type_repr}{"s" if spatial_filter else ""}_{kernel_size}_{dilation}_{blur}')
+        self.reset_parameters(pairwise_idx=-1)
+
+    def num_pairwise_kernels(self) -> int:
+        return len(self.messengers)
+
+    def reset_parameters(self, pairwise_idx: Optional[int] = None) -> None:
+        """Re-initialise every kernel and the unary weight (None), or only kernel ``pairwise_idx``."""
+        if pairwise_idx is None:
+            indices = range(self.num_pairwise_kernels())
+            if not self.fixed_weighting:
+                with torch.no_grad():
+                    self.unary_weight.fill_(self.init_unary_weight)
+        else:
+            indices = [range(self.num_pairwise_kernels())[pairwise_idx]]
+        with torch.no_grad():
+            for i in indices:
+                self.messengers[i].reset_parameters()
+                if self.compat[i] is not None:
+                    weight = self.compat[i].weight
+                    weight.zero_()
+                    weight[:, :, 0, 0] = 1 - torch.eye(self.channels, dtype=weight.dtype, device=weight.device)
+                    if self.perturbed_init:
+                        weight.add_(torch.empty_like(weight).uniform_(-_COMPAT_PERTURBATION, _COMPAT_PERTURBATION))
+                self.pairwise_weights[i].fill_(self.init_pairwise_weights[i])
+
+    def extra_repr(self) -> str:
+        return _crf_extra_repr(self.channels, self.num_steps, self.final_output, self.perturbed_init,
+                               self.fixed_weighting, self.pairwise_repr, self.checkpoint_steps)
+
+    def _is_adaptive(self, i: int) -> bool:
+        return isinstance(self.messengers[i], PacConv2d)
+
+    def compute_edge_kernels(self, unary: Tensor, edge_feat: EdgeFeat,
+                             edge_kernel: EdgeKernel = None) -> List[Optional[Tensor]]:
+        """Adaptive kernels K_i of every kernel (None for 'na'), from features or checked if given.
+
+        ``edge_kernel`` may be one tensor reused by every kernel or a sequence with one per kernel; when it
+        is None, K_i is computed from ``edge_feat`` (one tensor shared by all kernels, or one per kernel).
+        """
+        _check_unary(unary, self.channels)
+        n = self.num_pairwise_kernels()
+        if edge_kernel is not None:
+            kernels = [edge_kernel] * n if isinstance(edge_kernel, Tensor) else list(edge_kernel)
+            if len(kernels) != n:
+                raise ValueError(f'edge_kernel: expected {n} kernels (one per pairwise kernel), got {len(kernels)}')
+            for i in range(n):
+                kernels[i] = self._check_edge_kernel(i, kernels[i], unary) if self._is_adaptive(i) else None
+            return kernels
+        shared = isinstance(edge_feat, Tensor)
+        if shared:
+            _check_edge_feat('edge_feat', edge_feat, unary)
+        elif isinstance(edge_feat, (list, tuple)):
+            if len(edge_feat) != n:
+                raise ValueError(f'edge_feat: expected {n} feature tensors (one per pairwise kernel), '
+                                 f'got {len(edge_feat)}')
+        elif any(self._is_adaptive(i) for i in range(n)):
+            raise TypeError(f'edge_feat: expected a Tensor (B, F, H, W) or a list of {n}, '
+                            f'got {type(edge_feat).__name__}')
+        pooled_cache: Dict[int, Tensor] = {}
+        kernels = []
+        for i in range(n):
+            if not self._is_adaptive(i):
+                kernels.append(None)
+                continue
+            blur = self.blur[i]
+            if shared:
+                if blur not in pooled_cache:
+                    pooled_cache[blur] = _blur_down(edge_feat, blur)
+                feat = pooled_cache[blur]
+            else:
+                _check_edge_feat(f'edge_feat[{i}]', edge_feat[i], unary)
+                feat = _blur_down(edge_feat[i], blur)
+            kernels.append(self.messengers[i].compute_kernel(feat)[0])
+        return kernels
+
+    def _check_edge_kernel(self, i: int, kernel: Any, unary: Tensor) -> Tensor:
+        k = self.messengers[i].kernel_size
+        size = _blurred_size(unary.shape[-2:], self.blur[i])
+        expected = (unary.shape[0], 1, *k, *size)
+        if not isinstance(kernel, Tensor) or tuple(kernel.shape) != expected:
+            got = tuple(kernel.shape) if isinstance(kernel, Tensor) else type(kernel).__name__
+            raise ValueError(f'edge_kernel[{i}]: expected shape {expected} (B, 1, kh, kw, H_b, W_b) for kernel '
+                             f'{self.pairwise_repr[i]}, got {got}')
+        return kernel
+
+    def _pairwise_weight(self, i: int) -> Union[Tensor, float]:
+        return self.pairwise_weights[i] if self._use_pairwise_weights[i] else self.init_pairwise_weights[i]
+
+    def _mean_field_step(self, unary: Tensor, logQ: Tensor, kernels: List[Optional[Tensor]]) -> Tensor:
+        """One mean-field update: the new logits from the unary and the messages of softmax(logQ)."""
+        Q = F.softmax(logQ, dim=1)
+        new_logQ = unary * self.unary_weight
+        pooled_Q: Dict[int, Tensor] = {}
+        for i, messenger in enumerate(self.messengers):
+            blur = self.blur[i]
+            if blur not in pooled_Q:
+                pooled_Q[blur] = _blur_down(Q, blur)
+            msg = messenger(pooled_Q[blur], None, kernels[i]) if kernels[i] is not None else messenger(pooled_Q[blur])
+            if self.compat[i] is not None:
+                msg = self.compat[i](msg)
+            msg = _blur_up(msg, blur, Q.shape[-2:])
+            new_logQ = new_logQ - self._pairwise_weight(i) * msg
+        return new_logQ
+
+    def _step(self, unary: Tensor, logQ: Tensor, kernels: List[Optional[Tensor]]) -> Tensor:
+        if self.checkpoint_steps and torch.is_grad_enabled():
+            return checkpoint(self._mean_field_step, unary, logQ, kernels, use_reentrant=False)
+        return self._mean_field_step(unary, logQ, kernels)
+
+    def forward(self, unary: Tensor, edge_feat: EdgeFeat, edge_kernel: EdgeKernel = None,
+                logQ: Optional[Tensor] = None) -> Tensor:
+        """Run ``num_steps`` mean-field steps from ``logQ`` (default: the unary)."""
+        _check_final_output(self.final_output)
+        kernels = self.compute_edge_kernels(unary, edge_feat, edge_kernel)
+        if logQ is None:
+            logQ = unary
+        elif not isinstance(logQ, Tensor) or logQ.shape != unary.shape:
+            raise ValueError(f'logQ: expected the shape of the unary {tuple(unary.shape)}, got '
+                             f'{tuple(logQ.shape) if isinstance(logQ, Tensor) else type(logQ).__name__}')
+        for _ in range(self.num_steps):
+            logQ = self._step(unary, logQ, kernels)
+        return _apply_final_output(logQ, self.final_output)
+
+
+class PacCRFLoose(nn.Module):
+    """PAC-CRF whose mean-field steps each have their own parameters ("loose" / unrolled CRF).
+
+    Holds ``steps``, ``num_steps`` one-step :class:`PacCRF` with the same kernel configuration (state_dict
+    keys ``steps.{s}.*``). Arguments, shapes and the learnable-weight rules are those of :class:`PacCRF`;
+    unlike the 2019 code, 'na' kernels work here too. With identical parameters in every step it equals
+    :class:`PacCRF`.
+
+    Example:
+        >>> crf = PacCRFLoose(21, num_steps=3, pairwise_kernels=dict(kernel_size=5, compat_type='4d'))
+        >>> feats = create_YXRGB(torch.rand(1, 3, 32, 32) * 255, 100.0, 30.0)
+        >>> crf(torch.randn(1, 21, 32, 32), feats).shape
+        torch.Size([1, 21, 32, 32])
+    """
+
+    def __init__(self, channels: int, num_steps: int, final_output: str = 'log_Q', perturbed_init: bool = True,
+                 native_impl: bool = False, fixed_weighting: bool = False, unary_weight: float = 1.0,
+                 pairwise_kernels: Union[Dict[str, Any], Sequence[Dict[str, Any]], None] = None, *,
+                 checkpoint_steps: bool = False) -> None:
+        super().__init__()
+        _check_positive_int('num_steps', num_steps)
+        _check_final_output(final_output)
+        self.channels = channels
+        self.num_steps = num_steps
+        self.final_output = final_output
+        self.perturbed_init = perturbed_init
+        self.fixed_weighting = fixed_weighting
+        self.checkpoint_steps = checkpoint_steps
+        self.steps = nn.ModuleList(
+            PacCRF(channels, 1, 'log_Q', perturbed_init, native_impl, fixed_weighting, unary_weight,
+                   pairwise_kernels, checkpoint_steps=checkpoint_steps)
+            for _ in range(num_steps))
+
+    def add_pairwise_kernel(self, **kwargs: Any) -> None:
+        """Add the same kernel to every step (arguments of :meth:`PacCRF.add_pairwise_kernel`)."""
+        for step in self.steps:
+            step.add_pairwise_kernel(**kwargs)
+
+    def num_pairwise_kernels(self) -> int:
+        return self.steps[0].num_pairwise_kernels()
+
+    def reset_parameters(self) -> None:
+        for step in self.steps:
+            step.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return _crf_extra_repr(self.channels, self.num_steps, self.final_output, self.perturbed_init,
+                               self.fixed_weighting, self.steps[0].pairwise_repr, self.checkpoint_steps)
+
+    def forward(self, unary: Tensor, edge_feat: EdgeFeat, edge_kernel: EdgeKernel = None) -> Tensor:
+        """Kernels are computed once (with step 0's messenger geometry), then each step runs once."""
+        _check_final_output(self.final_output)
+        kernels = self.steps[0].compute_edge_kernels(unary, edge_feat, edge_kernel)
+        logQ = unary
+        for step in self.steps:
+            logQ = step(unary, None, kernels, logQ)
+        return _apply_final_output(logQ, self.final_output)
+
+
+class DenseCRF(PacCRF):
+    r"""Preset mirroring the fully-connected DenseCRF of Kraehenbuehl & Koltun (2011), windowed.
+
+    Two Potts kernels with fixed windows (``spatial_filter=False``) and learnable weights:
+
+    - appearance: ``w_a * exp(-|p_i - p_j|^2 / (2 theta_alpha^2) - |I_i - I_j|^2 / (2 theta_beta^2))``,
+      on :func:`create_YXRGB` features, evaluated at 1/``blur`` resolution in a ``kernel_size`` window of
+      the given ``dilation`` (reach: (kernel_size // 2) * dilation * blur pixels);
+    - smoothness: ``w_s * exp(-|p_i - p_j|^2 / (2 theta_gamma^2))`` on position features, full resolution,
+      window ``smoothness_kernel_size``.
+
+    Messages are unnormalised sums over the window (like the rest of this module), so good weights
+    depend on the window size; the defaults suit ~0.5-2 theta_alpha windows. ``image`` values are
+    expected on the 0-255 scale for the default ``color_scale`` (theta_beta = 13).
+
+    Args:
+        num_classes: number of classes C.
+        num_steps: mean-field iterations.
+        appearance_weight: w_a. smoothness_weight: w_s.
+        position_scale: theta_alpha (pixels). color_scale: theta_beta (image units).
+        smoothness_scale: theta_gamma (pixels).
+        kernel_size, dilation, blur: window of the appearance kernel.
+        smoothness_kernel_size: window of the smoothness kernel (full resolution, dilation 1).
+        final_output, unary_weight, native_impl, checkpoint_steps: as in :class:`PacCRF`.
+
+    Shape:
+        - unary: (B, C, H, W) logits. image: (B, 3, H, W) (any channel count works).
+        - Output: (B, C, H, W).
+
+    Example:
+        >>> crf = DenseCRF(21, final_output='softmax')
+        >>> probs = crf(torch.randn(1, 21, 64, 64), torch.rand(1, 3, 64, 64) * 255)
+    """
+
+    def __init__(self, num_classes: int, num_steps: int = 5, appearance_weight: float = 1.0,
+                 smoothness_weight: float = 1.0, position_scale: float = 20.0, color_scale: float = 13.0,
+                 smoothness_scale: float = 3.0, kernel_size: int = 11, dilation: int = 1, blur: int = 4,
+                 smoothness_kernel_size: int = 7, final_output: str = 'log_Q', unary_weight: float = 1.0,
+                 native_impl: bool = False, checkpoint_steps: bool = False) -> None:
+        for name, value in (('position_scale', position_scale), ('color_scale', color_scale),
+                            ('smoothness_scale', smoothness_scale)):
+            if not value > 0:
+                raise ValueError(f'{name}: expected a positive bandwidth, got {value!r}')
+        super().__init__(num_classes, num_steps, final_output, perturbed_init=False, native_impl=native_impl,
+                         unary_weight=unary_weight, checkpoint_steps=checkpoint_steps, pairwise_kernels=[
+                             dict(kernel_size=kernel_size, dilation=dilation, blur=blur, compat_type='potts',
+                                  spatial_filter=False, pairwise_weight=appearance_weight),
+                             dict(kernel_size=smoothness_kernel_size, dilation=1, blur=1, compat_type='potts',
+                                  spatial_filter=False, pairwise_weight=smoothness_weight)])
+        self.position_scale = float(position_scale)
+        self.color_scale = float(color_scale)
+        self.smoothness_scale = float(smoothness_scale)
+
+    def edge_features(self, image: Tensor) -> List[Tensor]:
+        """[appearance features (B, 2 + C, H, W), smoothness features (B, 2, H, W)] of ``image``."""
+        if not isinstance(image, Tensor) or image.dim() != 4:
+            raise ValueError(f'image: expected a tensor of shape (B, C, H, W), got '
+                             f'{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}')
+        appearance = create_YXRGB(image, yx_scale=self.position_scale, rgb_scale=self.color_scale)
+        smoothness = create_position_feats(image.shape[-2:], self.smoothness_scale, image.shape[0],
+                                           image.device).to(image.dtype)
+        return [appearance, smoothness]
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f', position_scale={self.position_scale}, '
+                f'color_scale={self.color_scale}, smoothness_scale={self.smoothness_scale}')
+
+    def forward(self, unary: Tensor, image: Tensor, logQ: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        return super().forward(unary, self.edge_features(image), None, logQ)
+
+
+@torch.no_grad()
+def crf_refine(logits: Tensor, images: Tensor, crf: Optional[DenseCRF] = None, chunk_size: int = 1,
+               progress: bool = False, **dense_crf_kwargs: Any) -> Tensor:
+    """Refine a batch of segmentation logits with a (by default untrained) :class:`DenseCRF`.
+
+    Inference only (no grad), ``chunk_size`` images at a time to bound memory; works on CPU.
+
+    Args:
+        logits: (B, C, H, W) class scores (e.g. a network's output, upsampled to the image size).
+        images: (B, 3, H, W) images, on the 0-255 scale for the default ``color_scale``.
+        crf: a DenseCRF to use (on the device and dtype of ``logits``); built from ``dense_crf_kwargs``
+            when None, with ``final_output='softmax'`` unless given.
+        chunk_size: images per forward pass.
+        progress: show a tqdm bar over the chunks.
+        **dense_crf_kwargs: arguments of :class:`DenseCRF` (not allowed together with ``crf``).
+
+    Returns:
+        (B, C, H, W): refined probabilities by default, or the CRF's ``final_output``.
+
+    Example:
+        >>> probs = crf_refine(torch.randn(2, 21, 64, 64), torch.rand(2, 3, 64, 64) * 255)
+        >>> labels = probs.argmax(1)
+    """
+    if not isinstance(logits, Tensor) or logits.dim() != 4:
+        raise ValueError(f'logits: expected a tensor of shape (B, C, H, W), got '
+                         f'{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}')
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != logits.shape[0] \
+            or images.shape[-2:] != logits.shape[-2:]:
+        raise ValueError(f'images: expected shape ({logits.shape[0]}, 3, {logits.shape[2]}, {logits.shape[3]}) '
+                         f'to match the logits, got '
+                         f'{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}')
+    _check_positive_int('chunk_size', chunk_size)
+    if crf is None:
+        dense_crf_kwargs.setdefault('final_output', 'softmax')
+        crf = DenseCRF(logits.shape[1], **dense_crf_kwargs).to(device=logits.device, dtype=logits.dtype)
+    elif dense_crf_kwargs:
+        raise TypeError(f'dense_crf_kwargs: not allowed together with crf, got {sorted(dense_crf_kwargs)}')
+    images = images.to(logits.dtype)
+    chunks = range(0, logits.shape[0], chunk_size)
+    return torch.cat([crf(logits[s:s + chunk_size], images[s:s + chunk_size])
+                      for s in tqdm(chunks, desc='crf_refine', disable=not progress)])
