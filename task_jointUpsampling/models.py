@@ -1,0 +1,393 @@
+"""Joint upsampling networks: a low-resolution target (depth, optical flow) is upsampled by ``factor``
+under the guidance of a high-resolution image.
+
+Every model treats each target channel (e.g. the u and v of a flow field) as an independent
+single-channel image that shares the guide: channels are folded into the batch before the network
+and unfolded after it (:func:`convert_to_single_channel`, :func:`repeat_for_channel`,
+:func:`recover_from_single_channel`).
+
+Class names, constructor arguments and state_dict keys match the released 2019 weights.
+
+Example:
+    >>> net = PacJointUpsample(factor=8)
+    >>> target_low, guide = torch.rand(2, 1, 16, 16), torch.rand(2, 3, 128, 128)
+    >>> net(target_low, guide).shape
+    torch.Size([2, 1, 128, 128])
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pac import PacConvTranspose2d
+
+__all__ = [
+    'convert_to_single_channel', 'recover_from_single_channel', 'repeat_for_channel',
+    'th_rmse', 'th_epe',
+    'Identity', 'Bilinear', 'JointBilateral', 'DJIF', 'DJIFWide', 'PacJointUpsample', 'PacJointUpsampleLite',
+    'MODEL_NAMES', 'create_model',
+]
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------- channel folding
+def _check_4d(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f'{name} must be a 4-D tensor (B, C, H, W), got {got}')
+
+
+def convert_to_single_channel(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold the channels into the batch: (B, ch, H, W) -> (B*ch, 1, H, W). Returns the folded tensor and ch."""
+    _check_4d('x', x)
+    b, ch, h, w = x.shape
+    return x.reshape(b * ch, 1, h, w), ch
+
+
+def recover_from_single_channel(x: torch.Tensor, ch: int) -> torch.Tensor:
+    """Inverse of :func:`convert_to_single_channel`: (B*ch, 1, H, W) -> (B, ch, H, W)."""
+    _check_4d('x', x)
+    if x.shape[0] % ch != 0:
+        raise ValueError(f'batch size {x.shape[0]} is not a multiple of the channel count ch={ch}')
+    bc, c, h, w = x.shape
+    return x.reshape(bc // ch, ch * c, h, w)
+
+
+def repeat_for_channel(x: torch.Tensor, ch: int) -> torch.Tensor:
+    """Repeat each guide of the batch ``ch`` times so it lines up with a folded target: (B, C, H, W) -> (B*ch, C, H, W)."""
+    _check_4d('x', x)
+    return x if ch == 1 else x.repeat_interleave(ch, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _check_same_shape(pred: torch.Tensor, gt: torch.Tensor) -> None:
+    if pred.shape != gt.shape:
+        raise ValueError(f'pred and gt must have the same shape, got {tuple(pred.shape)} and {tuple(gt.shape)}')
+
+
+def th_rmse(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per-image RMSE averaged over the batch (not a pooled RMSE).
+
+    For each image, sqrt(sum over channels of the mean over pixels of (pred - gt)^2); then the mean over images.
+
+    Shape:
+        pred, gt: (B, C, H, W). Output: scalar.
+    """
+    _check_same_shape(pred, gt)
+    _check_4d('pred', pred)
+    return (pred - gt).pow(2).mean(dim=(2, 3)).sum(dim=1).sqrt().mean()
+
+
+def th_epe(pred: torch.Tensor, gt: torch.Tensor, small_flow: float = -1.0,
+           unknown_flow_thresh: float = 1e7) -> torch.Tensor:
+    """Average end-point error of a flow field, over all pixels of the batch.
+
+    Pixels whose ground truth is unknown (|u| or |v| above ``unknown_flow_thresh``) count as error 0 but stay in
+    the mean (the 2019 convention). With ``small_flow >= 0`` only pixels with |u| or |v| above it are averaged.
+    The inputs are never modified.
+
+    Shape:
+        pred, gt: (B, 2, H, W) with channels (u, v). Output: scalar.
+    """
+    _check_same_shape(pred, gt)
+    _check_4d('pred', pred)
+    if pred.shape[1] != 2:
+        raise ValueError(f'th_epe expects 2 flow channels (u, v), got {pred.shape[1]}')
+    pred_u, pred_v = pred[:, 0].reshape(-1), pred[:, 1].reshape(-1)
+    gt_u, gt_v = gt[:, 0].reshape(-1), gt[:, 1].reshape(-1)
+    known = (gt_u.abs() <= unknown_flow_thresh) & (gt_v.abs() <= unknown_flow_thresh)
+    epe = torch.where(known, ((pred_u - gt_u) ** 2 + (pred_v - gt_v) ** 2).sqrt(), torch.zeros_like(pred_u))
+    if small_flow >= 0:
+        # unknown pixels were zeroed in the reference before this test, so they never pass it
+        moving = known & ((gt_u.abs() > small_flow) | (gt_v.abs() > small_flow))
+        epe = epe[moving]
+    return epe.mean()
+
+
+# ---------------------------------------------------------------------------------------------- simple models
+class Identity(nn.Module):
+    """Returns its input unchanged (kept for parity with the 2019 model list; main cannot build it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Bilinear(nn.Module):
+    """Plain bilinear upsampling of the target by ``factor`` (align_corners=False); the guide is ignored.
+
+    Example:
+        >>> Bilinear(4)(torch.rand(1, 2, 8, 8), None).shape
+        torch.Size([1, 2, 32, 32])
+    """
+
+    def __init__(self, factor: int, channels: int | None = None, guide_channels: int | None = None):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, target_low: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+        _check_4d('target_low', target_low)
+        return F.interpolate(target_low, scale_factor=self.factor, mode='bilinear', align_corners=False)
+
+
+def _pixel_grid(like: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) row and column indices of ``like``'s pixels, in ``like``'s dtype and device."""
+    b, _, h, w = like.shape
+    rows = torch.arange(h, dtype=like.dtype, device=like.device).view(1, 1, h, 1).expand(b, 1, h, w)
+    cols = torch.arange(w, dtype=like.dtype, device=like.device).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat((rows, cols), dim=1)
+
+
+class JointBilateral(nn.Module):
+    """Joint bilateral upsampling (JBU) as a normalised transposed PAC with an identity weight.
+
+    The kernel is a Gaussian over colour (sigma = 1 / scale_color, colours in the guide's units) and space
+    (sigma = 1 / scale_space, in high-resolution pixels). The CLI name is ``JBU_<ks>_<scale_color>_<scale_space>``.
+
+    Args:
+        factor: upsampling factor.
+        channels: target channels.
+        kernel_size: odd filter size at high resolution.
+        scale_space: inverse spatial bandwidth.
+        scale_color: inverse colour bandwidth.
+    """
+
+    def __init__(self, factor: int, channels: int, kernel_size: int, scale_space: float, scale_color: float):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f'kernel_size must be odd, got {kernel_size}')
+        self.factor, self.channels = factor, channels
+        self.scale_space, self.scale_color = scale_space, scale_color
+        self.convt = PacConvTranspose2d(channels, channels, kernel_size, stride=factor, dilation=1,
+                                        padding=1 + (kernel_size - factor - 1) // 2,
+                                        output_padding=(kernel_size - factor) % 2,
+                                        normalize_kernel=True, bias=None)
+        with torch.no_grad():
+            self.convt.weight.zero_()
+            for c in range(channels):
+                self.convt.weight[c, c] = 1.0
+
+    def forward(self, target_low: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        _check_4d('target_low', target_low)
+        _check_4d('guide', guide)
+        features = torch.cat((guide * self.scale_color, _pixel_grid(guide) * self.scale_space), dim=1)
+        return self.convt(target_low, features)
+
+
+# ---------------------------------------------------------------------------------------------- DJIF baseline
+def _check_odd(name: str, sizes: Sequence[int]) -> None:
+    if any(s % 2 != 1 for s in sizes):
+        raise ValueError(f'{name} must hold odd filter sizes, got {tuple(sizes)}')
+
+
+def _three_layer_branch(in_ch: int, channels: Sequence[int], sizes: Sequence[int], paddings: Sequence[int]):
+    """conv, ReLU, conv, ReLU, conv (keys 0, 2, 4)."""
+    c = (in_ch, *channels)
+    return nn.Sequential(
+        nn.Conv2d(c[0], c[1], sizes[0], padding=paddings[0]), nn.ReLU(inplace=True),
+        nn.Conv2d(c[1], c[2], sizes[1], padding=paddings[1]), nn.ReLU(inplace=True),
+        nn.Conv2d(c[2], c[3], sizes[2], padding=paddings[2]))
+
+
+class DJIF(nn.Module):
+    """Deep joint image filter baseline (Li et al., ECCV 2016), as in the 2019 code.
+
+    The low-res target is bilinearly upsampled by ``factor``; a target branch and a guide branch each give one
+    feature map, which a joint branch turns into the output. There is no residual connection.
+
+    Args:
+        factor: upsampling factor.
+        channels: target channels (each is filtered on its own by the same single-channel network).
+        guide_channels: guide channels.
+        fs: the three (odd) filter sizes of every branch.
+        ns_tg: channels of the target and guide branches.
+        ns_f: hidden channels of the joint branch.
+    """
+
+    def __init__(self, factor: int, channels: int = 1, guide_channels: int = 3, fs: Sequence[int] = (9, 1, 5),
+                 ns_tg: Sequence[int] = (96, 48, 1), ns_f: Sequence[int] = (64, 32)):
+        super().__init__()
+        _check_odd('fs', fs)
+        if len(fs) != 3 or len(ns_tg) != 3 or len(ns_f) != 2:
+            raise ValueError(f'DJIF needs 3 filter sizes, 3 ns_tg and 2 ns_f, got fs={fs}, ns_tg={ns_tg}, ns_f={ns_f}')
+        self.factor = factor
+        paddings = tuple(s // 2 for s in fs)
+        # the target/guide branches keep the total padding (6 for the defaults) but spread it evenly over layers
+        total = sum(paddings)
+        paddings_tg = (total // 3, total // 3, total - 2 * (total // 3))
+        self.channels = channels
+        # layers see one target channel: the others are folded into the batch (see the module docstring)
+        self.branch_t = _three_layer_branch(1, ns_tg, fs, paddings_tg)
+        self.branch_g = _three_layer_branch(guide_channels, ns_tg, fs, paddings_tg)
+        self.branch_joint = _three_layer_branch(ns_tg[-1] * 2, (*ns_f, 1), fs, paddings)
+
+    def forward(self, target_low: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        _check_4d('target_low', target_low)
+        _check_4d('guide', guide)
+        target, ch = convert_to_single_channel(target_low)
+        if target.shape[-1] < guide.shape[-1]:
+            target = F.interpolate(target, scale_factor=self.factor, mode='bilinear', align_corners=False)
+        features = torch.cat((self.branch_t(target), repeat_for_channel(self.branch_g(guide), ch)), dim=1)
+        return recover_from_single_channel(self.branch_joint(features), ch)
+
+
+class DJIFWide(DJIF):
+    """DJIF with wider branches (ns_tg=(256, 128, 1), ns_f=(256, 128))."""
+
+    def __init__(self, factor: int, channels: int = 1, guide_channels: int = 3):
+        super().__init__(factor, channels, guide_channels, ns_tg=(256, 128, 1), ns_f=(256, 128))
+
+
+# ---------------------------------------------------------------------------------------------- PAC models
+def _expand_filters(name: str, filters: IntOrSeq, length: int) -> tuple[int, ...]:
+    """An int becomes ``length`` copies; a sequence must have exactly ``length`` entries."""
+    if isinstance(filters, int):
+        return (filters,) * length
+    filters = tuple(filters)
+    if len(filters) != length:
+        raise ValueError(f'{name} must have {length} entries, got {len(filters)}: {filters}')
+    return filters
+
+
+def _conv_stack(channels: Sequence[int], kernel_size: int, bn: bool, relu_after_last: bool = False) -> nn.Sequential:
+    """conv{l} [bn{l}] relu{l} ... conv{n}: the naming of the 2019 state_dicts."""
+    layers = OrderedDict()
+    n = len(channels) - 1
+    for l in range(1, n + 1):
+        layers[f'conv{l}'] = nn.Conv2d(channels[l - 1], channels[l], kernel_size, padding=kernel_size // 2)
+        if l < n or relu_after_last:
+            if bn:
+                layers[f'bn{l}'] = nn.BatchNorm2d(channels[l])
+            layers[f'relu{l}'] = nn.ReLU()
+    return nn.Sequential(layers)
+
+
+class PacJointUpsample(nn.Module):
+    """Joint upsampling with pixel-adaptive transposed convolutions (Su et al., CVPR 2019, section 4.1).
+
+    A target branch encodes the low-res target, a guide branch computes ``k_ch`` adaptive-kernel features per
+    x2 stage at full resolution; ``log2(factor)`` PacConvTranspose2d layers (stride 2) upsample the target
+    features, each guided by its slice of the guide features resized to that stage; a final branch maps them to
+    the output.
+
+    Args:
+        factor: upsampling factor, a power of 2.
+        channels: target channels (each is upsampled on its own with the shared guide).
+        guide_channels: guide channels.
+        n_t_layers, n_g_layers, n_f_layers: layers of the target, guide and final branches.
+        n_t_filters, n_g_filters, n_f_filters: filters per layer (an int or a tuple; n_f_filters also covers the
+            outputs of the upsampling layers: ``n_f_layers + log2(factor) - 1`` entries).
+        k_ch: guide feature channels per upsampling layer.
+        f_sz_1: (odd) filter size of the plain convolutions.
+        f_sz_2: filter size of the transposed PAC layers.
+        t_bn, g_bn, u_bn, f_bn: batch norm in the target branch, guide branch, after the upsampling layers and in
+            the final branch.
+
+    Shape:
+        target_low: (B, channels, H, W); guide: (B, guide_channels, factor*H, factor*W);
+        output: (B, channels, factor*H, factor*W).
+    """
+
+    def __init__(self, factor: int, channels: int = 1, guide_channels: int = 3, n_t_layers: int = 3,
+                 n_g_layers: int = 3, n_f_layers: int = 2, n_t_filters: IntOrSeq = 32, n_g_filters: IntOrSeq = 32,
+                 n_f_filters: IntOrSeq = 32, k_ch: int = 16, f_sz_1: int = 5, f_sz_2: int = 5, t_bn: bool = False,
+                 g_bn: bool = False, u_bn: bool = False, f_bn: bool = False):
+        super().__init__()
+        if not isinstance(factor, int) or factor < 2 or factor & (factor - 1):
+            raise ValueError(f'factor needs to be a power of 2 (>= 2), got {factor!r}')
+        for name, value in (('n_t_layers', n_t_layers), ('n_g_layers', n_g_layers), ('n_f_layers', n_f_layers)):
+            if value < 1:
+                raise ValueError(f'{name} must be >= 1, got {value}')
+        _check_odd('f_sz_1', (f_sz_1,))
+        self.factor, self.channels, self.guide_channels, self.k_ch = factor, channels, guide_channels, k_ch
+        self.num_ups = int(math.log2(factor))
+        self.u_bn = u_bn
+        n_t = _expand_filters('n_t_filters', n_t_filters, n_t_layers)
+        n_g = _expand_filters('n_g_filters', n_g_filters, n_g_layers - 1)
+        n_f = _expand_filters('n_f_filters', n_f_filters, n_f_layers + self.num_ups - 1)
+
+        # layers see one target channel: the others are folded into the batch (see the module docstring)
+        self.branch_t = _conv_stack((1, *n_t), f_sz_1, t_bn)
+        self.branch_g = _conv_stack((guide_channels, *n_g, k_ch * self.num_ups), f_sz_1, g_bn)
+        chain = (n_t[-1], *n_f, 1)
+        self.up_convts = nn.ModuleList(
+            PacConvTranspose2d(chain[i], chain[i + 1], f_sz_2, stride=2, padding=(f_sz_2 - 1) // 2,
+                               output_padding=f_sz_2 % 2)
+            for i in range(self.num_ups))
+        if u_bn:
+            self.up_bns = nn.ModuleList(nn.BatchNorm2d(chain[i + 1]) for i in range(self.num_ups))
+        self.branch_f = _conv_stack(chain[self.num_ups:], f_sz_1, f_bn)
+
+    def forward(self, target_low: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        _check_4d('target_low', target_low)
+        _check_4d('guide', guide)
+        if target_low.shape[0] != guide.shape[0]:
+            raise ValueError(f'target_low and guide must have the same batch size, '
+                             f'got {target_low.shape[0]} and {guide.shape[0]}')
+        expected = (target_low.shape[-2] * self.factor, target_low.shape[-1] * self.factor)
+        if tuple(guide.shape[-2:]) != expected:
+            raise ValueError(f'guide must be factor x target_low = {expected} in size, got {tuple(guide.shape[-2:])}')
+        x, ch = convert_to_single_channel(target_low)
+        x = self.branch_t(x)
+        g = self.branch_g(guide)
+        for i in range(self.num_ups):
+            g_i = g[:, i * self.k_ch:(i + 1) * self.k_ch]
+            scale = 2 ** (i + 1) / self.factor
+            if scale != 1:
+                g_i = F.interpolate(g_i, scale_factor=scale, mode='bilinear', align_corners=False)
+            x = self.up_convts[i](x, repeat_for_channel(g_i, ch))
+            if self.u_bn:
+                x = self.up_bns[i](x)
+            x = F.relu(x)
+        x = self.branch_f(x)
+        return recover_from_single_channel(x, ch)
+
+
+_LITE_CONFIGS = {  # factor: (n_g_filters, n_t_filters, n_f_filters, k_ch); about 56k parameters each
+    4: ((12, 22), (12, 16, 22), (12, 16, 22), 12),
+    8: ((12, 16), (12, 16, 16), (12, 16, 16, 20), 12),
+    16: ((8, 16), (8, 16, 16), (8, 16, 16, 16, 16), 10),
+}
+
+
+class PacJointUpsampleLite(PacJointUpsample):
+    """PacJointUpsample with about as many parameters as DJIF (factors 4, 8 and 16 only)."""
+
+    def __init__(self, factor: int, channels: int = 1, guide_channels: int = 3):
+        if factor not in _LITE_CONFIGS:
+            raise ValueError(f'factor can only be 4, 8, or 16, got {factor!r}')
+        n_g, n_t, n_f, k_ch = _LITE_CONFIGS[factor]
+        super().__init__(factor, channels, guide_channels, n_g_filters=n_g, n_t_filters=n_t, n_f_filters=n_f,
+                         k_ch=k_ch)
+
+
+# ---------------------------------------------------------------------------------------------- factory
+MODEL_NAMES = ('PacJointUpsample', 'PacJointUpsampleLite', 'DJIF', 'DJIFWide', 'Bilinear',
+               'JBU_<ks>_<scale_color>_<scale_space>')
+_CLASSES = {cls.__name__: cls for cls in (PacJointUpsample, PacJointUpsampleLite, DJIF, DJIFWide, Bilinear)}
+
+
+def create_model(name: str, factor: int, channels: int = 1, guide_channels: int = 3) -> nn.Module:
+    """Build a model from its CLI name: a class name above, or ``JBU_<ks>_<scale_color>_<scale_space>``.
+
+    Example:
+        >>> create_model('JBU_9_10_0.5', factor=4).convt.weight.shape
+        torch.Size([1, 1, 9, 9])
+    """
+    if name.startswith('JBU_'):
+        parts = name.split('_')
+        try:
+            ks, scale_color, scale_space = int(parts[1]), float(parts[2]), float(parts[3])
+            if len(parts) != 4:
+                raise IndexError
+        except (IndexError, ValueError):
+            raise ValueError(f'model {name!r}: expected JBU_<ks>_<scale_color>_<scale_space>, e.g. JBU_9_10_0.5')
+        return JointBilateral(factor, channels, ks, scale_space=scale_space, scale_color=scale_color)
+    if name not in _CLASSES:
+        raise ValueError(f'model {name!r} is unknown; expected one of {", ".join(MODEL_NAMES)}')
+    return _CLASSES[name](factor=factor, channels=channels, guide_channels=guide_channels)
