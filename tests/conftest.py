@@ -56,7 +56,10 @@ class LocalHttpServer:
         return f"http://127.0.0.1:{self.port}/{quote(name)}"
 
     def fail_after(self, name: str, nbytes: int) -> None:
-        """Cut the NEXT response for ``name`` after ``nbytes`` body bytes (Content-Length stays full)."""
+        """Cut the NEXT response for ``name`` after ``nbytes`` body bytes.
+
+        The Content-Length header still announces the full size, as a dropped connection would.
+        """
         self._cut[name] = nbytes
 
     def ignore_range(self, name: str) -> None:
