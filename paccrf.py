@@ -505,54 +505,68 @@ class PacCRFLoose(nn.Module):
 
 
 class DenseCRF(PacCRF):
-    r"""Preset mirroring the fully-connected DenseCRF of Kraehenbuehl & Koltun (2011), windowed.
+    r"""Preset mirroring the fully-connected DenseCRF of Kraehenbuehl & Koltun (2011), on a window.
 
-    Two Potts kernels with fixed windows (``spatial_filter=False``) and learnable weights:
+    Two Potts kernels with fixed windows (``spatial_filter=False``, learnable weights):
 
-    - appearance: ``w_a * exp(-|p_i - p_j|^2 / (2 theta_alpha^2) - |I_i - I_j|^2 / (2 theta_beta^2))``,
-      on :func:`create_YXRGB` features, evaluated at 1/``blur`` resolution in a ``kernel_size`` window of
-      the given ``dilation`` (reach: (kernel_size // 2) * dilation * blur pixels);
-    - smoothness: ``w_s * exp(-|p_i - p_j|^2 / (2 theta_gamma^2))`` on position features, full resolution,
-      window ``smoothness_kernel_size``.
+    - appearance: ``w_a * exp(-|p_i - p_j|^2 / (2 theta_alpha^2) - |I_i - I_j|^2 / (2 theta_beta^2))`` on
+      :func:`create_YXRGB` features, in a ``kernel_size`` window with ``dilation`` at 1/``blur`` resolution
+      (it reaches (kernel_size // 2) * dilation * blur pixels; a theta_alpha far beyond that only flattens it);
+    - smoothness: ``w_s * exp(-|p_i - p_j|^2 / (2 theta_gamma^2))`` on position features, in a
+      ``smoothness_kernel_size`` window at full resolution.
 
-    Messages are unnormalised sums over the window (like the rest of this module), so good weights
-    depend on the window size; the defaults suit ~0.5-2 theta_alpha windows. ``image`` values are
-    expected on the 0-255 scale for the default ``color_scale`` (theta_beta = 13).
+    Weights are the logit bonus a pixel receives when every tap of the window agrees with it and K = 1:
+    the stored Potts weight is ``-w / (k^2 - 1)`` (the message is a sum over the k^2 - 1 neighbours), so
+    the same ``w`` means the same strength for any window. ``image`` is expected on the 0-255 scale for
+    the default ``color_scale`` (theta_beta = 13). The defaults were chosen on synthetic scenes (flat
+    colour regions, thin stripes, noisy logits); for real data, tune or train the weights.
 
     Args:
         num_classes: number of classes C.
         num_steps: mean-field iterations.
-        appearance_weight: w_a. smoothness_weight: w_s.
-        position_scale: theta_alpha (pixels). color_scale: theta_beta (image units).
-        smoothness_scale: theta_gamma (pixels).
-        kernel_size, dilation, blur: window of the appearance kernel.
+        appearance_weight: w_a.
+        smoothness_weight: w_s.
+        position_scale: theta_alpha, in pixels.
+        color_scale: theta_beta, in image units.
+        smoothness_scale: theta_gamma, in pixels.
+        kernel_size: window of the appearance kernel.
+        dilation: dilation of the appearance window.
+        blur: resolution divisor of the appearance kernel (> 1 is faster but blurs thin structures).
         smoothness_kernel_size: window of the smoothness kernel (full resolution, dilation 1).
         final_output, unary_weight, native_impl, checkpoint_steps: as in :class:`PacCRF`.
 
     Shape:
-        - unary: (B, C, H, W) logits. image: (B, 3, H, W) (any channel count works).
+        - unary: (B, C, H, W) logits.
+        - image: (B, 3, H, W) (any channel count works).
         - Output: (B, C, H, W).
 
     Example:
         >>> crf = DenseCRF(21, final_output='softmax')
         >>> probs = crf(torch.randn(1, 21, 64, 64), torch.rand(1, 3, 64, 64) * 255)
+        >>> probs.shape
+        torch.Size([1, 21, 64, 64])
     """
 
-    def __init__(self, num_classes: int, num_steps: int = 5, appearance_weight: float = 1.0,
-                 smoothness_weight: float = 1.0, position_scale: float = 20.0, color_scale: float = 13.0,
-                 smoothness_scale: float = 3.0, kernel_size: int = 11, dilation: int = 1, blur: int = 4,
-                 smoothness_kernel_size: int = 7, final_output: str = 'log_Q', unary_weight: float = 1.0,
+    def __init__(self, num_classes: int, num_steps: int = 5, appearance_weight: float = 10.0,
+                 smoothness_weight: float = 3.0, position_scale: float = 20.0, color_scale: float = 13.0,
+                 smoothness_scale: float = 3.0, kernel_size: int = 11, dilation: int = 2, blur: int = 1,
+                 smoothness_kernel_size: int = 5, final_output: str = 'log_Q', unary_weight: float = 1.0,
                  native_impl: bool = False, checkpoint_steps: bool = False) -> None:
         for name, value in (('position_scale', position_scale), ('color_scale', color_scale),
                             ('smoothness_scale', smoothness_scale)):
             if not value > 0:
                 raise ValueError(f'{name}: expected a positive bandwidth, got {value!r}')
+        for name, value in (('kernel_size', kernel_size), ('smoothness_kernel_size', smoothness_kernel_size)):
+            _check_positive_int(name, value, odd=True)
+            if value == 1:
+                raise ValueError(f'{name}: expected an odd int >= 3 (a 1x1 window has no neighbours), got 1')
         super().__init__(num_classes, num_steps, final_output, perturbed_init=False, native_impl=native_impl,
                          unary_weight=unary_weight, checkpoint_steps=checkpoint_steps, pairwise_kernels=[
                              dict(kernel_size=kernel_size, dilation=dilation, blur=blur, compat_type='potts',
-                                  spatial_filter=False, pairwise_weight=appearance_weight),
+                                  spatial_filter=False, pairwise_weight=appearance_weight / (kernel_size ** 2 - 1)),
                              dict(kernel_size=smoothness_kernel_size, dilation=1, blur=1, compat_type='potts',
-                                  spatial_filter=False, pairwise_weight=smoothness_weight)])
+                                  spatial_filter=False,
+                                  pairwise_weight=smoothness_weight / (smoothness_kernel_size ** 2 - 1))])
         self.position_scale = float(position_scale)
         self.color_scale = float(color_scale)
         self.smoothness_scale = float(smoothness_scale)
