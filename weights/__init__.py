@@ -1,0 +1,236 @@
+"""Released PAC weights: a name registry, a verified download cache, and loading with a key report.
+
+Every ``--load-weights`` style argument goes through :func:`resolve_weights`, which accepts a local
+file, an ``http(s)://`` or ``file://`` URL, or one of the registry names below (downloaded once
+into the cache and checksum-verified where a checksum is published).
+
+Environment:
+    PACNET_WEIGHTS_URL: base URL of a mirror of the weights (default: the authors' server).
+    PACNET_CACHE: cache folder (default ``~/.cache/pacnet``).
+
+Example:
+    >>> from weights import load_state_dict, load_into
+    >>> state = load_state_dict("depth_x8_pac")      # downloads to ~/.cache/pacnet once
+    >>> missing, unexpected = load_into(model, state)  # strict: raises on any mismatch
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping, NamedTuple, Optional, Union
+from urllib.parse import unquote, urlsplit
+
+import torch
+
+from tools.download import download_url, file_digest
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["DEFAULT_BASE_URL", "REGISTRY", "WeightsEntry", "list_weights", "weights_url",
+           "default_cache_dir", "resolve_weights", "load_state_dict", "load_into"]
+
+DEFAULT_BASE_URL = "http://maxwell.cs.umass.edu/pacnet-data/pretrained_weights/"
+
+
+class WeightsEntry(NamedTuple):
+    """One released file: its path below the base URL, its checksum and what it is for."""
+
+    path: str
+    md5: Optional[str]
+    task: str
+    model: str
+    notes: str
+
+
+def _build_registry() -> dict[str, WeightsEntry]:
+    registry: dict[str, WeightsEntry] = {}
+    model_names = {"pac": "PacJointUpsample", "paclite": "PacJointUpsampleLite", "djif": "DJIF"}
+    for kind, folder, dataset, models in (
+            ("depth", "depth_upsampling", "NYUDepthV2", ("pac", "paclite", "djif")),
+            ("flow", "flow_upsampling", "Sintel", ("pac", "djif"))):
+        for factor in (4, 8, 16):
+            for short in models:
+                registry[f"{kind}_x{factor}_{short}"] = WeightsEntry(
+                    f"{folder}/x{factor}_{short}_weights_epoch_5000.pth", None,
+                    "task_jointUpsampling", model_names[short],
+                    f"--dataset {dataset} --factor {factor}")
+    segmentation = {
+        "fcn8s_from_caffe": ("fcn8s", "dbd9bbb3829a3184913bccc74373afbb", "--test-crop -1"),
+        "fcn8s_paccrf_epoch_30": ("fcn8s_crfi5p4d5641p4d5161", None, "--test-crop -1"),
+        "fcn8s_paccrf32_epoch_30": ("fcn8s_crfi5p4d5321", None, "--test-crop -1"),
+        "fcn8s_pacfcn_epoch_20": ("fcn8spac", None, "--test-crop 512"),
+        "fcn8s_pacfcncrf_epoch_20": ("fcn8spac_crfi5p4d5641p4d5161", None, "--test-crop 512"),
+    }
+    for name, (model, md5, notes) in segmentation.items():
+        registry[name] = WeightsEntry(f"semantic_segmentation/{name}.pth", md5,
+                                      "task_semanticSegmentation", model, notes)
+    return registry
+
+
+#: name -> :class:`WeightsEntry`. md5 is None where the authors published no checksum.
+REGISTRY: dict[str, WeightsEntry] = _build_registry()
+
+
+def list_weights() -> dict[str, WeightsEntry]:
+    """The registry, e.g. for ``--help`` texts: ``", ".join(list_weights())``."""
+    return dict(REGISTRY)
+
+
+def weights_url(name: str) -> str:
+    """Download URL of a registry name (honours ``PACNET_WEIGHTS_URL``)."""
+    base = os.environ.get("PACNET_WEIGHTS_URL") or DEFAULT_BASE_URL
+    return base.rstrip("/") + "/" + _entry(name).path
+
+
+def default_cache_dir() -> Path:
+    """The weights cache: ``$PACNET_CACHE``, else ``~/.cache/pacnet``."""
+    return Path(os.environ.get("PACNET_CACHE") or Path.home() / ".cache" / "pacnet")
+
+
+def _unknown_name(name: str) -> ValueError:
+    return ValueError(f"weights: unknown name {name!r}; known names: {', '.join(REGISTRY)} "
+                      "(or pass a file path or URL)")
+
+
+def _entry(name: str) -> WeightsEntry:
+    if name not in REGISTRY:
+        raise _unknown_name(name)
+    return REGISTRY[name]
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or os.sep in spec or PurePosixPath(spec).suffix in (".pth", ".pt", ".pkl")
+
+
+def resolve_weights(spec: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
+    """Turn a weights spec into a local file, downloading it into the cache if needed.
+
+    Args:
+        spec: an existing file, an ``http(s)://`` / ``file://`` URL, or a registry name
+            (see :func:`list_weights`).
+        cache_dir: download folder; default :func:`default_cache_dir` (``$PACNET_CACHE`` or
+            ``~/.cache/pacnet``). Registry files keep their sub-folder
+            (``depth_upsampling/...``), URLs go to ``urls/<hash of the URL>/<file name>``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known names).
+        FileNotFoundError: a path that does not exist.
+        tools.download.ChecksumError / DownloadError: failed download.
+    """
+    spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"weights: expected a file path, URL or registry name, got {spec!r}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if Path(spec).is_file():
+        return Path(spec)
+    scheme = urlsplit(spec).scheme
+    if scheme in ("http", "https", "file"):
+        folder = cache / "urls" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+        name = PurePosixPath(unquote(urlsplit(spec).path)).name or "weights.pth"
+        return download_url(spec, folder, filename=name)
+    if spec in REGISTRY:
+        entry = REGISTRY[spec]
+        relative = PurePosixPath(entry.path)
+        target = download_url(weights_url(spec), cache.joinpath(*relative.parent.parts),
+                              filename=relative.name, md5=entry.md5)
+        if entry.md5 is None:
+            print(f"{spec}: no published checksum; sha256 of {target} is "
+                  f"{file_digest(target, 'sha256')}")
+        return target
+    if _looks_like_path(spec):
+        raise FileNotFoundError(f"weights: file {spec!r} does not exist (registry names: "
+                                f"{', '.join(REGISTRY)})")
+    raise _unknown_name(spec)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise TypeError(f"{path}: expected a state_dict (a mapping of names to tensors, possibly "
+                        f"inside a 'state_dict' or 'model' entry), got {type(obj).__name__}")
+    return dict(obj)
+
+
+def load_state_dict(spec: PathLike,
+                    cache_dir: Optional[PathLike] = None) -> dict[str, torch.Tensor]:
+    """Resolve ``spec`` (see :func:`resolve_weights`) and load its state_dict on the CPU.
+
+    Uses ``torch.load(weights_only=True)``: a file that would run arbitrary code when unpickled
+    is refused. ``{"state_dict": ...}`` and ``{"model": ...}`` containers are unwrapped.
+    """
+    path = resolve_weights(spec, cache_dir)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path}: refused to load: it is not a plain weights file "
+                         f"(torch.load with weights_only=True failed: {first_line})") from err
+    return _unwrap(obj, path)
+
+
+class _Mismatch(NamedTuple):
+    missing: list[str]
+    unexpected: list[str]
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # key -> (checkpoint, model)
+
+
+def _compare(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> _Mismatch:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items()
+              if k in expected and v.shape != expected[k].shape}
+    return _Mismatch(missing, unexpected, shapes)
+
+
+def _report(module: torch.nn.Module, loaded: int, mismatch: _Mismatch) -> str:
+    total = len(module.state_dict())
+    lines = [f"Loaded {loaded}/{total} tensors into {type(module).__name__}."]
+    shapes = [f"{k}: checkpoint {ckpt} vs model {model}"
+              for k, (ckpt, model) in mismatch.shapes.items()]
+    for title, keys in (("missing keys (left at their initial values)", mismatch.missing),
+                        ("unexpected keys (ignored)", mismatch.unexpected),
+                        ("shape mismatches (not loaded)", shapes)):
+        if keys:
+            lines.append(f"  {len(keys)} {title}:")
+            lines += [f"    {k}" for k in keys]
+    return "\n".join(lines)
+
+
+def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+              strict: bool = True, verbose: bool = True) -> tuple[list[str], list[str]]:
+    """Load ``state_dict`` into ``module`` and report what did not match.
+
+    Args:
+        module: the model (or a sub-module such as ``model.backbone``).
+        state_dict: tensors by key, e.g. from :func:`load_state_dict`.
+        strict: raise ValueError, before changing anything, when any key is missing or
+            unexpected or any shape differs. With ``strict=False`` the matching tensors are
+            loaded and the rest is reported.
+        verbose: print the report (always printed when something mismatches).
+
+    Returns:
+        ``(missing, unexpected)`` key lists; keys whose shape differs count as missing.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: expected a mapping of names to tensors, got "
+                        f"{type(state_dict).__name__}")
+    mismatch = _compare(module, state_dict)
+    skipped = set(mismatch.unexpected) | set(mismatch.shapes)
+    usable = {k: v for k, v in state_dict.items() if k not in skipped}
+    anything_wrong = any(mismatch)
+    if strict and anything_wrong:
+        raise ValueError("strict weight loading failed, nothing was loaded.\n"
+                         + _report(module, 0, mismatch))
+    module.load_state_dict(usable, strict=False)
+    if verbose or anything_wrong:
+        print(_report(module, len(usable), mismatch))
+    return mismatch.missing + list(mismatch.shapes), mismatch.unexpected
