@@ -76,6 +76,15 @@ def test_download_restarts_when_part_is_too_long(served, tmp_path):
     assert path.read_bytes() == PAYLOAD
 
 
+def test_download_complete_part_is_not_fetched_again(served, tmp_path):
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "data.bin.part").write_bytes(PAYLOAD)  # e.g. interrupted just before the rename
+    path = download_url(served.url("data.bin"), dest, md5=MD5, progress=False)
+    assert served.requests == [("/data.bin", f"bytes={len(PAYLOAD)}-")]
+    assert path.read_bytes() == PAYLOAD
+
+
 def test_download_checksum_failure_removes_part(served, tmp_path):
     dest = tmp_path / "dl"
     with pytest.raises(ChecksumError) as info:

@@ -111,11 +111,12 @@ def test_csvlog_fresh_format_and_flush(tmp_path):
     # flushed: visible before close
     assert path.read_text() == "epoch,lr,loss\n0.500000,0.0001,0.250000\n"
     log.write([1, 1e-5, None], FORMATS)
+    log.write([np.float32(1.5), torch.tensor(1e-6), np.float32("nan")], FORMATS)
     log.close()
-    assert path.read_text().splitlines()[-1] == "1.000000,1e-05,"
+    assert path.read_text().splitlines()[-2:] == ["1.000000,1e-05,", "1.500000,1e-06,"]
     data = read_csv_log(path)
-    assert data["epoch"] == [0.5, 1.0] and data["lr"] == [1e-4, 1e-5]
-    assert data["loss"][0] == 0.25 and np.isnan(data["loss"][1])
+    assert data["epoch"] == [0.5, 1.0, 1.5] and data["lr"] == [1e-4, 1e-5, 1e-6]
+    assert data["loss"][0] == 0.25 and np.isnan(data["loss"][1]) and np.isnan(data["loss"][2])
 
 
 def test_csvlog_fresh_replaces_old_log(tmp_path):

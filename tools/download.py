@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import tarfile
 import urllib.error
 import urllib.request
@@ -136,8 +135,10 @@ def _fetch_http(url: str, part: Path, progress: bool, timeout: float) -> None:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                           timeout=timeout)
     except urllib.error.HTTPError as err:
-        if err.code == 416 and offset:  # our .part is not a prefix of the file: start over
-            part.unlink()
+        if err.code == 416 and offset:  # nothing left after our offset
+            if err.headers.get("Content-Range", "") == f"bytes */{offset}":
+                return None  # the .part is already complete (the checksum still decides)
+            part.unlink()  # the .part is longer than the file: it is not ours, start over
             return _fetch_http(url, part, progress, timeout)
         raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError) as err:

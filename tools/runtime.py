@@ -161,6 +161,10 @@ def find_snapshots(exp_root: PathLike, prefix: str = "weights_epoch_") -> dict[i
 # --------------------------------------------------------------------------------------------------
 # CSV logs
 # --------------------------------------------------------------------------------------------------
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
 def _parse_float(text: str) -> float:
     text = text.strip()
     return float(text) if text else math.nan
@@ -230,8 +234,7 @@ class CsvLog:
         formats = self._check_formats(formats) if formats is not None else self.formats
         if formats is None:
             formats = ["{:g}"] * len(self.columns)
-        fields = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-                  for v, fmt in zip(values, formats)]
+        fields = ["" if _is_missing(v) else fmt.format(v) for v, fmt in zip(values, formats)]
         self._handle.write(",".join(fields) + "\n")
         self._handle.flush()
 
