@@ -1,0 +1,492 @@
+"""Train and evaluate joint upsampling models: ``python -m task_jointUpsampling.main``.
+
+The flags, defaults and log files are those of the 2019 program, plus ``--device``, ``--nyu-url``,
+``--save-images``, ``--compare``, ``--demo`` and the Synthetic dataset options. Examples::
+
+    # the demo: train PacJointUpsample and DJIF on procedural scenes, compare with Bilinear (a few minutes, CPU)
+    python -m task_jointUpsampling.main --demo
+
+    # test released weights on NYU Depth V2 (RMSE in centimetres)
+    python -m task_jointUpsampling.main --load-weights weights_depth/x8_pac_weights_epoch_5000.pth --download \\
+        --factor 8 --model PacJointUpsample --dataset NYUDepthV2 --data-root data/nyu
+
+    # train on NYU Depth V2
+    python -m task_jointUpsampling.main --factor 8 --data-root data/nyu --exp-root exp/nyu --download \\
+        --dataset NYUDepthV2 --epochs 5000 --lr-steps 3500 4500
+
+Units: NYU and Synthetic depths are in metres; their RMSE is reported (printed and logged) in centimetres.
+Sintel flow and its EPE are in pixels of the full-resolution frame.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from task_jointUpsampling.datasets import LOWRES_MODES, NYU_URL_ENV, AssembleJointUpsamplingInputs, NYUDepthV2, Sintel
+from task_jointUpsampling.models import MODEL_NAMES, create_model, th_epe, th_rmse
+from task_jointUpsampling.synthetic import Synthetic
+from task_jointUpsampling.visualize import save_sample_images
+from tools.runtime import (CsvLog, atomic_save, find_snapshots, format_table, resolve_device, seed_everything)
+
+SNAPSHOT_PREFIX = 'weights_epoch_'  # weights_epoch_<n>.pth: a plain state_dict, like the released weights
+STATE_PREFIX = 'state_epoch_'  # state_epoch_<n>.pth: optimizer, scheduler and RNG states for resuming
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Per-dataset defaults and conventions."""
+    kind: str  # 'depth' or 'flow'
+    measures: tuple[str, ...]
+    lowres_mode: str
+    eval_border: int
+    test_split: str
+    rmse_scale: float  # measure unit conversion: metres -> centimetres for depth
+    unit: str
+
+
+_DEPTH = DatasetInfo('depth', ('rmse',), 'center', 6, 'test', 100.0, 'cm')
+_FLOW = DatasetInfo('flow', ('epe',), 'bilinear', 0, 'val', 1.0, 'px')
+DATASETS = {'NYUDepthV2': _DEPTH, 'Synthetic': _DEPTH, 'Sintel': _FLOW, 'Sintel-clean': _FLOW,
+            'Sintel-final': _FLOW, 'Sintel-albedo': _FLOW}
+
+
+def build_dataset(args: argparse.Namespace, split: str, transform: Callable, training: bool):
+    """The dataset named by ``--dataset`` for ``split``, samples passed through ``transform``."""
+    if args.dataset == 'NYUDepthV2':
+        return NYUDepthV2(args.data_root, split=split, val_ratio=args.val_ratio, transform=transform,
+                          cache_all=training, download=args.download, url=args.nyu_url or None)
+    if args.dataset == 'Synthetic':
+        num_train, num_test = args.synthetic_samples
+        return Synthetic(split=split, num_samples=num_train if training else num_test, size=args.synthetic_size,
+                         seed=args.synthetic_seed, transform=transform)
+    image_pass = 'clean' if args.dataset == 'Sintel' else args.dataset.split('-', 1)[1]
+    return Sintel(args.data_root, split=split, fields=(f'{image_pass}_1', 'flow'), transform=transform,
+                  cache_all=training, download=args.download)
+
+
+def build_loaders(args: argparse.Namespace, info: DatasetInfo, device: torch.device, need_train: bool):
+    lowres_mode = args.lowres_mode or info.lowres_mode
+    border = info.eval_border if args.eval_border < 0 else args.eval_border
+    common = dict(normalize_target=True, output_crop=border, lowres_mode=lowres_mode, zero_guidance=args.zero_guidance)
+    loader_options = dict(num_workers=args.num_data_worker, pin_memory=device.type == 'cuda',
+                          persistent_workers=args.num_data_worker > 0)
+    train_loader = None
+    if need_train:
+        crop = args.train_crop if args.train_crop > 0 else None
+        train_set = build_dataset(args, args.train_split or 'train',
+                                  AssembleJointUpsamplingInputs(args.factor, crop=crop, flip=True, **common), True)
+        train_loader = DataLoader(train_set, args.batch_size, shuffle=True, drop_last=len(train_set) > args.batch_size,
+                                  **loader_options)
+    test_set = build_dataset(args, args.test_split or info.test_split,
+                             AssembleJointUpsamplingInputs(args.factor, crop=None, flip=False, **common), False)
+    test_loader = DataLoader(test_set, args.test_batch_size, shuffle=False, **loader_options)
+    return train_loader, test_loader
+
+
+# ---------------------------------------------------------------------------------------------- model plumbing
+def apply_model(net: nn.Module, lres: torch.Tensor, guide: torch.Tensor, factor: int) -> torch.Tensor:
+    """Run ``net``; when the guide is not exactly ``factor`` x the low-res size (e.g. Sintel 436 rows at x8), the
+    guide is resized to that size first and the output resized back to the guide's size (bilinear)."""
+    size = tuple(guide.shape[-2:])
+    net_size = (lres.shape[-2] * factor, lres.shape[-1] * factor)
+    if size == net_size:
+        return net(lres, guide)
+    guide = F.interpolate(guide, size=net_size, mode='bilinear', align_corners=False)
+    return F.interpolate(net(lres, guide), size=size, mode='bilinear', align_corners=False)
+
+
+def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Crop the centre ``size`` (h, w) of x, offset (x_size - size) // 2: drops the evaluation border."""
+    top, left = (x.shape[-2] - size[0]) // 2, (x.shape[-1] - size[1]) // 2
+    return x[..., top:top + size[0], left:left + size[1]]
+
+
+def denormalize(x: torch.Tensor, raw_range: torch.Tensor) -> torch.Tensor:
+    """Map normalised values back to raw units with the per-image, per-channel (min, max) in ``raw_range``."""
+    low, high = raw_range[..., 0, None, None], raw_range[..., 1, None, None]
+    return x * (high - low) + low
+
+
+def normalize(x: torch.Tensor, raw_range: torch.Tensor) -> torch.Tensor:
+    low, high = raw_range[..., 0, None, None], raw_range[..., 1, None, None]
+    return (x - low) / (high - low)
+
+
+def compute_loss(name: str, output: torch.Tensor, pred_raw: torch.Tensor, target: torch.Tensor,
+                 raw_range: torch.Tensor) -> torch.Tensor:
+    if name == 'l2':
+        return F.mse_loss(output, normalize(target, raw_range))
+    if name == 'rmse':
+        return th_rmse(pred_raw, target)
+    if name == 'epe':
+        return th_epe(pred_raw, target)
+    raise ValueError(f"--loss: {name!r} is not supported; expected 'l2', 'rmse' or 'epe'")
+
+
+def compute_measures(names: Sequence[str], pred_raw: torch.Tensor, target: torch.Tensor,
+                     info: DatasetInfo) -> list[float]:
+    """Each measure on raw-unit predictions; RMSE of depth is converted to centimetres (data in metres)."""
+    values = []
+    for name in names:
+        if name == 'rmse':
+            values.append(th_rmse(pred_raw, target).item() * info.rmse_scale)
+        else:
+            values.append(th_epe(pred_raw, target).item())
+    return values
+
+
+def forward_batch(net, batch, args, info, device):
+    lres, guide, target, raw_range = (t.to(device, non_blocking=True) for t in batch)
+    output = center_crop(apply_model(net, lres, guide, args.factor), target.shape[-2:])
+    pred_raw = denormalize(output, raw_range)
+    return output, pred_raw, target, raw_range
+
+
+def measure_label(name: str, info: DatasetInfo) -> str:
+    return f'{name} ({info.unit})' if name == 'rmse' else f'{name} (px)'
+
+
+def format_measures(names: Sequence[str], values: Sequence[float], info: DatasetInfo) -> str:
+    return ', '.join(f'{measure_label(n, info)} {v:.4f}' for n, v in zip(names, values))
+
+
+# ---------------------------------------------------------------------------------------------- train / test
+def train_epoch(net, loader, optimizer, epoch, args, info, device, log: CsvLog) -> None:
+    net.train()
+    lr = optimizer.param_groups[0]['lr']
+    window_loss, window_measures, window_count = 0.0, np.zeros(len(args.measures)), 0
+    bar = tqdm(loader, desc=f'epoch {epoch}/{args.epochs} train', leave=False, dynamic_ncols=True)
+    for i, batch in enumerate(bar, start=1):
+        output, pred_raw, target, raw_range = forward_batch(net, batch, args, info, device)
+        loss = compute_loss(args.loss, output, pred_raw, target, raw_range)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window_loss += loss.item()
+        window_measures += compute_measures(args.measures, pred_raw.detach(), target, info)
+        window_count += 1
+        bar.set_postfix(loss=f'{loss.item():.4g}')
+        if i % args.print_interval == 0:
+            tqdm.write(f'epoch {epoch} [{i}/{len(loader)}] loss {loss.item():.6f}')
+        if i % args.log_interval == 0 or i == len(loader):
+            progress = epoch - 1 + i / len(loader)
+            write_row(log, progress, lr, window_loss / window_count, window_measures / window_count)
+            window_loss, window_measures, window_count = 0.0, np.zeros(len(args.measures)), 0
+
+
+@torch.no_grad()
+def evaluate(net, loader, args, info, device, desc: str = 'test', save_images: int = 0,
+             image_dir: Path | None = None) -> tuple[float, list[float]]:
+    """Loss and measures over the whole test set (batch means weighted by batch size)."""
+    net.eval()
+    total_loss, total_measures, count = 0.0, np.zeros(len(args.measures)), 0
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        output, pred_raw, target, raw_range = forward_batch(net, batch, args, info, device)
+        n = target.shape[0]
+        total_loss += compute_loss(args.loss, output, pred_raw, target, raw_range).item() * n
+        total_measures += np.asarray(compute_measures(args.measures, pred_raw, target, info)) * n
+        if count < save_images:
+            keep = min(n, save_images - count)
+            low_raw = denormalize(batch[0][:keep].to(device), raw_range[:keep])
+            save_sample_images(image_dir, count, info.kind, batch[1][:keep], low_raw, pred_raw[:keep],
+                               target[:keep])
+        count += n
+    return total_loss / count, list(total_measures / count)
+
+
+def write_row(log: CsvLog, epoch: float, lr: float, loss: float, measures: Sequence[float]) -> None:
+    log.write([epoch, lr, loss, *measures], ['{:.6f}', '{:g}', '{:.6f}'] + ['{:.6f}'] * len(measures))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def rng_states() -> dict:
+    """Python, NumPy and torch RNG states as types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {'python': random.getstate(), 'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states['python'])
+    kind, keys, pos, has_gauss, gauss = states['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states['torch'])
+    if states.get('cuda') and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def save_snapshot(exp_root: Path, epoch: int, net: nn.Module, optimizer, scheduler) -> None:
+    """Write weights_epoch_<n>.pth (a plain CPU state_dict) and state_epoch_<n>.pth, both atomically."""
+    atomic_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, exp_root / f'{SNAPSHOT_PREFIX}{epoch}.pth')
+    state = {'epoch': epoch, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+             'rng': rng_states()}
+    atomic_save(state, exp_root / f'{STATE_PREFIX}{epoch}.pth')
+
+
+def remove_snapshots(exp_root: Path) -> None:
+    for prefix in (SNAPSHOT_PREFIX, STATE_PREFIX):
+        for path in find_snapshots(exp_root, prefix).values():
+            path.unlink()
+
+
+def load_weights(net: nn.Module, spec: str, info: DatasetInfo) -> None:
+    """Load ``--load-weights`` (a path, URL or registry name; a short name like ``x8_pac`` gets the dataset's
+    ``depth_``/``flow_`` prefix) strictly; missing or unexpected keys raise an error that lists them."""
+    import weights
+    if re.fullmatch(r'x\d+_[A-Za-z0-9]+', spec) and not os.path.exists(spec):
+        spec = f'{info.kind}_{spec}'
+    state_dict = weights.load_state_dict(spec)
+    weights.load_into(net, state_dict, strict=True)
+    print(f'loaded weights {spec}')
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def make_scheduler(optimizer, lr_steps: Sequence[int] | None):
+    # scheduler.step() runs after each epoch; the 2019 program stepped it before, so that epoch e trains with
+    # lr * 0.1 ** (number of lr_steps <= e). Shifting the milestones by one gives the same schedule.
+    milestones = sorted(m - 1 for m in (lr_steps or []))
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+
+def make_optimizer(args: argparse.Namespace, params):
+    if args.optimizer == 'Adam':
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == 'SGD':
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    raise ValueError(f"--optimizer: {args.optimizer!r} is not supported; expected 'Adam' or 'SGD'")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and/or test one model as the flags say. Returns the final test loss and measures."""
+    info = DATASETS[args.dataset]
+    args.measures = tuple(args.measures or info.measures)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    exp_root = Path(args.exp_root)
+    channels = 1 if info.kind == 'depth' else 2
+    net = create_model(args.model, args.factor, channels=channels, guide_channels=3).to(device)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    epochs = args.epochs
+    if epochs > 0 and not trainable:
+        print(f'{args.model} has no trainable parameters: testing only')
+        epochs = 0
+
+    snapshots = {} if args.overwrite else find_snapshots(exp_root, SNAPSHOT_PREFIX)
+    last_epoch, resume_from = 0, None
+    if epochs > 0 and snapshots:
+        done = [e for e in snapshots if e <= epochs]
+        if done:
+            if args.load_weights:
+                raise ValueError(f'--load-weights {args.load_weights!r}: {exp_root} already holds snapshots to '
+                                 'resume from; pass --overwrite to start a fresh run from these weights')
+            last_epoch = resume_from = max(done)
+    elif epochs == 0 and snapshots and not args.load_weights:
+        resume_from = max(snapshots)
+    if resume_from is not None:
+        net.load_state_dict(torch.load(snapshots[resume_from], map_location=device, weights_only=True))
+        print(f'loaded snapshot {snapshots[resume_from]}')
+    elif args.load_weights:
+        load_weights(net, args.load_weights, info)
+    elif epochs == 0 and trainable:
+        print(f'warning: testing {args.model} with random initial weights (no snapshot in {exp_root}, '
+              'no --load-weights)')
+    test_only = epochs <= last_epoch
+
+    train_loader, test_loader = build_loaders(args, info, device, need_train=not test_only)
+    label = f'{args.model} x{args.factor} {args.dataset}'
+    image_dir = exp_root / 'images'
+    if test_only:
+        loss, measures = evaluate(net, test_loader, args, info, device, desc=f'test {label}',
+                                  save_images=_num_images(args, test_loader), image_dir=image_dir)
+        print(f'test {label}: loss {loss:.6f}, {format_measures(args.measures, measures, info)}')
+        return {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': last_epoch, 'train_seconds': 0.0}
+
+    exp_root.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        remove_snapshots(exp_root)
+    optimizer = make_optimizer(args, trainable)
+    scheduler = make_scheduler(optimizer, args.lr_steps)
+    if resume_from is not None:
+        _resume_state(exp_root, resume_from, optimizer, scheduler, args)
+    columns = ['epoch', 'lr', 'loss', *args.measures]
+    resume_epoch = last_epoch if resume_from is not None else None
+    train_log = CsvLog(exp_root / 'train.log', columns, resume_epoch=resume_epoch)
+    test_log = CsvLog(exp_root / 'test.log', columns, resume_epoch=resume_epoch)
+
+    loss, measures = evaluate(net, test_loader, args, info, device, desc=f'test epoch {last_epoch}')
+    print(f'epoch {last_epoch} test {label}: loss {loss:.6f}, {format_measures(args.measures, measures, info)}')
+    if resume_from is None:
+        write_row(test_log, last_epoch, optimizer.param_groups[0]['lr'], loss, measures)
+    start = time.perf_counter()
+    for epoch in tqdm(range(last_epoch + 1, epochs + 1), desc=f'train {label}', initial=last_epoch, total=epochs,
+                      dynamic_ncols=True):
+        train_epoch(net, train_loader, optimizer, epoch, args, info, device, train_log)
+        scheduler.step()
+        if epoch % args.test_interval == 0 or epoch == epochs:
+            final = epoch == epochs
+            loss, measures = evaluate(net, test_loader, args, info, device, desc=f'test epoch {epoch}',
+                                      save_images=_num_images(args, test_loader) if final else 0, image_dir=image_dir)
+            write_row(test_log, epoch, optimizer.param_groups[0]['lr'], loss, measures)
+            tqdm.write(f'epoch {epoch} test {label}: loss {loss:.6f}, {format_measures(args.measures, measures, info)}')
+        if (args.snapshot_interval > 0 and epoch % args.snapshot_interval == 0) or epoch == epochs:
+            save_snapshot(exp_root, epoch, net, optimizer, scheduler)
+    train_seconds = time.perf_counter() - start
+    train_log.close()
+    test_log.close()
+    _plot(exp_root, args.measures)
+    return {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epochs, 'train_seconds': train_seconds}
+
+
+def _num_images(args: argparse.Namespace, loader: DataLoader) -> int:
+    return len(loader.dataset) if args.save_images < 0 else args.save_images
+
+
+def _resume_state(exp_root: Path, epoch: int, optimizer, scheduler, args) -> None:
+    path = exp_root / f'{STATE_PREFIX}{epoch}.pth'
+    if not path.is_file():
+        print(f'warning: {path} is missing: resuming epoch {epoch} with a fresh optimizer state')
+        for _ in range(epoch):
+            scheduler.step()
+        return
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    optimizer.load_state_dict(state['optimizer'])
+    scheduler.load_state_dict(state['scheduler'])
+    set_rng_states(state['rng'])
+    print(f'resuming after epoch {epoch} (optimizer, scheduler and random states from {path})')
+
+
+def _plot(exp_root: Path, measures: Sequence[str]) -> None:
+    from tools.plot_log import plot_logs
+    output = exp_root / 'log.png'
+    plot_logs([exp_root / 'train.log', exp_root / 'test.log'], output, plots=['loss', *measures],
+              labels=['train', 'test'])
+    print(f'wrote {output}')
+
+
+# ---------------------------------------------------------------------------------------------- compare / demo
+DEMO_PRESET = dict(dataset='Synthetic', factor=8, compare=['Bilinear', 'DJIF', 'PacJointUpsample'], epochs=6,
+                   lr=1e-3, lr_steps=[5], batch_size=8, train_crop=64, test_batch_size=10, num_data_worker=0,
+                   exp_root=os.path.join('exp', 'demo'), synthetic_samples=[400, 50], test_interval=2,
+                   log_interval=10, overwrite=True)
+
+
+def run_compare(args: argparse.Namespace) -> list[dict]:
+    """Run every model of ``--compare`` (each in ``<exp-root>/<model>``) and print a results table."""
+    info = DATASETS[args.dataset]
+    rows = []
+    for name in args.compare:
+        model_args = copy.copy(args)
+        model_args.model, model_args.exp_root = name, str(Path(args.exp_root) / name)
+        print(f'\n=== {name} ===')
+        result = run(model_args)
+        net = create_model(name, args.factor)
+        rows.append({'model': name, 'params': sum(p.numel() for p in net.parameters()), **result})
+    measures = tuple(args.measures or info.measures)
+    headers = {m: measure_label(m, info) for m in measures}
+    table = format_table([{headers.get(k, k): v for k, v in row.items()} for row in rows],
+                         ['model', 'params', *(headers[m] for m in measures), 'train_seconds'],
+                         formats={'train_seconds': '{:.0f}', 'params': '{:,}'})
+    print(f'\nx{args.factor} joint upsampling on {args.dataset} ({args.test_split or info.test_split} split, '
+          f'{args.epochs} epochs):\n{table}')
+    Path(args.exp_root).mkdir(parents=True, exist_ok=True)
+    (Path(args.exp_root) / 'results.txt').write_text(table + '\n')
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Joint upsampling', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add('--factor', type=int, default=8, help='upsampling factor')
+    add('--data-root', type=str, default='data', help='where data is found or downloaded')
+    add('--exp-root', type=str, default='exp', help='output folder (snapshots, logs, images)')
+    add('--download', action='store_true', default=False, help='download the dataset if it is missing')
+    add('--load-weights', type=str, default='',
+        help='state_dict to load strictly: a path, URL or registry name (x8_pac = depth_x8_pac or flow_x8_pac)')
+    add('--model', type=str, default='PacJointUpsample', help=f'one of {", ".join(MODEL_NAMES)}')
+    add('--dataset', type=str, default='NYUDepthV2', choices=sorted(DATASETS), help='dataset (Sintel = clean pass)')
+    add('--lowres-mode', type=str, default='', choices=('',) + LOWRES_MODES,
+        help="low-res sampling; '' = center (depth) / bilinear (Sintel)")
+    add('--zero-guidance', action='store_true', default=False, help='zero the guide (ablation)')
+    add('--loss', type=str, default='l2', choices=('l2', 'rmse', 'epe'), help='training loss')
+    add('--measures', type=str, nargs='+', default=None, choices=('rmse', 'epe'),
+        help='None = rmse (depth, in cm) / epe (Sintel, in px)')
+    add('--num-data-worker', type=int, default=4, help='DataLoader workers')
+    add('--val-ratio', type=float, default=0.0, help='NYU: fraction of the first 1000 images held out as val')
+    add('--train-split', type=str, default='', help="'' = train")
+    add('--test-split', type=str, default='', help="'' = test (NYU, Synthetic) / val (Sintel)")
+    add('--batch-size', type=int, default=1)
+    add('--test-batch-size', type=int, default=1)
+    add('--train-crop', type=int, default=256, help='training crop size; <= 0: no crop')
+    add('--eval-border', type=int, default=-1, help='border excluded from loss and measures; < 0 = 6 (depth) / 0')
+    add('--epochs', type=int, default=0, help='0 = test only')
+    add('--optimizer', type=str, default='Adam', choices=('Adam', 'SGD'))
+    add('--lr', type=float, default=1e-4)
+    add('--lr-steps', type=int, nargs='+', default=None, help='epochs at which lr is multiplied by 0.1')
+    add('--overwrite', action='store_true', default=False, help='ignore (and delete) existing snapshots and logs')
+    add('--weight-decay', type=float, default=0.0)
+    add('--momentum', type=float, default=0.5, help='SGD only')
+    add('--seed', type=int, default=1, help='seeds Python, NumPy and torch')
+    add('--print-interval', type=int, default=100, help='batches between printed lines')
+    add('--log-interval', type=int, default=100, help='batches between train.log rows')
+    add('--test-interval', type=int, default=10, help='epochs between tests')
+    add('--snapshot-interval', type=int, default=100, help='epochs between snapshots (the last epoch always)')
+    # additions to the 2019 flags
+    add('--device', type=str, default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    add('--nyu-url', type=str, default='',
+        help=f'NYU .mat source (URL or local file) for --download; default ${NYU_URL_ENV}, else the original URL')
+    add('--save-images', type=int, nargs='?', const=-1, default=0, metavar='N',
+        help='write guide / input / prediction / ground-truth PNGs of the first N test samples (no N: all)')
+    add('--compare', type=str, nargs='+', default=None, metavar='MODEL',
+        help='train/test each model in <exp-root>/<model> and print a results table')
+    add('--synthetic-size', type=int, default=128, help='Synthetic: scene size in pixels')
+    add('--synthetic-samples', type=int, nargs=2, default=[400, 50], metavar=('TRAIN', 'TEST'),
+        help='Synthetic: number of train and test scenes')
+    add('--synthetic-seed', type=int, default=0, help='Synthetic: seed of the scenes (independent of --seed)')
+    add('--demo', action='store_true', default=False,
+        help='train and compare Bilinear, DJIF and PacJointUpsample on Synthetic (a few CPU minutes); '
+             'explicit flags override the preset: ' + ' '.join(f'{k}={v}' for k, v in DEMO_PRESET.items()))
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if '--demo' in argv:
+        parser.set_defaults(**DEMO_PRESET)  # the preset replaces defaults only: explicit flags still win
+    args = parser.parse_args(argv)
+    for name in ('factor', 'batch_size', 'test_batch_size', 'print_interval', 'log_interval', 'test_interval'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.epochs < 0:
+        parser.error(f'--epochs must be >= 0, got {args.epochs}')
+    if args.num_data_worker < 0:
+        parser.error(f'--num-data-worker must be >= 0, got {args.num_data_worker}')
+    return args
+
+
+def main(argv: Sequence[str] | None = None):
+    args = parse_args(argv)
+    if args.compare:
+        return run_compare(args)
+    return run(args)
+
+
+if __name__ == '__main__':
+    main()
