@@ -56,6 +56,11 @@ def test_unknown_name_lists_known_names():
         resolve_weights("depth_x2_pac")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_weights("no/such/file.pth")
+    # the 2019 README's file names point to the registry names
+    with pytest.raises(FileNotFoundError, match="registry name fcn8s_from_caffe"):
+        resolve_weights("fcn8s_from_caffe.pth")
+    with pytest.raises(FileNotFoundError, match="depth_x8_pac or flow_x8_pac"):
+        resolve_weights("weights_depth/x8_pac_weights_epoch_5000.pth")
     with pytest.raises(ValueError, match="expected a file path"):
         resolve_weights("")
 

@@ -140,8 +140,11 @@ def resolve_weights(spec: PathLike, cache_dir: Optional[PathLike] = None) -> Pat
                   f"{file_digest(target, 'sha256')}")
         return target
     if _looks_like_path(spec):
-        raise FileNotFoundError(f"weights: file {spec!r} does not exist (registry names: "
-                                f"{', '.join(REGISTRY)})")
+        same_file = [n for n, e in REGISTRY.items()
+                     if PurePosixPath(e.path).name == PurePosixPath(spec).name]
+        hint = (f"the released file of that name is the registry name {' or '.join(same_file)}"
+                if same_file else f"registry names: {', '.join(REGISTRY)}")
+        raise FileNotFoundError(f"weights: file {spec!r} does not exist ({hint})")
     raise _unknown_name(spec)
 
 
