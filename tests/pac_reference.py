@@ -192,13 +192,14 @@ def ref_kernel(guide: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, p
     mask_cols = guide.new_zeros(batch, 1, k[0], k[1], out_h, out_w)
     for y in range(out_h):
         for x in range(out_w):
+            _, centre = _tap_positions(y, x, 0, 0, k, s, p, d, transposed)
+            if smooth_kernel is None:
+                centre_feature = read_pixel(guide, *centre, p, padding_mode)
+            else:
+                centre_feature = _smoothed_centre(guide, centre, smooth_kernel, p, padding_mode)
             for i in range(k[0]):
                 for j in range(k[1]):
-                    tap, centre = _tap_positions(y, x, i, j, k, s, p, d, transposed)
-                    if smooth_kernel is None:
-                        centre_feature = read_pixel(guide, *centre, p, padding_mode)
-                    else:
-                        centre_feature = _smoothed_centre(guide, centre, smooth_kernel, p, padding_mode)
+                    tap, _ = _tap_positions(y, x, i, j, k, s, p, d, transposed)
                     delta = read_pixel(guide, *tap, p, padding_mode) - centre_feature
                     if asym:
                         delta = delta.clamp(min=0)
