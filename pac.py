@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from numbers import Number
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -168,164 +168,175 @@ def _transposed_padded_input(x, k, s, p, op, d):
 # ----------------------------------------------------------------------------------------------
 # Tap geometry: which input positions every kernel tap reads, and which output positions it writes
 # ----------------------------------------------------------------------------------------------
-# Along one axis, tap i of a layer is described by (o0, os, i0, is, t_lo, t_hi): for t in
-# [t_lo, t_hi), output position o0 + os*t reads input position i0 + is*t.
 
-def _conv_taps(k: int, s: int, d: int, out_size: int) -> List[Tuple[int, ...]]:
-    # The input is already padded: output t, tap i reads t*s + i*d.
-    return [(0, 1, i * d, s, 0, out_size) for i in range(k)]
+class _AxisTaps(NamedTuple):
+    """Geometry of the taps along one axis: tap i maps output ``out_start[i] + out_step * t`` to input
+    ``in_start[i] + in_step * t``, for every t of its output phase (all outputs congruent to
+    ``out_start[i]`` modulo ``out_step``)."""
+    out_step: int
+    in_step: int
+    out_start: Tuple[int, ...]
+    in_start: Tuple[int, ...]
+    out_size: int
+
+    def phase_len(self, start: int) -> int:
+        return max(0, -(-(self.out_size - start) // self.out_step))
+
+    def phases(self) -> List[Tuple[int, List[int]]]:
+        return [(p, [i for i, q in enumerate(self.out_start) if q == p]) for p in sorted(set(self.out_start))]
 
 
-def _transposed_taps(k: int, s: int, p: int, d: int, in_size: int, out_size: int) -> List[Tuple[int, ...]]:
-    # Output y, tap i reads the zero-inserted input at y + i*d - P; it is a real pixel m only when
-    # y + i*d - P = m*s. So every tap reads a stride-1 input window and writes one output phase.
+def _conv_axis(k: int, s: int, d: int, out_size: int) -> _AxisTaps:
+    # The input is already padded: output t, tap i reads input t*s + i*d.
+    return _AxisTaps(1, s, (0,) * k, tuple(i * d for i in range(k)), out_size)
+
+
+def _transposed_axis(k: int, s: int, p: int, d: int, in_size: int, out_size: int) -> Tuple[_AxisTaps, Tuple[int, int]]:
+    """Phase decomposition of a transposed convolution along one axis.
+
+    Output y, tap i reads the zero-inserted input at ``y + i*d - P`` (``P = (k-1)d - p``): a real pixel m
+    only when ``y + i*d - P = m*s``. So each tap writes one output phase and reads a stride-1 input
+    window. Returns the geometry over an input padded by the returned (before, after) amounts, which
+    make every tap's window cover its whole phase (the padding reads zeros, as the inserted zeros do).
+    """
     big_p = (k - 1) * d - p
-    taps = []
-    for i in range(k):
-        o0 = (big_p - i * d) % s
-        m0 = (o0 + i * d - big_p) // s
-        t_lo = max(0, -m0)
-        t_hi = min(in_size - m0, -(-(out_size - o0) // s))
-        taps.append((o0, s, m0, 1, t_lo, t_hi))
-    return taps
+    phase = [(big_p - i * d) % s for i in range(k)]
+    first = [(phase[i] + i * d - big_p) // s for i in range(k)]
+    axis = _AxisTaps(s, 1, tuple(phase), tuple(first), out_size)
+    before = max(0, max(-f for f in first))
+    after = max(0, max(f + axis.phase_len(q) - in_size for f, q in zip(first, phase)))
+    return axis._replace(in_start=tuple(f + before for f in first)), (before, after)
 
 
-def _band_rows(x: torch.Tensor, out_h: int, in_step: int) -> int:
-    row_bytes = x.shape[0] * x.shape[1] * x.shape[3] * x.element_size() * max(in_step, 1)
-    rows = max(1, _BAND_BYTES // max(row_bytes, 1))
-    return min(out_h, max(rows, -(-out_h // _MAX_BANDS)))
+def _phase_bands(x: torch.Tensor, rows: _AxisTaps, cols: _AxisTaps):
+    """Yield (row phase, its row taps, col phase, its col taps, t0, t1): bands of output-phase rows
+    small enough that the input rows they read stay in cache across the taps."""
+    row_bytes = x.shape[0] * x.shape[1] * x.shape[3] * x.element_size() * rows.in_step
+    for py, taps_i in rows.phases():
+        ny = rows.phase_len(py)
+        band = min(ny, max(_BAND_BYTES // max(row_bytes, 1), -(-ny // _MAX_BANDS), 1))
+        for px, taps_j in cols.phases():
+            if cols.phase_len(px) == 0:
+                continue
+            for t0 in range(0, ny, band):
+                yield py, taps_i, px, taps_j, t0, min(ny, t0 + band)
 
 
-def _tap_window(tap: Tuple[int, ...], r0: int, r1: int):
-    """Restrict an axis tap to output rows [r0, r1): (first output row, count, first input row)."""
-    o0, os_, i0, is_, t_lo, t_hi = tap
-    ta = max(t_lo, -(-(r0 - o0) // os_))
-    tb = min(t_hi, -(-(r1 - o0) // os_))
-    return o0 + os_ * ta, tb - ta, i0 + is_ * ta
+def _tap_slices(rows: _AxisTaps, cols: _AxisTaps, i: int, j: int, t0: int, ny: int, nx: int):
+    """(input rows, input cols, output rows, output cols) of tap (i, j) over phase rows [t0, t0 + ny)."""
+    return (_strided(rows.in_start[i] + rows.in_step * t0, ny, rows.in_step),
+            _strided(cols.in_start[j], nx, cols.in_step),
+            _strided(rows.out_start[i] + rows.out_step * t0, ny, rows.out_step),
+            _strided(cols.out_start[j], nx, cols.out_step))
 
 
 class _PacTapsFn(torch.autograd.Function):
-    """Lean PAC filtering: out = bias + sum_taps W_t (K_t * X_t), tap by tap over row bands.
+    """Lean PAC filtering: ``out = bias + sum_taps W_t (K_t * X_t)``, tap by tap over phase bands.
 
     ``weight`` is in convolution layout ``(O, C / groups, kh, kw)``, or None for pooling (each channel
     summed on its own). ``kernel`` is ``(B, 1 or C, kh, kw, H', W')``. Saves only its inputs.
     """
 
     @staticmethod
-    def forward(ctx, x, kernel, weight, bias, row_taps, col_taps, groups, out_hw):
+    def forward(ctx, x, kernel, weight, bias, rows, cols, groups):
         with torch.autocast(x.device.type, enabled=False):
-            out = _taps_forward(x, kernel, weight, bias, row_taps, col_taps, groups, out_hw)
+            out = _taps_forward(x, kernel, weight, bias, rows, cols, groups)
         ctx.save_for_backward(x, kernel, weight)
-        ctx.geometry = (row_taps, col_taps, groups, out_hw, bias is not None)
+        ctx.geometry = (rows, cols, groups, bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, kernel, weight = ctx.saved_tensors
-        row_taps, col_taps, groups, out_hw, has_bias = ctx.geometry
+        rows, cols, groups, has_bias = ctx.geometry
         need_x, need_k, need_w, need_b = ctx.needs_input_grad[:4]
         with torch.autocast(grad_out.device.type, enabled=False):
-            gx, gk, gw = _taps_backward(grad_out.contiguous(), x, kernel, weight, row_taps, col_taps,
-                                        groups, need_x, need_k, need_w)
+            gx, gk, gw = _taps_backward(grad_out.to(x.dtype), x, kernel, weight, rows, cols, groups,
+                                        need_x, need_k, need_w)
         gb = grad_out.sum((0, 2, 3)) if (has_bias and need_b) else None
-        return gx, gk, gw, gb, None, None, None, None
+        return gx, gk, gw, gb, None, None, None
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _grouped(weight: Optional[torch.Tensor], groups: int, i: int, j: int):
-    """Weight of tap (i, j) as (groups, O/g, C/g), or None for pooling."""
+def _weight_mode(weight: Optional[torch.Tensor], groups: int, channels: int) -> str:
     if weight is None:
-        return None
+        return "pool"
+    return "depthwise" if weight.shape[1] == 1 and weight.shape[0] == groups == channels else "dense"
+
+
+def _tap_weight(weight: torch.Tensor, groups: int, i: int, j: int, batch: int) -> torch.Tensor:
+    """Weight of tap (i, j) as a batch of matrices (batch * groups, O/g, C/g)."""
     o, cg = weight.shape[:2]
-    return weight[:, :, i, j].reshape(groups, o // groups, cg)
+    w = weight[:, :, i, j].reshape(1, groups, o // groups, cg)
+    return w.expand(batch, -1, -1, -1).reshape(batch * groups, o // groups, cg)
 
 
-def _taps_forward(x, kernel, weight, bias, row_taps, col_taps, groups, out_hw):
+def _taps_forward(x, kernel, weight, bias, rows, cols, groups):
     b, c = x.shape[:2]
-    out_h, out_w = out_hw
     o = c if weight is None else weight.shape[0]
-    acc_dtype = _acc_dtype(x.dtype)
-    out = x.new_empty(b, o, out_h, out_w)
-    rows = _band_rows(x, out_h, row_taps[0][3])
-    depthwise = weight is not None and weight.shape[1] == 1 and o == groups == c
-    for r0 in range(0, out_h, rows):
-        r1 = min(out_h, r0 + rows)
-        acc = torch.zeros(b, o, r1 - r0, out_w, dtype=acc_dtype, device=x.device)
-        for i, rtap in enumerate(row_taps):
-            oy, ny, iy = _tap_window(rtap, r0, r1)
-            if ny <= 0:
-                continue
-            for j, ctap in enumerate(col_taps):
-                ox, nx, ix = _tap_window(ctap, 0, out_w)
-                if nx <= 0:
-                    continue
-                xs = x[:, :, _strided(iy, ny, rtap[3]), _strided(ix, nx, ctap[3])]
-                ks = kernel[:, :, i, j, _strided(oy, ny, rtap[1]), _strided(ox, nx, ctap[1])]
-                y = xs * ks
-                target = acc[:, :, _strided(oy - r0, ny, rtap[1]), _strided(ox, nx, ctap[1])]
-                if weight is None:
-                    target.add_(y)
-                elif depthwise:
-                    target.addcmul_(y, weight[:, 0, i, j].view(1, c, 1, 1))
-                else:
-                    wt = _grouped(weight, groups, i, j)
-                    prod = torch.matmul(wt, y.reshape(b, groups, c // groups, ny * nx))
-                    target.add_(prod.view(b, o, ny, nx))
-        out[:, :, r0:r1] = acc
+    mode = _weight_mode(weight, groups, c)
+    out = x.new_zeros(b, o, rows.out_size, cols.out_size)
+    for py, taps_i, px, taps_j, t0, t1 in _phase_bands(x, rows, cols):
+        ny, nx = t1 - t0, cols.phase_len(px)
+        acc = torch.zeros(b, o, ny, nx, dtype=_acc_dtype(x.dtype), device=x.device)
+        flat = acc.view(b * groups, o // groups, ny * nx)
+        for i in taps_i:
+            for j in taps_j:
+                rows_in, cols_in, rows_out, cols_out = _tap_slices(rows, cols, i, j, t0, ny, nx)
+                y = x[:, :, rows_in, cols_in] * kernel[:, :, i, j, rows_out, cols_out]
+                if mode == "pool":
+                    acc.add_(y)
+                elif mode == "depthwise":
+                    acc.addcmul_(y, weight[:, 0, i, j].view(1, c, 1, 1))
+                elif acc.dtype == y.dtype:
+                    flat.baddbmm_(_tap_weight(weight, groups, i, j, b), y.view(b * groups, c // groups, ny * nx))
+                else:  # low-precision inputs: multiply in their dtype, accumulate in float32
+                    flat.add_(torch.bmm(_tap_weight(weight, groups, i, j, b), y.view(b * groups, c // groups, -1)))
+        out[:, :, _strided(py + rows.out_step * t0, ny, rows.out_step), _strided(px, nx, cols.out_step)] = acc
     if bias is not None:
         out += bias.view(1, -1, 1, 1)
     return out
 
 
-def _taps_backward(grad_out, x, kernel, weight, row_taps, col_taps, groups, need_x, need_k, need_w):
+def _taps_backward(grad_out, x, kernel, weight, rows, cols, groups, need_x, need_k, need_w):
     b, c = x.shape[:2]
-    o, out_h, out_w = grad_out.shape[1:]
+    o = grad_out.shape[1]
+    mode = _weight_mode(weight, groups, c)
     acc_dtype = _acc_dtype(x.dtype)
     gx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
     gk = torch.zeros(kernel.shape, dtype=acc_dtype, device=x.device) if need_k else None
-    gw = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if (need_w and weight is not None) else None
-    rows = _band_rows(x, out_h, row_taps[0][3])
-    depthwise = weight is not None and weight.shape[1] == 1 and o == groups == c
-    for r0 in range(0, out_h, rows):
-        r1 = min(out_h, r0 + rows)
-        for i, rtap in enumerate(row_taps):
-            oy, ny, iy = _tap_window(rtap, r0, r1)
-            if ny <= 0:
-                continue
-            for j, ctap in enumerate(col_taps):
-                ox, nx, ix = _tap_window(ctap, 0, out_w)
-                if nx <= 0:
-                    continue
-                rows_in, cols_in = _strided(iy, ny, rtap[3]), _strided(ix, nx, ctap[3])
-                rows_out, cols_out = _strided(oy, ny, rtap[1]), _strided(ox, nx, ctap[1])
-                xs = x[:, :, rows_in, cols_in]
-                ks = kernel[:, :, i, j, rows_out, cols_out]
-                go = grad_out[:, :, rows_out, cols_out]
-                # gy = dL/d(K_t * X_t), the gradient reaching the modulated input of this tap.
-                if weight is None:
+    gw = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if need_w and weight is not None else None
+    for py, taps_i, px, taps_j, t0, t1 in _phase_bands(x, rows, cols):
+        ny, nx = t1 - t0, cols.phase_len(px)
+        go = grad_out[:, :, _strided(py + rows.out_step * t0, ny, rows.out_step),
+                      _strided(px, nx, cols.out_step)].contiguous()
+        go_flat = go.view(b * groups, o // groups, ny * nx)
+        for i in taps_i:
+            for j in taps_j:
+                rows_in, cols_in, rows_out, cols_out = _tap_slices(rows, cols, i, j, t0, ny, nx)
+                xs, ks = x[:, :, rows_in, cols_in], kernel[:, :, i, j, rows_out, cols_out]
+                # gy = dL/d(K_t * X_t): the gradient reaching the modulated input of this tap.
+                if mode == "pool":
                     gy = go
-                elif depthwise:
+                elif mode == "depthwise":
                     gy = go * weight[:, 0, i, j].view(1, c, 1, 1)
                 else:
-                    wt = _grouped(weight, groups, i, j)
-                    gy = torch.matmul(wt.transpose(1, 2), go.reshape(b, groups, o // groups, ny * nx))
-                    gy = gy.view(b, c, ny, nx)
+                    gy = torch.bmm(_tap_weight(weight, groups, i, j, b).transpose(1, 2), go_flat).view(b, c, ny, nx)
                 if need_x:
                     gx[:, :, rows_in, cols_in].addcmul_(gy, ks)
                 if need_k:
                     gxk = gy * xs
-                    gk[:, :, i, j, rows_out, cols_out] += gxk.sum(1, keepdim=True) if kernel.shape[1] == 1 else gxk
+                    gk[:, :, i, j, rows_out, cols_out] = gxk.sum(1, keepdim=True) if kernel.shape[1] == 1 else gxk
                 if gw is not None:
                     y = xs * ks
-                    if depthwise:
+                    if mode == "depthwise":
                         gw[:, 0, i, j] += (go * y).sum((0, 2, 3))
                     else:
-                        gwt = torch.matmul(go.reshape(b, groups, o // groups, ny * nx),
-                                           y.reshape(b, groups, c // groups, ny * nx).transpose(2, 3))
-                        gw[:, :, i, j] += gwt.sum(0).reshape(o, c // groups)
+                        gwt = torch.bmm(go_flat, y.view(b * groups, c // groups, ny * nx).transpose(1, 2))
+                        gw[:, :, i, j] += gwt.view(b, o, c // groups).sum(0)
     cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
     return cast(gx, x), cast(gk, kernel), cast(gw, weight)
 
@@ -582,14 +593,26 @@ def _check_bias(bias: Optional[torch.Tensor], channels: int) -> None:
         raise ValueError(f"bias must be None or a tensor of shape ({channels},), got {got}")
 
 
-def _run_taps(x, kernel, weight, bias, groups, native_cols, row_taps, col_taps, out_hw, native_impl):
-    """Dispatch to one of the two implementations, under autocast's dtype when it is active."""
+def _run_taps(x, kernel, weight, bias, groups, native_cols, lean_geometry, native_impl):
+    """Dispatch to one of the two implementations, under autocast's dtype when it is active.
+
+    ``native_cols(x)`` unfolds the input for the native path; ``lean_geometry(x)`` returns the
+    (possibly padded) input and the row and column tap geometry for the lean path.
+    """
     dtype = _autocast_dtype(x.device.type)
     x, kernel, weight, bias = _cast_all(dtype, x, kernel, weight, bias)
+    kernel = kernel.to(x.dtype)
     if native_impl:
         with torch.autocast(x.device.type, enabled=False):
-            return _native_taps(native_cols(x), kernel.to(x.dtype), weight, bias, groups)
-    return _PacTapsFn.apply(x, kernel.to(x.dtype), weight, bias, row_taps, col_taps, groups, out_hw)
+            return _native_taps(native_cols(x), kernel, weight, bias, groups)
+    x, rows, cols = lean_geometry(x)
+    return _PacTapsFn.apply(x, kernel, weight, bias, rows, cols, groups)
+
+
+def _transposed_lean_input(x, k, s, p, d, out_hw):
+    rows, (top, bottom) = _transposed_axis(k[0], s[0], p[0], d[0], x.shape[2], out_hw[0])
+    cols, (left, right) = _transposed_axis(k[1], s[1], p[1], d[1], x.shape[3], out_hw[1])
+    return F.pad(x, (left, right, top, bottom)), rows, cols
 
 
 def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
@@ -642,8 +665,8 @@ def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
     x = _pad(input, p, padding_mode)
     return _run_taps(x, kernel, weight, bias, groups,
                      lambda xp: nd2col(xp, k, s, 0, 0, d),
-                     _conv_taps(k[0], s[0], d[0], out_hw[0]), _conv_taps(k[1], s[1], d[1], out_hw[1]),
-                     out_hw, native_impl)
+                     lambda xp: (xp, _conv_axis(k[0], s[0], d[0], out_hw[0]), _conv_axis(k[1], s[1], d[1], out_hw[1])),
+                     native_impl)
 
 
 def pacconv_transpose2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
@@ -692,9 +715,8 @@ def pacconv_transpose2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch
     return _run_taps(input, kernel, conv_weight, bias, groups,
                      lambda x: F.unfold(_transposed_padded_input(x, k, s, p, op, d), k, dilation=d)
                      .view(b, c, k[0], k[1], *out_hw),
-                     _transposed_taps(k[0], s[0], p[0], d[0], h, out_hw[0]),
-                     _transposed_taps(k[1], s[1], p[1], d[1], w, out_hw[1]),
-                     out_hw, native_impl)
+                     lambda x: _transposed_lean_input(x, k, s, p, d, out_hw),
+                     native_impl)
 
 
 def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1,
@@ -723,8 +745,8 @@ def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, s
     _check_kernel(kernel, b, c, k, out_hw)
     x = _pad(input, p)
     return _run_taps(x, kernel, None, None, 1, lambda xp: nd2col(xp, k, s, 0, 0, d),
-                     _conv_taps(k[0], s[0], d[0], out_hw[0]), _conv_taps(k[1], s[1], d[1], out_hw[1]),
-                     out_hw, native_impl)
+                     lambda xp: (xp, _conv_axis(k[0], s[0], d[0], out_hw[0]), _conv_axis(k[1], s[1], d[1], out_hw[1])),
+                     native_impl)
 
 
 # ----------------------------------------------------------------------------------------------
