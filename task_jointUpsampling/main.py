@@ -193,7 +193,17 @@ def train_epoch(net, loader, optimizer, epoch, args, info, device, log: CsvLog) 
 @torch.no_grad()
 def evaluate(net, loader, args, info, device, desc: str = 'test', save_images: int = 0,
              image_dir: Path | None = None) -> tuple[float, list[float]]:
-    """Loss and measures over the whole test set (batch means weighted by batch size)."""
+    """Loss and measures over the whole test set (batch means weighted by batch size).
+
+    Runs on a fork of the torch RNG, so testing never changes the random stream of training (a resumed run,
+    which starts with a test, then repeats an uninterrupted one exactly).
+    """
+    cuda_devices = [device] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        return _evaluate(net, loader, args, info, device, desc, save_images, image_dir)
+
+
+def _evaluate(net, loader, args, info, device, desc, save_images, image_dir) -> tuple[float, list[float]]:
     net.eval()
     total_loss, total_measures, count = 0.0, np.zeros(len(args.measures)), 0
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
@@ -315,7 +325,8 @@ def run(args: argparse.Namespace) -> dict:
         loss, measures = evaluate(net, test_loader, args, info, device, desc=f'test {label}',
                                   save_images=_num_images(args, test_loader), image_dir=image_dir)
         print(f'test {label}: loss {loss:.6f}, {format_measures(args.measures, measures, info)}')
-        return {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': last_epoch, 'train_seconds': 0.0}
+        epoch = resume_from if resume_from is not None else last_epoch
+        return {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epoch, 'train_seconds': 0.0}
 
     exp_root.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
@@ -478,6 +489,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f'--epochs must be >= 0, got {args.epochs}')
     if args.num_data_worker < 0:
         parser.error(f'--num-data-worker must be >= 0, got {args.num_data_worker}')
+    if DATASETS[args.dataset].kind == 'depth' and ('epe' in (args.measures or ()) or args.loss == 'epe'):
+        parser.error(f'epe (end-point error) needs a flow dataset (Sintel*), got --dataset {args.dataset}')
     return args
 
 
