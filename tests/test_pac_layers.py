@@ -495,6 +495,38 @@ def test_module_parameters_receive_gradients(native_impl):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.slow
+@both_impls
+def test_full_gradcheck_conv_transpose_and_pool(native_impl):
+    """The complete (non-fast) float64 gradcheck of every differentiable input, on tiny shapes."""
+    x, guide = rand(1, 2, 4, 4, grad=True), rand(1, 2, 4, 4, grad=True)
+    weight, bias = rand(2, 2, 3, 3, grad=True), rand(2, grad=True)
+    alpha, lam = torch.tensor(0.5, dtype=DT, requires_grad=True), torch.tensor(-1.0, dtype=DT, requires_grad=True)
+
+    def conv(x, guide, weight, bias, alpha, lam):
+        kernel, _ = packernel2d(guide, kernel_size=3, padding=1, kernel_type='inv_0.5_-1_asym', inv_alpha=alpha,
+                                inv_lambda=lam, normalize_kernel=True, native_impl=native_impl)
+        return pacconv2d(x, kernel, weight, bias, padding=1, native_impl=native_impl)
+
+    gradcheck(conv, (x, guide, weight, bias, alpha, lam), fast_mode=False)
+    t_guide = rand(1, 2, 8, 8, grad=True)
+
+    def conv_transpose(x, guide, weight, bias):
+        kernel, _ = packernel2d(guide, kernel_size=3, stride=2, padding=1, output_padding=1, transposed=True,
+                                native_impl=native_impl)
+        return pacconv_transpose2d(x, kernel, weight, bias, 2, 1, 1, native_impl=native_impl)
+
+    gradcheck(conv_transpose, (x, t_guide, weight, bias), fast_mode=False)
+    smooth = torch.rand(1, 1, 3, 3, dtype=DT, requires_grad=True)
+
+    def pool(x, guide, smooth):
+        kernel, _ = packernel2d(guide, kernel_size=3, stride=2, padding=1, smooth_kernel_type='full_3',
+                                smooth_kernel=smooth, channel_wise=True, native_impl=native_impl)
+        return pacpool2d(x, kernel, 3, 2, 1, native_impl=native_impl)
+
+    gradcheck(pool, (x, guide, smooth), fast_mode=False)
+
+
 # ---------------------------------------------------------------- the two implementations agree
 
 
@@ -628,6 +660,19 @@ def test_initial_kernel_parameter_values():
     torch.testing.assert_close(pool.smooth_kernel.double(), smoothing_kernel('gaussian'))
     torch.testing.assert_close(PacPool2d(3, smooth_kernel_type='average_5').smooth_kernel,
                                torch.full((1, 1, 5, 5), 1 / 25))
+    fixed = PacConv2d(2, 3, 3, kernel_type='inv_0.2_-1_asym_fixed')
+    assert fixed.inv_alpha.item() == pytest.approx(0.2) and fixed.inv_lambda.item() == pytest.approx(-1.0)
+
+
+def test_reset_parameters_restores_kernel_parameters():
+    conv = PacConv2d(2, 3, 3, kernel_type='inv_0.2_-1', smooth_kernel_type='full_5')
+    with torch.no_grad():
+        for param in conv.parameters():
+            param.add_(1.0)
+    conv.reset_parameters()
+    assert conv.inv_alpha.item() == pytest.approx(0.2) and conv.inv_lambda.item() == pytest.approx(-1.0)
+    torch.testing.assert_close(conv.smooth_kernel.detach(), torch.full((1, 1, 5, 5), 1 / 25))
+    assert conv.weight.abs().max() <= 1 / 18 ** 0.5  # back inside the uniform bound
 
 
 # ---------------------------------------------------------------- fillers (spec 1.6)
