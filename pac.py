@@ -538,14 +538,21 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
 
         output_mask = None
         if mask is not None or normalize_kernel:
-            ones = guide.new_ones(1, 1, *in_hw)
-            pattern = nd2col(ones, k, s, p, op, d, transposed=transposed)
+            # Which taps fall on real pixels. Zero padding and inserted zeros are not real; a border
+            # padded by reflection, replication or wrapping is, and a mask is padded the same way.
+            def taps_of(m):
+                if transposed or padding_mode == "zeros":
+                    return nd2col(m, k, s, p, op, d, transposed=transposed)
+                return nd2col(_pad(m, p, padding_mode), k, s, 0, 0, d)
+
+            pattern = taps_of(guide.new_ones(1, 1, *in_hw))
             if mask is not None:
                 _check_mask(mask, guide.shape[0], in_hw)
-                mask_cols = nd2col(mask.to(guide.dtype), k, s, p, op, d, transposed=transposed)
+                mask_cols = taps_of(mask.to(guide.dtype))
                 kernel = kernel * mask_cols
                 if not normalize_kernel:
-                    norm = mask_cols.sum((2, 3), keepdim=True) / pattern.sum((2, 3), keepdim=True)
+                    # Windows without any real pixel have mask_cols == 0 everywhere: avoid 0 / 0.
+                    norm = mask_cols.sum((2, 3), keepdim=True) / pattern.sum((2, 3), keepdim=True).clamp(min=1)
             else:
                 kernel = kernel * pattern
             if normalize_kernel:
@@ -835,8 +842,8 @@ class _PacConvNd(nn.Module):
             if self.filler in ("pool", "crf_pool") and not self.shared_filters:
                 raise ValueError(f"filler={self.filler!r} needs shared_filters=True")
             if self.filler not in ("uniform", "linear", "crf", "crf_perturbed", "pool", "crf_pool"):
-                raise ValueError(f"Initialization method ({self.filler}) not supported: expected 'uniform', "
-                                 "'linear', 'crf', 'crf_perturbed', 'pool' or 'crf_pool'")
+                raise ValueError(f"Initialization method (filler={self.filler!r}) not supported: expected "
+                                 "'uniform', 'linear', 'crf', 'crf_perturbed', 'pool' or 'crf_pool'")
 
     def reset_parameters(self) -> None:
         """Re-initialise the weight and bias with ``filler``, and the learnable kernel parameters."""
@@ -907,11 +914,19 @@ class _PacConvNd(nn.Module):
                            inv_alpha=getattr(self, "inv_alpha", None), inv_lambda=getattr(self, "inv_lambda", None),
                            channel_wise=self.channel_wise, normalize_kernel=self.normalize_kernel,
                            transposed=self.transposed, native_impl=self.native_impl,
-                           padding_mode=getattr(self, "padding_mode", "zeros"))
+                           padding_mode=self.padding_mode)
 
-    def _kernel_for(self, input_2d, input_for_kernel, kernel, mask, guide_hw):
-        """Compute (or check) the adaptive kernel for a forward call."""
+    def _guide_size(self, input_2d: torch.Tensor) -> Tuple[int, int]:
+        """Spatial size the guide must have: the input's, or the output's for a transposed layer."""
+        if not self.transposed:
+            return tuple(input_2d.shape[2:])
+        return tuple(_transposed_out_size(sz, *args) for sz, args in zip(
+            input_2d.shape[2:], zip(self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation)))
+
+    def _kernel_for(self, input_2d, input_for_kernel, kernel, mask):
+        """Compute (or pass through) the adaptive kernel for a forward call."""
         _check_4d("input_2d", input_2d)
+        guide_hw = self._guide_size(input_2d)
         if not self.pool_only and input_2d.shape[1] != self.in_channels:
             raise ValueError(f"input_2d must have in_channels={self.in_channels} channels, got {input_2d.shape[1]}")
         if kernel is not None:
@@ -995,7 +1010,7 @@ class PacConv2d(_PacConvNd):
 
     def forward(self, input_2d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
                 kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
-        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask, input_2d.shape[2:])
+        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask)
         output = pacconv2d(input_2d, kernel, self.weight, self.bias, self.stride, self.padding, self.dilation,
                            self.shared_filters, self.native_impl, self.groups, self.padding_mode)
         return _with_mask(output, output_mask)
@@ -1029,9 +1044,7 @@ class PacConvTranspose2d(_PacConvNd):
 
     def forward(self, input_2d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
                 kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
-        out_hw = tuple(_transposed_out_size(sz, *args) for sz, args in zip(
-            input_2d.shape[2:], zip(self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation)))
-        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask, out_hw)
+        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask)
         output = pacconv_transpose2d(input_2d, kernel, self.weight, self.bias, self.stride, self.padding,
                                      self.output_padding, self.dilation, self.shared_filters, self.native_impl)
         return _with_mask(output, output_mask)
@@ -1067,11 +1080,10 @@ class PacPool2d(_PacConvNd):
 
     def forward(self, input_2d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
                 kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
-        _check_4d("input_2d", input_2d)
+        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask)
         channels = input_2d.shape[1]
         if self.out_channels > 0 and self.out_channels != channels:
             raise ValueError(f"input_2d must have out_channels={self.out_channels} channels, got {channels}")
-        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask, input_2d.shape[2:])
         if self.channel_wise and kernel.shape[1] != channels:
             raise ValueError("input and kernel must have the same number of channels when channel_wise=True: "
                              f"input has {channels}, kernel {kernel.shape[1]}")
