@@ -175,6 +175,16 @@ def test_smoothing_with_inv_kernel_and_normalisation(native_impl, smooth):
 
 
 @both_impls
+@pytest.mark.parametrize('kernel_type,smooth', [('gaussian', 'gaussian'), ('inv_1_-1', 'none'),
+                                                ('inv_0.2_0.2_asym', 'average_5'), ('gaussian', 'full_3')])
+def test_conv_transpose_kernel_types_and_smoothing_match_reference(native_impl, kernel_type, smooth):
+    module = PacConvTranspose2d(2, 3, 3, 2, 1, 1, kernel_type=kernel_type, smooth_kernel_type=smooth,
+                                native_impl=native_impl).double()
+    check_module_against_reference(module, rand(2, 2, 3, 4), rand(2, 2, 6, 8), kernel_size=3, stride=2,
+                                   padding=1, output_padding=1, transposed=True, kernel_type=kernel_type)
+
+
+@both_impls
 def test_smoothing_with_dilation_works_or_is_rejected_clearly(native_impl):
     """The 2019 code crashed deep inside torch here; either a correct result or a clear ValueError."""
     try:
@@ -341,6 +351,17 @@ def test_conv_padding_mode_with_constant_guide_equals_conv2d(native_impl):
         conv.bias.copy_(pac_conv.bias)
     x = rand(1, 2, 6, 5)
     torch.testing.assert_close(pac_conv(x, torch.ones(1, 1, 6, 5, dtype=DT)), conv(x))
+
+
+@both_impls
+def test_non_contiguous_and_channels_last_inputs(native_impl):
+    module = PacConv2d(3, 2, 3, 2, 1, normalize_kernel=True, native_impl=native_impl).double()
+    x, guide = rand(2, 3, 7, 6), rand(2, 2, 7, 6)
+    expected = module(x, guide)
+    torch.testing.assert_close(module(x.transpose(2, 3).contiguous().transpose(2, 3),
+                                      guide.transpose(2, 3).contiguous().transpose(2, 3)), expected)
+    torch.testing.assert_close(module(x.contiguous(memory_format=torch.channels_last),
+                                      guide.contiguous(memory_format=torch.channels_last)), expected)
 
 
 # ---------------------------------------------------------------- precomputed kernels
