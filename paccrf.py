@@ -363,6 +363,9 @@ class PacCRF(nn.Module):
         _check_unary(unary, self.channels)
         n = self.num_pairwise_kernels()
         if edge_kernel is not None:
+            if not isinstance(edge_kernel, (Tensor, list, tuple)):
+                raise TypeError(f'edge_kernel: expected a Tensor (B, 1, kh, kw, H_b, W_b) or a list of {n}, '
+                                f'got {type(edge_kernel).__name__}')
             kernels = [edge_kernel] * n if isinstance(edge_kernel, Tensor) else list(edge_kernel)
             if len(kernels) != n:
                 raise ValueError(f'edge_kernel: expected {n} kernels (one per pairwise kernel), got {len(kernels)}')

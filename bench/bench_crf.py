@@ -7,16 +7,21 @@ Cases:
   (c) native           PacCRF(native_impl=True), plain autograd through unfold
   (d) conv             the same CRF loop with 'na' kernels: plain nn.Conv2d(21, 21, 5) messages
 
-Each case runs in a fresh subprocess, --rounds times, the cases interleaved so that a changing machine
-load affects all of them alike. A subprocess times --repeats runs (forward with autograd recording, and
-forward + backward) and keeps the median; the table shows the median over rounds. Peak memory =
-ru_maxrss of the subprocess (peak resident set size) minus the ru_maxrss measured after imports,
-inputs, model and a small warm-up run: the peak extra memory of the timed forward + backward runs.
+Every measurement runs in a fresh subprocess.
+- Time: --rounds subprocesses per case, the cases interleaved so that a changing machine load affects
+  all of them alike. A subprocess times --repeats runs (forward with autograd recording, and forward +
+  backward) and keeps the median; the table shows the median over rounds.
+- Memory: peak RSS = ru_maxrss of the subprocess minus its ru_maxrss after imports, inputs, model and a
+  small warm-up run, i.e. the peak extra resident memory of forward + backward. It is measured twice:
+  "RSS" in the timing subprocesses (glibc's default malloc, what a user sees; freed blocks may stay in
+  the process) and "live" in a separate subprocess run with MALLOC_MMAP_THRESHOLD_=131072, so that every
+  tensor larger than 128 KiB is mapped on allocation and returned to the OS on free, and the peak RSS
+  tracks the peak of live memory (it slows allocation down, so that subprocess is not timed).
 By default torch runs on one thread (--threads 1): on a shared machine that gives stable numbers;
 --threads 0 keeps torch's default.
 
 Usage:
-    python bench/bench_crf.py                # all cases, prints a table
+    python bench/bench_crf.py                # all cases, prints a table (about 5 minutes)
     python bench/bench_crf.py --size 128     # smaller, quicker
 """
 import argparse
@@ -39,6 +44,7 @@ CASES = {
     'conv': '(d) plain nn.Conv2d messages',
 }
 DILATIONS = (1, 2)
+LIVE_MEMORY_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072'}
 
 
 def build_crf(case: str, classes: int, steps: int):
@@ -84,40 +90,44 @@ def run_case(case: str, size: int, classes: int, steps: int, repeats: int, threa
         start = time.perf_counter()
         forward_backward(unary, feats, seed)
         total_times.append(time.perf_counter() - start)
-    return dict(case=case, forward_s=statistics.median(forward_times), fwd_bwd_s=statistics.median(total_times),
-                peak_mb=max_rss_mb() - baseline, baseline_mb=baseline, threads=torch.get_num_threads())
+    return dict(forward_s=statistics.median(forward_times), fwd_bwd_s=statistics.median(total_times),
+                peak_mb=max_rss_mb() - baseline, threads=torch.get_num_threads())
 
 
-def run_in_subprocess(case: str, args: argparse.Namespace) -> dict:
+def run_in_subprocess(case: str, args: argparse.Namespace, live_memory: bool = False) -> dict:
     cmd = [sys.executable, __file__, '--case', case, '--size', str(args.size), '--classes', str(args.classes),
-           '--steps', str(args.steps), '--repeats', str(args.repeats), '--threads', str(args.threads)]
-    result = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
+           '--steps', str(args.steps), '--repeats', '1' if live_memory else str(args.repeats),
+           '--threads', str(args.threads)]
+    env = {**os.environ, **LIVE_MEMORY_ENV} if live_memory else None
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def print_table(results: dict, args: argparse.Namespace) -> None:
     ref = results['conv']
     print(f'PacCRF CPU benchmark: {args.steps} mean-field steps, two 5x5 kernels (dilations {DILATIONS}), '
-          f'{args.classes}x{args.size}x{args.size} unaries, batch 1, {ref["threads"]} threads, '
-          f'median of {args.rounds} rounds x {args.repeats} runs; load average before / after: '
-          f'{args.load[0]:.2f} / {args.load[1]:.2f}')
-    print('peak memory = ru_maxrss of a fresh subprocess minus its ru_maxrss after imports, inputs, model '
-          'and warm-up (peak extra resident memory of forward + backward)')
-    header = f'{"case":32s} {"forward s":>10s} {"fwd+bwd s":>10s} {"peak MB":>9s} {"fwd/(d)":>8s} ' \
-             f'{"fwd+bwd/(d)":>12s} {"peak/(d)":>9s}'
+          f'{args.classes}x{args.size}x{args.size} unaries, batch 1, {ref["threads"]} thread(s); times: median of '
+          f'{args.rounds} rounds x {args.repeats} runs; load average before / after: {args.load[0]:.2f} / '
+          f'{args.load[1]:.2f}')
+    print('memory: peak extra RSS of forward + backward over a fresh subprocess\'s baseline (ru_maxrss); '
+          '"RSS" with glibc\'s default malloc, "live" with MALLOC_MMAP_THRESHOLD_=131072 (tracks live tensors)')
+    header = (f'{"case":30s} {"fwd s":>7s} {"fwd+bwd s":>9s} {"RSS MB":>7s} {"live MB":>7s} | {"fwd/(d)":>7s} '
+              f'{"fwd+bwd/(d)":>11s} {"RSS/(d)":>7s} {"live/(d)":>8s}')
     print(header)
     print('-' * len(header))
     for case, label in CASES.items():
         if case not in results:
             continue
         r = results[case]
-        print(f'{label:32s} {r["forward_s"]:10.3f} {r["fwd_bwd_s"]:10.3f} {r["peak_mb"]:9.1f} '
-              f'{r["forward_s"] / ref["forward_s"]:8.2f} {r["fwd_bwd_s"] / ref["fwd_bwd_s"]:12.2f} '
-              f'{r["peak_mb"] / max(ref["peak_mb"], 1e-9):9.2f}')
-    default = results.get('default')
-    if default:
-        print(f'targets for (a): fwd+bwd within 3x of (d): {default["fwd_bwd_s"] / ref["fwd_bwd_s"]:.2f}x; '
-              f'peak under 300 MB: {default["peak_mb"]:.1f} MB (2019 code: 4.4 s and 3 GB)')
+        print(f'{label:30s} {r["forward_s"]:7.3f} {r["fwd_bwd_s"]:9.3f} {r["peak_mb"]:7.1f} {r["live_mb"]:7.1f} | '
+              f'{r["forward_s"] / ref["forward_s"]:7.2f} {r["fwd_bwd_s"] / ref["fwd_bwd_s"]:11.2f} '
+              f'{r["peak_mb"] / ref["peak_mb"]:7.2f} {r["live_mb"] / ref["live_mb"]:8.2f}')
+    for case in ('default', 'checkpoint'):
+        if case in results:
+            r = results[case]
+            print(f'targets for {CASES[case]}: fwd+bwd within 3x of (d): {r["fwd_bwd_s"] / ref["fwd_bwd_s"]:.2f}x; '
+                  f'memory under 300 MB: RSS {r["peak_mb"]:.0f} MB, live {r["live_mb"]:.0f} MB '
+                  f'(2019 code: 4.4 s and 3 GB)')
 
 
 def main() -> None:
@@ -129,7 +139,7 @@ def main() -> None:
     parser.add_argument('--classes', type=int, default=21)
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--repeats', type=int, default=2, help='timed runs per subprocess')
-    parser.add_argument('--rounds', type=int, default=2, help='fresh subprocesses per case, interleaved')
+    parser.add_argument('--rounds', type=int, default=2, help='timing subprocesses per case, interleaved')
     parser.add_argument('--threads', type=int, default=1, help='torch threads (0: torch default)')
     args = parser.parse_args()
     if args.case:
@@ -139,14 +149,18 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     cases = list(dict.fromkeys(['conv'] + args.cases))
     runs = {case: [] for case in cases}
-    with tqdm(total=len(cases) * args.rounds, desc='subprocesses') as bar:
+    live = {}
+    with tqdm(total=len(cases) * (args.rounds + 1), desc='subprocesses') as bar:
         for _ in range(args.rounds):
             for case in cases:
                 runs[case].append(run_in_subprocess(case, args))
                 bar.update()
+        for case in cases:
+            live[case] = run_in_subprocess(case, args, live_memory=True)['peak_mb']
+            bar.update()
     args.load = (load_before, os.getloadavg()[0])
-    results = {case: {key: statistics.median(run[key] for run in case_runs) for key in case_runs[0]
-                      if key != 'case'} for case, case_runs in runs.items()}
+    results = {case: {**{key: statistics.median(run[key] for run in case_runs) for key in case_runs[0]},
+                      'live_mb': live[case]} for case, case_runs in runs.items()}
     print_table(results, args)
 
 

@@ -278,6 +278,32 @@ def test_checkpoint_steps_same_values_and_gradients(crf_class):
         torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-12, atol=1e-12)
 
 
+def saved_activation_bytes(crf, unary, feat):
+    """Bytes of the distinct storages autograd saves for backward during one forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        crf(unary, feat)
+    return sum(storages.values())
+
+
+def test_checkpoint_steps_keeps_one_logq_per_step():
+    cfg = MIXED_KERNELS[:3]
+    unary, feat = inputs(B=1)
+    unary, feat = unary.float().requires_grad_(), feat.float().requires_grad_()
+    logq_bytes = unary.numel() * unary.element_size()
+    growth = {}
+    for ckpt in (False, True):
+        few, many = (saved_activation_bytes(PacCRF(3, n, pairwise_kernels=cfg, checkpoint_steps=ckpt), unary, feat)
+                     for n in (2, 6))
+        growth[ckpt] = (many - few) / 4
+    assert growth[True] <= logq_bytes < 2 * logq_bytes <= growth[False], (growth, logq_bytes)
+
+
 # ------------------------------------------------------------------------------------------------
 # Layout: state_dict keys and shapes, repr, construction forms
 # ------------------------------------------------------------------------------------------------
@@ -466,6 +492,10 @@ def test_error_edge_features():
         crf(unary, None)
     with pytest.raises(ValueError, match=r'edge_kernel\[0\]: expected shape \(1, 1, 3, 3, 5, 5\)'):
         crf(unary, None, torch.ones(1, 1, 5, 5, 5, 5))
+    with pytest.raises(ValueError, match=r'edge_kernel: expected 2 kernels'):
+        crf(unary, None, [torch.ones(1, 1, 3, 3, 5, 5)])
+    with pytest.raises(TypeError, match='edge_kernel'):
+        crf(unary, None, 3.0)
 
 
 @pytest.mark.parametrize('kernel_size', [4, 0, 2.0])
