@@ -809,16 +809,17 @@ def test_extra_repr_matches_spec_example():
 
 
 @both_impls
-def test_autocast_bf16_forward_backward(native_impl):
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+def test_autocast_forward_backward(native_impl, dtype):
     module = PacConv2d(4, 3, 3, padding=1, native_impl=native_impl)
     x, guide = torch.randn(2, 4, 12, 10), torch.randn(2, 2, 12, 10)
     reference = module(x, guide)
     x_amp, guide_amp = x.clone().requires_grad_(), guide.clone().requires_grad_()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast('cpu', dtype=dtype):
         kernel, _ = module.compute_kernel(guide_amp)
         out = module(x_amp, guide_amp)
     assert kernel.dtype == torch.float32, 'the adaptive kernel is computed in float32'
-    assert out.dtype in (torch.bfloat16, torch.float32)
+    assert out.dtype in (dtype, torch.float32)
     torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
     out.float().sum().backward()
     for tensor in (x_amp, guide_amp, module.weight, module.bias):
@@ -837,6 +838,23 @@ def test_autocast_bf16_conv_transpose_and_pool(native_impl):
     torch.testing.assert_close(out.float(), pool(convt(x, guide), guide), rtol=3e-2, atol=3e-2)
     out.float().sum().backward()
     assert torch.isfinite(x_amp.grad).all()
+
+
+@both_impls
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+def test_low_precision_modules(native_impl, dtype):
+    """Modules converted with .to(dtype) run forward and backward and stay close to float32."""
+    x = torch.randn(2, 4, 8, 6)
+    for module, guide in [(PacConv2d(4, 3, 3, 1, 1, native_impl=native_impl), torch.randn(2, 2, 8, 6)),
+                          (PacConvTranspose2d(4, 3, 3, 2, 1, 1, native_impl=native_impl), torch.randn(2, 2, 16, 12)),
+                          (PacPool2d(3, 1, 1, native_impl=native_impl), torch.randn(2, 2, 8, 6))]:
+        expected = module(x, guide)
+        x_low = x.to(dtype).requires_grad_()
+        out = module.to(dtype)(x_low, guide.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=5e-2)
+        out.float().sum().backward()
+        assert x_low.grad.dtype == dtype and torch.isfinite(x_low.grad).all()
 
 
 @both_impls
