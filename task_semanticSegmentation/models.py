@@ -54,6 +54,8 @@ class _SegmentationBackbone:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f'{type(self).__name__} expects x of shape (B, 3, H, W), '
                              f'got {tuple(x.shape)}')
+        if out_crop is not None and (out_crop[0] > x.shape[-2] or out_crop[1] > x.shape[-1]):
+            raise ValueError(f'out_crop must not exceed the input size {tuple(x.shape[-2:])}, got {tuple(out_crop)}')
         out = super().forward(x)
         if out.shape[-2:] != x.shape[-2:]:  # cannot happen for valid sizes; keeps the contract explicit
             raise RuntimeError(f'output size {tuple(out.shape[-2:])} != input size {tuple(x.shape[-2:])}')
@@ -91,7 +93,7 @@ class FCN8sPac(_SegmentationBackbone, fcn8s.FCN8sPac):
 
 
 class TinyFCN(nn.Module):
-    """A small fully convolutional net (about 0.1M parameters, output stride 8) for CPU demos.
+    """A small fully convolutional net (about 0.1M parameters, output stride 8, no crop or pad) for CPU demos.
 
     Not part of the paper: it exists so that the Synthetic demo trains in minutes on a CPU. Its
     coarse, bilinearly upsampled scores leave blurry object boundaries for a CRF to refine.
@@ -109,16 +111,16 @@ class TinyFCN(nn.Module):
     def __init__(self, num_classes: int = 21, width: int = 16):
         super().__init__()
         self.num_classes = num_classes
-        layers, cin = [], 3
-        for stage in range(3):
-            cout = width * 2 ** stage
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.ReLU(inplace=True),
-                       nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2, 2, ceil_mode=True)]
-            cin = cout
-        layers += [nn.Conv2d(cin, cin, 3, padding=2, dilation=2), nn.GroupNorm(4, cin), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers)
-        self.score = nn.Conv2d(cin, num_classes, 1)
+
+        def block(cin: int, cout: int, **conv_args) -> List[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, **conv_args), nn.GroupNorm(4, cout), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(
+            *block(3, width, stride=2, padding=1),                      # 1/2
+            *block(width, 2 * width, padding=1), nn.MaxPool2d(2, 2, ceil_mode=True),       # 1/4
+            *block(2 * width, 4 * width, padding=1), nn.MaxPool2d(2, 2, ceil_mode=True),   # 1/8
+            *block(4 * width, 4 * width, padding=2, dilation=2),
+            *block(4 * width, 4 * width, padding=4, dilation=4))
+        self.score = nn.Conv2d(4 * width, num_classes, 1)
 
     def forward(self, x: torch.Tensor, out_crop: Optional[Sequence[int]] = None) -> torch.Tensor:
         # The inputs are mean-subtracted 0-255 values; /64 keeps the first activations near unit scale.
@@ -152,7 +154,7 @@ class PairwiseSpec:
         spec = cls('potts' if kind == '0d' else kind, int(k), int(d), int(b), spatial == 's')
         if spec.kernel_size % 2 == 0 or spec.dilation < 1 or spec.blur < 1:
             raise ValueError(f'pairwise kernel {token!r}: kernel_size must be odd and dilation, blur >= 1; '
-                             f'got k={spec.kernel_size}, d={spec.dilation}, blur={spec.blur}')
+                             f'got k={spec.kernel_size}, d={spec.dilation}, blur={spec.blur}\n{GRAMMAR}')
         return spec
 
     def crf_kwargs(self) -> dict:
@@ -207,7 +209,7 @@ def parse_model_name(model_name: str) -> ModelSpec:
         raise ValueError(f'invalid CRF part {crf_type!r} in model name {model_name!r}\n{GRAMMAR}')
     steps, loose = (int(m.group(2)), m.group(3) == 'l') if m.group(2) else (5, False)
     if steps < 1:
-        raise ValueError(f'CRF steps must be >= 1, got {steps} in {model_name!r}')
+        raise ValueError(f'CRF steps must be >= 1, got {steps} in {model_name!r}\n{GRAMMAR}')
     pairwise = tuple(PairwiseSpec.parse(token) for token in edges.split('p'))
     return ModelSpec(backbone, frozen, 'crf', steps, loose, pairwise)
 
@@ -284,15 +286,19 @@ class ModelWithCrf(nn.Module):
         edge_feats = [_edge_feature(x, scales, self.use_yx) for scales in self.feat_scales]
         return self.crf(unary, edge_feats)
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, **kwargs):
-        """Also loads a non-loose CRF (``crf.X``) into a loose one (``crf.steps.<s>.X`` for every step).
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Map a non-loose CRF (``crf.X``) onto a loose one (``crf.steps.<s>.X`` for every step).
 
         This is stage 2 of the two-stage training: the stage-1 PacCRF initialises every step of a
-        PacCRFLoose. The caller's dict is not modified.
+        PacCRFLoose. Other dicts are returned unchanged; the caller's dict is never modified.
         """
         if self.loose and not any(k.startswith('crf.steps.') for k in state_dict):
-            state_dict = expand_crf_to_loose(state_dict, len(self.crf.steps))
-        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+            return expand_crf_to_loose(state_dict, len(self.crf.steps))
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, **kwargs):
+        """``nn.Module.load_state_dict`` after :meth:`adapt_state_dict`."""
+        return super().load_state_dict(self.adapt_state_dict(state_dict), strict=strict, **kwargs)
 
 
 def expand_crf_to_loose(state_dict: Mapping[str, torch.Tensor], num_steps: int) -> 'OrderedDict':

@@ -1,0 +1,414 @@
+"""Train / evaluate segmentation models on PASCAL VOC (or the generated Synthetic set).
+
+Examples (the README commands of the PAC paper)::
+
+    # test the converted caffe FCN-8s on the VOC2011 "seg11valid" split
+    python -m task_semanticSegmentation.main --data-root data/voc --exp-root exp/voc --download \\
+        --load-weights fcn8s_from_caffe.pth --model fcn8s --test-split val11_sbd --test-crop -1
+
+    # run on a CPU without any download
+    python -m task_semanticSegmentation.main --dataset Synthetic --model tinyfcn --epochs 2 --device cpu
+
+Outputs in ``--exp-root``: ``train.log`` / ``test.log`` (CSV), ``weights_epoch_<e>.pth`` and
+``<optimizer>_epoch_<e>.pth`` snapshots (training resumes from them), and with ``--eval pred|raw``
+``outputs_<split>_<eval>/<id>.png|.npy``.
+"""
+import argparse
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, get_worker_info
+from tqdm import tqdm
+
+from tools.runtime import CsvLog, atomic_open, atomic_save, find_snapshots, resolve_device, seed_everything
+from weights import load_into, load_state_dict
+from .datasets import DeepLabEvalInputs, DeepLabInputs, PascalVOC, decode_id
+from .metrics import MEASURES, ConfusionMeter, make_loss, seg_measures
+from .models import GRAMMAR, create_model, parse_model_name
+from .palette import VOC_CLASSES, save_label_png
+from .synthetic import Synthetic
+
+TRAIN_COLUMNS = ['epoch', 'lr', 'time', 'time-data', 'loss', 'loss-avg'] + \
+    [name for m in MEASURES for name in (m, f'{m}-avg')]
+TRAIN_FORMATS = ['{:.6f}', '{:g}', '{:.3f}', '{:.3f}', '{:.6f}', '{:.6f}'] + ['{:.6f}'] * 2 * len(MEASURES)
+TEST_COLUMNS = ['epoch', 'lr', 'time', 'time-data', 'loss'] + list(MEASURES)
+TEST_FORMATS = ['{:.6f}', '{:g}', '{:.3f}', '{:.3f}', '{:.6f}'] + ['{:.6f}'] * len(MEASURES)
+COLOR_JITTER = (0.1, 0.1, 0.1, 0.01)
+DATASETS = ('VOC2012', 'Synthetic')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Semantic segmentation',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog=GRAMMAR)
+    p.add_argument('--data-root', type=str, default='data',
+                   help="VOC root is <data-root>/VOCdevkit, SBD root <data-root>/benchmark_RELEASE; "
+                        "or give 'voc_root,sbd_root'")
+    p.add_argument('--exp-root', type=str, default='exp', help='folder of logs, snapshots and outputs')
+    p.add_argument('--download', action='store_true', help='download missing data (checksum-verified)')
+    p.add_argument('--load-weights', type=str, default='',
+                   help='whole-model weights: path, URL or registry name (e.g. fcn8s_from_caffe)')
+    p.add_argument('--load-weights-backbone', type=str, default='',
+                   help='weights for model.backbone (models with a CRF): path, URL or registry name')
+    p.add_argument('--model', type=str, default='fcn8s', help='model name, see the grammar below')
+    p.add_argument('--dataset', type=str, default='VOC2012', choices=DATASETS,
+                   help='Synthetic: generated scenes, no download, for CPU demos and tests')
+    p.add_argument('--num-data-worker', type=int, default=4, help='DataLoader worker processes')
+    p.add_argument('--device', type=str, default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument('--gpu', type=int, default=None, help='GPU index (same as --device cuda:<gpu>)')
+    p.add_argument('--num-threads', type=int, default=0,
+                   help='CPU threads of torch (0: torch default); 1 is much faster on a busy machine')
+    p.add_argument('--val-ratio', type=float, default=0.0, help='accepted for compatibility; unused')
+    p.add_argument('--train-split', type=str, default='', help="'' = train_aug (VOC2012) / train (Synthetic)")
+    p.add_argument('--test-split', type=str, default='', help="'' = val")
+    p.add_argument('--eval', type=str, default='', choices=['', 'pred', 'raw'],
+                   help='write predictions (palette PNG) or raw logits (.npy) instead of scoring; test only')
+    p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--test-batch-size', type=int, default=1)
+    p.add_argument('--train-crop', type=int, default=449, help='square training crop (zero padded)')
+    p.add_argument('--test-crop', type=int, default=513, help='square test crop; <= 0: whole images')
+    p.add_argument('--train-aug-scale', type=float, default=0.0, help='> 0: random scale in (1-a, 1+a)')
+    p.add_argument('--train-aug-color', action='store_true', help='colour jitter (0.1, 0.1, 0.1, 0.01)')
+    p.add_argument('--epochs', type=int, default=0, help='0: test only')
+    p.add_argument('--optimizer', type=str, default='Adam', choices=['Adam', 'SGD'])
+    p.add_argument('--loss', type=str, default='ce', help="'ce' or 'fce_<t>' (forgiving CE)")
+    p.add_argument('--lr', type=float, default=0.001)
+    p.add_argument('--lr-steps', type=int, nargs='+', default=None, help='epochs at which lr *= 0.1')
+    p.add_argument('--weight-decay', type=float, default=0.0)
+    p.add_argument('--momentum', type=float, default=0.5, help='SGD momentum')
+    p.add_argument('--seed', type=int, default=-1, help='-1: a random seed (printed)')
+    p.add_argument('--overwrite', action='store_true', help='ignore existing snapshots and logs')
+    p.add_argument('--print-interval', type=int, default=10, help='batches between progress messages')
+    p.add_argument('--log-interval', type=int, default=10, help='batches between train.log rows')
+    p.add_argument('--test-interval', type=int, default=1, help='epochs between tests')
+    p.add_argument('--snapshot-interval', type=int, default=1, help='epochs between snapshots')
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject inconsistent arguments early, with the flag named."""
+    for flag in ('batch_size', 'test_batch_size', 'print_interval', 'log_interval', 'test_interval'):
+        if getattr(args, flag) < 1:
+            raise ValueError(f'--{flag.replace("_", "-")} must be >= 1, got {getattr(args, flag)}')
+    for flag in ('epochs', 'num_data_worker', 'num_threads'):
+        if getattr(args, flag) < 0:
+            raise ValueError(f'--{flag.replace("_", "-")} must be >= 0, got {getattr(args, flag)}')
+    if args.test_crop <= 0 and args.test_batch_size > 1:
+        raise ValueError('--test-crop <= 0 (whole images of different sizes) needs --test-batch-size 1, '
+                         f'got {args.test_batch_size}')
+    if args.train_crop <= 0 and args.batch_size > 1 and args.epochs > 0:
+        raise ValueError(f'--train-crop <= 0 needs --batch-size 1, got {args.batch_size}')
+    if args.train_aug_scale < 0 or args.train_aug_scale >= 1:
+        raise ValueError(f'--train-aug-scale must be in [0, 1), got {args.train_aug_scale}')
+    if args.seed < -1 or args.seed >= 2 ** 32:
+        raise ValueError(f'--seed must be -1 (random) or in [0, 2**32), got {args.seed}')
+    make_loss(args.loss)  # validates --loss
+    parse_model_name(args.model)  # validates --model, showing the grammar
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def data_roots(data_root: str) -> Tuple[Path, Path]:
+    """(VOCdevkit, benchmark_RELEASE) from --data-root ('root' or 'voc_root,sbd_root')."""
+    if ',' in data_root:
+        voc_root, sbd_root = data_root.split(',', 1)
+        return Path(voc_root), Path(sbd_root)
+    return Path(data_root) / 'VOCdevkit', Path(data_root) / 'benchmark_RELEASE'
+
+
+def make_dataset(args: argparse.Namespace, split: str, transform, subset_seed: Optional[str] = None):
+    if args.dataset == 'Synthetic':
+        return Synthetic(split, transform, subset_seed=subset_seed)
+    voc_root, sbd_root = data_roots(args.data_root)
+    return PascalVOC(voc_root, sbd_root, split, transform, download=args.download, seed=subset_seed)
+
+
+def _reseed_worker_transform(worker_id: int) -> None:
+    """Give every DataLoader worker its own augmentation stream, derived from the run's torch seed."""
+    info = get_worker_info()
+    transform = getattr(info.dataset, 'transform', None)
+    if hasattr(transform, 'reseed'):
+        transform.reseed(info.seed % 2 ** 32)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=device.type == 'cuda', worker_init_fn=_reseed_worker_transform,
+                      drop_last=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights, snapshots
+# --------------------------------------------------------------------------------------------------
+def load_weights(module: nn.Module, spec: str, what: str, strict: bool = True) -> None:
+    """Load ``spec`` (path, URL or registry name) into ``module``: strict first, then non-strict.
+
+    Missing and unexpected keys are always reported (never silently skipped). A module with
+    ``adapt_state_dict`` (e.g. a loose CRF loading a non-loose one) converts the dict first.
+    """
+    state_dict = load_state_dict(spec)
+    adapt = getattr(module, 'adapt_state_dict', None)
+    if adapt is not None:
+        state_dict = adapt(state_dict)
+    if strict:
+        try:
+            load_into(module, state_dict, strict=True, verbose=False)
+            print(f'{what}: loaded {spec} ({len(state_dict)} tensors, strict)')
+            return
+        except ValueError:
+            print(f'Warning: strict weight loading fails! ({what} from {spec}); loading non-strictly')
+    print(f'{what}: loading {spec} non-strictly')
+    load_into(module, state_dict, strict=False, verbose=True)
+
+
+def save_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, exp_root: Path, epoch: int,
+                  optimizer_name: str, frozen_backbone: bool) -> None:
+    """Write weights_epoch_<e>.pth (without backbone.* for a frozen backbone) and <opt>_epoch_<e>.pth."""
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()
+             if not (frozen_backbone and k.startswith('backbone'))}
+    atomic_save(state, exp_root / f'weights_epoch_{epoch}.pth')
+    atomic_save(optimizer.state_dict(), exp_root / f'{optimizer_name.lower()}_epoch_{epoch}.pth')
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.DataParallel) else model
+
+
+def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f'model {args.model!r} has no trainable parameters; it can only be tested (--epochs 0)')
+    if args.optimizer == 'Adam':
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def advance_scheduler(scheduler, epochs: int) -> None:
+    with warnings.catch_warnings():  # stepping without optimizer.step() is intended here
+        warnings.simplefilter('ignore', UserWarning)
+        for _ in range(epochs):
+            scheduler.step()
+
+
+# --------------------------------------------------------------------------------------------------
+# Train / test / predict
+# --------------------------------------------------------------------------------------------------
+def _format_measures(values: Dict[str, float]) -> str:
+    return ' '.join(f'{name} {100 * value:.2f}' for name, value in values.items())
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, loss_fn, optimizer, device: torch.device, epoch: int,
+                num_classes: int, log: CsvLog, args: argparse.Namespace) -> None:
+    model.train()
+    meter = ConfusionMeter(num_classes)
+    loss_sum, samples, time_total, time_data = 0.0, 0, 0.0, 0.0
+    lr = optimizer.param_groups[0]['lr']
+    end = time.time()
+    bar = tqdm(loader, desc=f'train epoch {epoch}', leave=False)
+    for step, (image, target) in enumerate(bar, start=1):
+        image, target = image.to(device), target.to(device)
+        time_data += time.time() - end
+        output = model(image, target.shape[-2:])
+        loss = loss_fn(output, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        batch_values, _ = seg_measures(meter.add(output.detach().argmax(1), target))
+        loss_sum += loss.item() * image.shape[0]
+        samples += image.shape[0]
+        time_total += time.time() - end
+        running, _ = meter.measures()
+        if step % args.log_interval == 0 or step == len(loader):
+            row = [epoch - 1 + step / len(loader), lr, time_total / samples, time_data / samples,
+                   loss.item(), loss_sum / samples]
+            row += [v for m in MEASURES for v in (batch_values[m], running[m])]
+            log.write(row, TRAIN_FORMATS)
+        if step % args.print_interval == 0:
+            bar.set_postfix(loss=f'{loss_sum / samples:.4f}', miou=f'{100 * running["miou"]:.2f}')
+        end = time.time()
+    running, _ = meter.measures()
+    print(f'epoch {epoch} train: lr {lr:g} loss {loss_sum / max(samples, 1):.6f} {_format_measures(running)}')
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn, device: torch.device, num_classes: int
+             ) -> Tuple[float, Dict[str, float], List[int], float, float]:
+    """Dataset-level (loss, measures, excluded classes, seconds per sample, data seconds per sample)."""
+    model.eval()
+    meter = ConfusionMeter(num_classes)
+    loss_sum, samples, time_total, time_data = 0.0, 0, 0.0, 0.0
+    end = time.time()
+    for image, target in tqdm(loader, desc='test', leave=False):
+        image, target = image.to(device), target.to(device)
+        time_data += time.time() - end
+        output = model(image, target.shape[-2:])
+        loss_sum += loss_fn(output, target).item() * image.shape[0]
+        samples += image.shape[0]
+        meter.add(output.argmax(1), target)
+        time_total += time.time() - end
+        end = time.time()
+    values, excluded = meter.measures()
+    samples = max(samples, 1)
+    return loss_sum / samples, values, excluded, time_total / samples, time_data / samples
+
+
+def report_test(epoch: int, loss: float, values: Dict[str, float], excluded: List[int], class_names) -> None:
+    print(f'epoch {epoch} test: loss {loss:.6f} {_format_measures(values)}')
+    if excluded:
+        names = ', '.join(f'{c} ({class_names[c]})' if c < len(class_names) else str(c) for c in excluded)
+        print(f'  classes absent from ground truth and prediction, excluded from the means: {names}')
+
+
+@torch.no_grad()
+def write_predictions(model: nn.Module, loader: DataLoader, out_dir: Path, kind: str,
+                      device: torch.device) -> int:
+    """--eval pred: argmax as VOC-palette PNG; --eval raw: float32 logits (C, H, W) as .npy."""
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for image, codes, sizes in tqdm(loader, desc=f'predict ({kind})'):
+        output = model(image.to(device)).float().cpu()
+        for logits, code, (height, width) in zip(output, codes, sizes.tolist()):
+            if logits.shape[-2] >= height and logits.shape[-1] >= width:
+                logits = logits[:, :height, :width]
+            image_id = decode_id(code)
+            if kind == 'pred':
+                save_label_png(logits.argmax(0).numpy(), out_dir / f'{image_id}.png')
+            else:
+                with atomic_open(out_dir / f'{image_id}.npy', 'wb') as handle:
+                    np.save(handle, logits.numpy().astype(np.float32))
+            written += 1
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Program
+# --------------------------------------------------------------------------------------------------
+def resolve_run_device(args: argparse.Namespace) -> torch.device:
+    if args.gpu is not None:
+        return resolve_device(f'cuda:{args.gpu}')
+    return resolve_device(args.device)
+
+
+def find_resume_epoch(args: argparse.Namespace, exp_root: Path) -> int:
+    """The snapshot epoch to resume from (0: none). Test-only runs (--epochs 0) never resume
+    when --load-weights is given; otherwise they test the latest snapshot."""
+    snapshots = {} if args.overwrite else find_snapshots(exp_root)
+    if not snapshots:
+        return 0
+    if args.epochs == 0:
+        return 0 if args.load_weights else max(snapshots)
+    usable = [e for e in snapshots if e <= args.epochs]
+    return max(usable) if usable else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """Run the program; returns the last test's measures ({} for --eval runs)."""
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    device = resolve_run_device(args)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    seed = args.seed if args.seed >= 0 else os.urandom(1)[0]
+    seed_everything(seed)
+    print(f'seed {seed}, device {device}')
+    exp_root = Path(args.exp_root)
+    exp_root.mkdir(parents=True, exist_ok=True)
+    spec = parse_model_name(args.model)
+    num_classes = 21
+    class_names = VOC_CLASSES
+    train_split = args.train_split or ('train' if args.dataset == 'Synthetic' else 'train_aug')
+    test_split = args.test_split or 'val'
+
+    model = create_model(args.model, num_classes)
+    if args.load_weights_backbone:
+        if spec.crf is None:
+            print('Warning: --load-weights-backbone is only used for models with a CRF; use --load-weights')
+        else:
+            load_weights(model.backbone, args.load_weights_backbone, 'backbone')
+    last_epoch = find_resume_epoch(args, exp_root)
+    if last_epoch > 0:
+        if args.load_weights:
+            print(f'Warning: resuming from {exp_root}/weights_epoch_{last_epoch}.pth; --load-weights is ignored')
+        load_weights(model, str(exp_root / f'weights_epoch_{last_epoch}.pth'), f'snapshot {last_epoch}',
+                     strict=not spec.frozen)
+    elif args.load_weights:
+        load_weights(model, args.load_weights, 'model')
+    model.to(device)
+    if device.type == 'cuda' and args.gpu is None and torch.cuda.device_count() > 1:
+        model = nn.DataParallel(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'model {args.model}: {trainable:,} trainable parameters')
+
+    test_only = args.epochs <= last_epoch
+    if args.eval:
+        if not test_only:
+            raise ValueError(f'--eval {args.eval} writes predictions and needs a test-only run '
+                             f'(--epochs 0 or <= the last snapshot), got --epochs {args.epochs}')
+        loader = make_loader(make_dataset(args, test_split, DeepLabEvalInputs(args.test_crop, seed=seed)),
+                             args.test_batch_size, False, args.num_data_worker, device)
+        out_dir = exp_root / f'outputs_{test_split}_{args.eval}'
+        count = write_predictions(_unwrap(model), loader, out_dir, args.eval, device)
+        print(f'{count} outputs written to {out_dir}')
+        return {}
+
+    loss_fn = make_loss(args.loss)
+    test_transform = DeepLabInputs(args.test_crop, pad_label=args.test_batch_size > 1, seed=seed + 1)
+    test_loader = make_loader(make_dataset(args, test_split, test_transform), args.test_batch_size, False,
+                              args.num_data_worker, device)
+    test_model = _unwrap(model) if args.test_batch_size == 1 else model
+    if test_only:
+        loss, values, excluded, _, _ = evaluate(test_model, test_loader, loss_fn, device, num_classes)
+        report_test(last_epoch, loss, values, excluded, class_names)
+        return values
+
+    optimizer = make_optimizer(args, model)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps or [], gamma=0.1)
+    advance_scheduler(scheduler, last_epoch)
+    optimizer_state = exp_root / f'{args.optimizer.lower()}_epoch_{last_epoch}.pth'
+    if last_epoch > 0 and optimizer_state.is_file():
+        optimizer.load_state_dict(torch.load(optimizer_state, map_location=device, weights_only=True))
+        print(f'optimizer state loaded from {optimizer_state}')
+    resume = last_epoch if last_epoch > 0 else None
+    train_log = CsvLog(exp_root / 'train.log', TRAIN_COLUMNS, resume_epoch=resume)
+    test_log = CsvLog(exp_root / 'test.log', TEST_COLUMNS, resume_epoch=resume)
+
+    def run_test(epoch: int, log_it: bool) -> Dict[str, float]:
+        loss, values, excluded, t_total, t_data = evaluate(test_model, test_loader, loss_fn, device, num_classes)
+        report_test(epoch, loss, values, excluded, class_names)
+        if log_it:
+            test_log.write([epoch, optimizer.param_groups[0]['lr'], t_total, t_data, loss]
+                           + [values[m] for m in MEASURES], TEST_FORMATS)
+        return values
+
+    values = run_test(last_epoch, log_it=resume is None)
+    aug_scale = (1 - args.train_aug_scale, 1 + args.train_aug_scale) if args.train_aug_scale > 0 else None
+    train_transform = DeepLabInputs(args.train_crop, pad_label=True, seed=seed, aug_flip=True,
+                                    aug_scale=aug_scale, aug_color=COLOR_JITTER if args.train_aug_color else None)
+    rebuild_each_epoch = '_rand' in train_split
+    train_loader = None
+    for epoch in range(last_epoch + 1, args.epochs + 1):
+        advance_scheduler(scheduler, 1)
+        if train_loader is None or rebuild_each_epoch:  # _rand<N>: a fresh subset every epoch
+            train_transform.reseed(f'{seed}-transform-{epoch}')
+            dataset = make_dataset(args, train_split, train_transform, subset_seed=f'{seed}-subset-{epoch}')
+            train_loader = make_loader(dataset, args.batch_size, True, args.num_data_worker, device)
+        train_epoch(model, train_loader, loss_fn, optimizer, device, epoch, num_classes, train_log, args)
+        if epoch % args.test_interval == 0 or epoch == args.epochs:
+            values = run_test(epoch, log_it=True)
+        if (args.snapshot_interval > 0 and epoch % args.snapshot_interval == 0) or epoch == args.epochs:
+            save_snapshot(model, optimizer, exp_root, epoch, args.optimizer, spec.frozen)
+    train_log.close()
+    test_log.close()
+    return values
+
+
+if __name__ == '__main__':
+    main()
