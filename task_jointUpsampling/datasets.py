@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tools.download import check_integrity, download_and_extract, download_url
 
 __all__ = ['NYU_URL', 'NYU_MD5', 'NYU_URL_ENV', 'SINTEL_URL', 'SINTEL_MD5', 'SINTEL_SPLIT_FILE', 'LOWRES_MODES',
-           'get_lowres', 'resize', 'AssembleJointUpsamplingInputs', 'NYUDepthV2', 'Sintel']
+           'get_lowres', 'resize', 'center_crop', 'AssembleJointUpsamplingInputs', 'NYUDepthV2', 'Sintel']
 
 NYU_URL = 'http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_labeled.mat'
 NYU_MD5 = 'a3a66613390119e6d46827a7aaa3c132'
@@ -95,6 +95,12 @@ def get_lowres(im: np.ndarray, factor: int, mode: str = 'center') -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- transform
+def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The centre ``size`` (h, w) of ``x`` (..., H, W), offset (H - h) // 2: cuts the evaluation border."""
+    top, left = (x.shape[-2] - size[0]) // 2, (x.shape[-1] - size[1]) // 2
+    return x[..., top:top + size[0], left:left + size[1]]
+
+
 class AssembleJointUpsamplingInputs:
     """Turn a raw ``(guidance, target)`` sample into network inputs.
 

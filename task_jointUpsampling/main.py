@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from task_jointUpsampling.datasets import LOWRES_MODES, NYU_URL_ENV, AssembleJointUpsamplingInputs, NYUDepthV2, Sintel
+from task_jointUpsampling.datasets import (LOWRES_MODES, NYU_URL_ENV, AssembleJointUpsamplingInputs, NYUDepthV2,
+                                           Sintel, center_crop)
 from task_jointUpsampling.models import MODEL_NAMES, create_model, th_epe, th_rmse
 from task_jointUpsampling.synthetic import Synthetic
 from task_jointUpsampling.visualize import save_sample_images
@@ -109,12 +110,6 @@ def apply_model(net: nn.Module, lres: torch.Tensor, guide: torch.Tensor, factor:
         return net(lres, guide)
     guide = F.interpolate(guide, size=net_size, mode='bilinear', align_corners=False)
     return F.interpolate(net(lres, guide), size=size, mode='bilinear', align_corners=False)
-
-
-def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Crop the centre ``size`` (h, w) of x, offset (x_size - size) // 2: drops the evaluation border."""
-    top, left = (x.shape[-2] - size[0]) // 2, (x.shape[-1] - size[1]) // 2
-    return x[..., top:top + size[0], left:left + size[1]]
 
 
 def denormalize(x: torch.Tensor, raw_range: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from task_jointUpsampling.datasets import center_crop
+
 __all__ = ['depth_to_image', 'flow_to_image_scaled', 'save_sample_images']
 
 
@@ -36,12 +38,14 @@ def _enlarge(low: torch.Tensor, size) -> torch.Tensor:
 
 def save_sample_images(folder: Path, first_index: int, kind: str, guide: torch.Tensor, low_raw: torch.Tensor,
                        pred_raw: torch.Tensor, target: torch.Tensor) -> None:
-    """Write the four PNGs of each sample of a batch, numbered from ``first_index``.
+    """Write the four PNGs of each sample of a batch, numbered from ``first_index``, all cut to the target's
+    region (the target lacks the evaluation border).
 
     Args:
         folder: output folder (created).
         kind: 'depth' or 'flow'.
-        guide: (B, 3, H, W) in [0, 1]; low_raw: (B, C, h, w); pred_raw, target: (B, C, H', W'), raw units.
+        guide: (B, 3, H, W) in [0, 1]; low_raw: (B, C, H / f, W / f); pred_raw, target: (B, C, H', W') in raw
+            units, the centre of the guide's area.
     """
     if kind not in ('depth', 'flow'):
         raise ValueError(f"kind must be 'depth' or 'flow', got {kind!r}")
@@ -49,7 +53,9 @@ def save_sample_images(folder: Path, first_index: int, kind: str, guide: torch.T
     folder.mkdir(parents=True, exist_ok=True)
     for b in range(target.shape[0]):
         gt = target[b].detach().float().cpu()
-        images = {'input': _enlarge(low_raw[b].detach().float().cpu(), gt.shape[-2:]).numpy(),
+        # the target lacks the evaluation border: enlarge the input to the guide's size, then cut the same border
+        low = center_crop(_enlarge(low_raw[b].detach().float().cpu(), guide.shape[-2:]), gt.shape[-2:])
+        images = {'input': low.numpy(),
                   'pred': pred_raw[b].detach().float().cpu().numpy(), 'gt': gt.numpy()}
         if kind == 'depth':
             vmin, vmax = float(gt.min()), float(gt.max())
@@ -57,7 +63,7 @@ def save_sample_images(folder: Path, first_index: int, kind: str, guide: torch.T
         else:
             max_radius = float(gt.square().sum(0).sqrt().max())
             pictures = {name: flow_to_image_scaled(a, max_radius) for name, a in images.items()}
-        pictures['guide'] = (guide[b].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255
-                             ).round().astype(np.uint8)
+        rgb = center_crop(guide[b].detach().float().cpu().clamp(0, 1), gt.shape[-2:])
+        pictures['guide'] = (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         for name, picture in pictures.items():
             Image.fromarray(picture).save(folder / f'{first_index + b:04d}_{name}.png')
