@@ -352,7 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         if not test_only:
             raise ValueError(f'--eval {args.eval} writes predictions and needs a test-only run '
                              f'(--epochs 0 or <= the last snapshot), got --epochs {args.epochs}')
-        loader = make_loader(make_dataset(args, test_split, DeepLabEvalInputs(args.test_crop, seed=seed)),
+        eval_set = make_dataset(args, test_split, DeepLabEvalInputs(args.test_crop, seed=seed), f'{seed}-test')
+        loader = make_loader(eval_set,
                              args.test_batch_size, False, args.num_data_worker, device)
         out_dir = exp_root / f'outputs_{test_split}_{args.eval}'
         count = write_predictions(_unwrap(model), loader, out_dir, args.eval, device)
@@ -361,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
     loss_fn = make_loss(args.loss)
     test_transform = DeepLabInputs(args.test_crop, pad_label=args.test_batch_size > 1, seed=seed + 1)
-    test_loader = make_loader(make_dataset(args, test_split, test_transform), args.test_batch_size, False,
+    test_loader = make_loader(make_dataset(args, test_split, test_transform, f'{seed}-test'), args.test_batch_size, False,
                               args.num_data_worker, device)
     test_model = _unwrap(model) if args.test_batch_size == 1 else model
     if test_only:
