@@ -103,10 +103,14 @@ def run_in_subprocess(case: str, args: argparse.Namespace, live_memory: bool = F
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def ratio(value: float, reference: float) -> str:
+    return f'{value / reference:.2f}' if reference > 0 else 'n/a'
+
+
 def print_table(results: dict, args: argparse.Namespace) -> None:
     ref = results['conv']
     print(f'PacCRF CPU benchmark: {args.steps} mean-field steps, two 5x5 kernels (dilations {DILATIONS}), '
-          f'{args.classes}x{args.size}x{args.size} unaries, batch 1, {ref["threads"]} thread(s); times: median of '
+          f'{args.classes}x{args.size}x{args.size} unaries, batch 1, {int(ref["threads"])} thread(s); times: median of '
           f'{args.rounds} rounds x {args.repeats} runs; load average before / after: {args.load[0]:.2f} / '
           f'{args.load[1]:.2f}')
     print('memory: peak extra RSS of forward + backward over a fresh subprocess\'s baseline (ru_maxrss); '
@@ -120,12 +124,12 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
             continue
         r = results[case]
         print(f'{label:30s} {r["forward_s"]:7.3f} {r["fwd_bwd_s"]:9.3f} {r["peak_mb"]:7.1f} {r["live_mb"]:7.1f} | '
-              f'{r["forward_s"] / ref["forward_s"]:7.2f} {r["fwd_bwd_s"] / ref["fwd_bwd_s"]:11.2f} '
-              f'{r["peak_mb"] / ref["peak_mb"]:7.2f} {r["live_mb"] / ref["live_mb"]:8.2f}')
+              f'{ratio(r["forward_s"], ref["forward_s"]):>7s} {ratio(r["fwd_bwd_s"], ref["fwd_bwd_s"]):>11s} '
+              f'{ratio(r["peak_mb"], ref["peak_mb"]):>7s} {ratio(r["live_mb"], ref["live_mb"]):>8s}')
     for case in ('default', 'checkpoint'):
         if case in results:
             r = results[case]
-            print(f'targets for {CASES[case]}: fwd+bwd within 3x of (d): {r["fwd_bwd_s"] / ref["fwd_bwd_s"]:.2f}x; '
+            print(f'targets for {CASES[case]}: fwd+bwd within 3x of (d): {ratio(r["fwd_bwd_s"], ref["fwd_bwd_s"])}x; '
                   f'memory under 300 MB: RSS {r["peak_mb"]:.0f} MB, live {r["live_mb"]:.0f} MB '
                   f'(2019 code: 4.4 s and 3 GB)')
 
