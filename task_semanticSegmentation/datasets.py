@@ -53,6 +53,7 @@ VOC11_SPLITS = {'train11': 'train.txt', 'val11': 'val.txt', 'trainval11': 'train
 SBD_SPLITS = ('train_aug', 'trainval_aug', 'train11_sbd')
 SPLITS = VOC12_SPLITS + tuple(VOC11_SPLITS) + SBD_SPLITS
 _RAND_SUFFIX = re.compile(r'^(?P<base>.+)_rand(?P<count>\d*)$')
+Seed = Optional[Union[int, str]]  # anything random.Random accepts; None: fresh randomness
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def fetch_voc11_lists(dest_dir: Union[str, Path], voc2011_tar: Optional[str] = N
     return paths
 
 
-def subset_ids(ids: Sequence[str], count: int, seed: Optional[int]) -> List[str]:
+def subset_ids(ids: Sequence, count: int, seed: Seed) -> List:
     """``count`` ids drawn without replacement (all ids shuffled when count is 0), from ``seed``."""
     rng = random.Random(seed)
     ids = list(ids)
@@ -174,7 +175,7 @@ def subset_ids(ids: Sequence[str], count: int, seed: Optional[int]) -> List[str]
 
 
 def split_ids(split: str, voc_root: Union[str, Path], sbd_root: Union[str, Path] = '',
-              voc11_dir: Optional[Union[str, Path]] = None, seed: Optional[int] = None) -> List[str]:
+              voc11_dir: Optional[Union[str, Path]] = None, seed: Seed = None) -> List[str]:
     """Sorted image ids of a split (see :data:`SPLITS`); ``<split>_rand<N>`` draws a seeded subset.
 
     Args:
@@ -258,7 +259,7 @@ class PascalVOC(Dataset):
 
     def __init__(self, root: Union[str, Path], sbd_root: Union[str, Path] = '', split: str = 'train',
                  transform: Optional[Callable] = None, download: bool = False,
-                 voc11_dir: Optional[Union[str, Path]] = None, seed: Optional[int] = None):
+                 voc11_dir: Optional[Union[str, Path]] = None, seed: Seed = None):
         self.root = Path(root)
         self.sbd_root = Path(sbd_root) if sbd_root else None
         self.split = split
@@ -356,10 +357,10 @@ def color_jitter(image: Image.Image, rng: random.Random, brightness: float, cont
 class _SeededTransform:
     """Holds a private ``random.Random`` (global ``random`` is never reseeded)."""
 
-    def __init__(self, seed: Optional[int] = None):
+    def __init__(self, seed: Seed = None):
         self.rng = random.Random(seed)
 
-    def reseed(self, seed: Optional[int]) -> None:
+    def reseed(self, seed: Seed) -> None:
         """Restart the transform's random stream (e.g. per DataLoader worker)."""
         self.rng.seed(seed)
 
@@ -391,7 +392,7 @@ class DeepLabInputs(_SeededTransform):
     """
 
     def __init__(self, size: Optional[int] = None, use_bgr: bool = True, pad_label: bool = False,
-                 ignore_label: int = IGNORE_LABEL, seed: Optional[int] = None, aug_flip: bool = False,
+                 ignore_label: int = IGNORE_LABEL, seed: Seed = None, aug_flip: bool = False,
                  aug_scale: Optional[Tuple[float, float]] = None,
                  aug_color: Optional[Tuple[float, float, float, float]] = None):
         super().__init__(seed)
@@ -454,7 +455,7 @@ class DeepLabEvalInputs(_SeededTransform):
         encoded id (see :func:`decode_id`), original size tensor [H, W]).
     """
 
-    def __init__(self, size: Optional[int] = None, use_bgr: bool = True, seed: Optional[int] = None):
+    def __init__(self, size: Optional[int] = None, use_bgr: bool = True, seed: Seed = None):
         super().__init__(seed)
         self.size = size if size is not None and size > 0 else None
         self.use_bgr = use_bgr

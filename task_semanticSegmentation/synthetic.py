@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 
-from .datasets import subset_ids
+from .datasets import Seed, subset_ids
 from .palette import NUM_VOC_CLASSES, label_to_image
 
 __all__ = ['Synthetic', 'class_colours', 'render_scene']
@@ -108,7 +108,7 @@ class Synthetic(Dataset):
     num_classes = NUM_VOC_CLASSES
 
     def __init__(self, split: str = 'train', transform: Optional[Callable] = None, seed: int = 0,
-                 subset_seed: Optional[int] = None, size_range: Tuple[int, int] = (64, 96)):
+                 subset_seed: Seed = None, size_range: Tuple[int, int] = (64, 96)):
         match = _RAND_SUFFIX.match(split)
         base = match.group('base') if match else split
         if base not in SPLIT_SIZES:
