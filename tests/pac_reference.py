@@ -250,7 +250,8 @@ def _accumulate(out: torch.Tensor, y: int, x: int, taps: torch.Tensor, weight_ta
     for g in range(groups):
         group_taps = taps[:, g * in_per_group:(g + 1) * in_per_group]
         group_weight = weight_taps[g * out_per_group:(g + 1) * out_per_group]
-        out[:, g * out_per_group:(g + 1) * out_per_group, y, x] += torch.einsum('bcij,ocij->bo', group_taps, group_weight)
+        group_out = torch.einsum('bcij,ocij->bo', group_taps, group_weight)
+        out[:, g * out_per_group:(g + 1) * out_per_group, y, x] += group_out
 
 
 def _add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

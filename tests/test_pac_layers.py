@@ -6,11 +6,10 @@ wherever the option exists. Spec = /work/shared/spec/reference-behaviour.md, sec
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import pac
 from pac import PacConv2d, PacConvTranspose2d, PacPool2d, packernel2d, pacconv2d, pacconv_transpose2d, pacpool2d
-from pac_reference import (conv_out_size, gaussian_2d, ref_im2col, ref_kernel, ref_pacconv2d,
+from pac_reference import (gaussian_2d, ref_im2col, ref_kernel, ref_pacconv2d,
                            ref_pacconv_transpose2d, ref_pacpool2d, smoothing_kernel)
 
 DT = torch.float64

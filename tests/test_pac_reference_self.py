@@ -102,7 +102,7 @@ def test_smoothing_window_wider_than_kernel():
     guide = torch.arange(25, dtype=DT).reshape(1, 1, 5, 5)
     k, _ = ref_kernel(guide, 3, padding=0, smooth_kernel=smoothing_kernel('average_5'))
     # output (0, 0) has its centre at (1, 1): the 5x5 window covers rows/cols -1..3
-    window = sum(guide[0, 0, r, c].item() for r in range(0, 4) for c in range(0, 4)) / 25
+    window = sum(guide[0, 0, r, c].item() for r in range(4) for c in range(4)) / 25
     assert k[0, 0, 0, 0, 0, 0].item() == pytest.approx(math.exp(-0.5 * window ** 2))
 
 
