@@ -73,12 +73,22 @@ def _check_4d(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
 
 
-def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+def _conv_out_hw(hw, k, s, p, d, name: str = "input") -> Tuple[int, int]:
+    """Output size of a (non-transposed) convolution or pooling; ValueError if it would be empty."""
+    out = tuple((hw[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in range(2))
+    if min(out) <= 0:
+        raise ValueError(f"{name} of size {tuple(hw)} is too small for kernel_size={k}, stride={s}, padding={p}, "
+                         f"dilation={d}")
+    return out
 
 
-def _transposed_out_size(size: int, k: int, s: int, p: int, op: int, d: int) -> int:
-    return (size - 1) * s - 2 * p + d * (k - 1) + 1 + op
+def _transposed_out_hw(hw, k, s, p, op, d) -> Tuple[int, int]:
+    """Output size of a transposed convolution; ValueError if it would be empty."""
+    out = tuple((hw[a] - 1) * s[a] - 2 * p[a] + d[a] * (k[a] - 1) + 1 + op[a] for a in range(2))
+    if min(out) <= 0:
+        raise ValueError(f"input of size {tuple(hw)} gives an empty output for kernel_size={k}, stride={s}, "
+                         f"padding={p}, output_padding={op}, dilation={d}")
+    return out
 
 
 def _transposed_in_size(size: int, k: int, s: int, p: int, op: int, d: int) -> int:
@@ -150,10 +160,10 @@ def nd2col(input_nd: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, pa
     if transposed:
         x = _transposed_padded_input(input_nd, k, s, p, op, d)
         cols = F.unfold(x, k, dilation=d)
-        out_hw = tuple(_transposed_out_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, op, d)))
+        out_hw = _transposed_out_hw((h, w), k, s, p, op, d)
     else:
         cols = F.unfold(input_nd, k, dilation=d, padding=p, stride=s)
-        out_hw = tuple(_conv_out_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, d)))
+        out_hw = _conv_out_hw((h, w), k, s, p, d)
     return cols.view(n, c, k[0], k[1], *out_hw)
 
 
@@ -514,11 +524,8 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
             in_hw = tuple(_transposed_in_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, op, d)))
         else:
             win_s, win_p = s, p
-            out_hw = tuple(_conv_out_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, d)))
+            out_hw = _conv_out_hw((h, w), k, s, p, d, name="the guide")
             in_hw = (h, w)
-        if min(out_hw) <= 0:
-            raise ValueError(f"the guide of size {(h, w)} is too small for kernel_size={k}, stride={s}, "
-                             f"padding={p}, dilation={d}")
         guide_padded = _pad(guide, win_p, "zeros" if transposed else padding_mode)
         if smooth_kind != "none":
             centre = _smoothed_centre(guide_padded, smooth_kernel.to(guide.dtype), k, win_s, d, out_hw)
@@ -664,10 +671,7 @@ def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
                              f"channels ({weight.shape[0]}), got {groups}")
         _check_weight(weight, (weight.shape[0], c // groups) + k, "out_channels, in_channels / groups, kh, kw")
     _check_bias(bias, weight.shape[0])
-    out_hw = tuple(_conv_out_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, d)))
-    if min(out_hw) <= 0:
-        raise ValueError(f"input of size {(h, w)} is too small for kernel_size={k}, stride={s}, padding={p}, "
-                         f"dilation={d}")
+    out_hw = _conv_out_hw((h, w), k, s, p, d)
     _check_kernel(kernel, b, c, k, out_hw)
     x = _pad(input, p, padding_mode)
     return _run_taps(x, kernel, weight, bias, groups,
@@ -714,10 +718,7 @@ def pacconv_transpose2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch
         _check_weight(weight, (c, weight.shape[1]) + k, "in_channels, out_channels, kh, kw")
         conv_weight, groups = weight.transpose(0, 1), 1
     _check_bias(bias, conv_weight.shape[0])
-    out_hw = tuple(_transposed_out_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, op, d)))
-    if min(out_hw) <= 0:
-        raise ValueError(f"input of size {(h, w)} gives an empty output for kernel_size={k}, stride={s}, "
-                         f"padding={p}, output_padding={op}, dilation={d}")
+    out_hw = _transposed_out_hw((h, w), k, s, p, op, d)
     _check_kernel(kernel, b, c, k, out_hw)
     return _run_taps(input, kernel, conv_weight, bias, groups,
                      lambda x: F.unfold(_transposed_padded_input(x, k, s, p, op, d), k, dilation=d)
@@ -745,10 +746,7 @@ def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, s
     _check_4d("input", input)
     k, s, p, d = (_pair(v) for v in (kernel_size, stride, padding, dilation))
     b, c, h, w = input.shape
-    out_hw = tuple(_conv_out_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, d)))
-    if min(out_hw) <= 0:
-        raise ValueError(f"input of size {(h, w)} is too small for kernel_size={k}, stride={s}, padding={p}, "
-                         f"dilation={d}")
+    out_hw = _conv_out_hw((h, w), k, s, p, d)
     _check_kernel(kernel, b, c, k, out_hw)
     x = _pad(input, p)
     return _run_taps(x, kernel, None, None, 1, lambda xp: nd2col(xp, k, s, 0, 0, d),
@@ -920,8 +918,8 @@ class _PacConvNd(nn.Module):
         """Spatial size the guide must have: the input's, or the output's for a transposed layer."""
         if not self.transposed:
             return tuple(input_2d.shape[2:])
-        return tuple(_transposed_out_size(sz, *args) for sz, args in zip(
-            input_2d.shape[2:], zip(self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation)))
+        return _transposed_out_hw(input_2d.shape[2:], self.kernel_size, self.stride, self.padding,
+                                  self.output_padding, self.dilation)
 
     def _kernel_for(self, input_2d, input_for_kernel, kernel, mask):
         """Compute (or pass through) the adaptive kernel for a forward call."""
