@@ -336,16 +336,26 @@ def ref_pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPai
 
 
 def ref_im2col(input: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0,
-               dilation: IntPair = 1) -> torch.Tensor:
-    """(B, C, kh, kw, H', W') columns of the zero-padded image (the non-transposed nd2col)."""
-    k, s, p, d = map(pair, (kernel_size, stride, padding, dilation))
-    out_hw = tuple(conv_out_size(n, *a) for n, a in zip(input.shape[-2:], zip(k, s, p, d)))
+               dilation: IntPair = 1, transposed: bool = False, output_padding: IntPair = 0) -> torch.Tensor:
+    """(B, C, kh, kw, H', W') columns of the zero-padded image, or of the zero-inserted one if transposed."""
+    k, s, p, d, op = map(pair, (kernel_size, stride, padding, dilation, output_padding))
+    size = input.shape[-2:]
+    if transposed:
+        out_hw = tuple(conv_transpose_out_size(n, *a) for n, a in zip(size, zip(k, s, p, op, d)))
+    else:
+        out_hw = tuple(conv_out_size(n, *a) for n, a in zip(size, zip(k, s, p, d)))
     cols = input.new_zeros(*input.shape[:2], *k, *out_hw)
     for y in range(out_hw[0]):
         for x in range(out_hw[1]):
             for i in range(k[0]):
                 for j in range(k[1]):
-                    cols[:, :, i, j, y, x] = read_pixel(input, y * s[0] + i * d[0] - p[0], x * s[1] + j * d[1] - p[1])
+                    if transposed:
+                        source = _transposed_source(y, x, i, j, size, k, s, p, d)
+                        if source is not None:
+                            cols[:, :, i, j, y, x] = input[:, :, source[0], source[1]]
+                    else:
+                        cols[:, :, i, j, y, x] = read_pixel(input, y * s[0] + i * d[0] - p[0],
+                                                            x * s[1] + j * d[1] - p[1])
     return cols
 
 

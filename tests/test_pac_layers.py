@@ -417,6 +417,17 @@ def test_functional_forms_match_reference(native_impl):
 def test_nd2col_matches_reference():
     x = rand(2, 3, 7, 6)
     torch.testing.assert_close(pac.nd2col(x, (3, 3), 2, 2, dilation=2), ref_im2col(x, 3, 2, 2, 2))
+    mask = rand(2, 1, 3, 4)  # the transposed form is used on 1-channel masks
+    torch.testing.assert_close(pac.nd2col(mask, 3, 2, 1, 1, 1, transposed=True),
+                               ref_im2col(mask, 3, 2, 1, 1, transposed=True, output_padding=1))
+    torch.testing.assert_close(pac.nd2col(mask, 3, 3, 1, 2, 2, transposed=True),
+                               ref_im2col(mask, 3, 3, 1, 2, transposed=True, output_padding=2))
+
+
+def test_np_gaussian_2d_matches_reference():
+    for width, sigma in [(5, -1), (3, -1), (7, 1.5)]:
+        torch.testing.assert_close(torch.from_numpy(pac.np_gaussian_2d(width, sigma)).double(),
+                                   torch.tensor(gaussian_2d(width, sigma), dtype=DT), rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------- gradients (float64 gradcheck)

@@ -274,6 +274,19 @@ def test_im2col_matches_unfold():
     torch.testing.assert_close(cols, expected)
 
 
+def test_transposed_im2col_matches_the_pattern_and_conv_transpose():
+    x = torch.randn(2, 3, 3, 4, dtype=DT)
+    cols = ref_im2col(x, 3, 2, 1, 1, transposed=True, output_padding=1)
+    weight = torch.randn(3, 2, 3, 3, dtype=DT)
+    # a transposed conv is the (unflipped) weight applied to the columns of the zero-inserted input
+    expected = F.conv_transpose2d(x, weight.flip(-2, -1), None, 2, 1, 1)
+    torch.testing.assert_close(torch.einsum('bcijyx,coij->boyx', cols, weight), expected)
+    ones, _ = ref_kernel(torch.zeros(1, 1, 6, 8, dtype=DT), 3, 2, 1, transposed=True, output_padding=1,
+                         mask=torch.ones(1, 1, 3, 4, dtype=DT))
+    pattern = ref_im2col(torch.ones(1, 1, 3, 4, dtype=DT), 3, 2, 1, 1, transposed=True, output_padding=1)
+    torch.testing.assert_close(ones * pattern, ones)  # the masked kernel lives on the pattern only
+
+
 def test_gaussian_2d_matches_spec_values():
     g = gaussian_2d(5)
     assert g[2][2] == pytest.approx(0.1104935, abs=1e-7)
