@@ -36,7 +36,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from pac import _check_4d, _check_bias, _conv_out_size
+from pac import _check_4d, _check_bias, _conv_out_hw
 
 try:
     import triton
@@ -248,10 +248,7 @@ def pacconv2d_gaussian(input: torch.Tensor, guide: torch.Tensor, weight: torch.T
         raise TypeError(f"normalize_kernel must be a bool, got {normalize_kernel!r}")
     b, c, h, w = input.shape
     o, _, kh, kw = weight.shape
-    out_hw = tuple(_conv_out_size(sz, *args) for sz, args in zip((h, w), zip((kh, kw), s, p, d)))
-    if min(out_hw) <= 0:
-        raise ValueError(f"input of size {(h, w)} is too small for kernel_size={(kh, kw)}, stride={s}, "
-                         f"padding={p}, dilation={d}")
+    out_hw = _conv_out_hw((h, w), (kh, kw), s, p, d)
     out = torch.empty(b, o, *out_hw, dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         return out
