@@ -3,8 +3,8 @@
 It runs the two-stage recipe of the paper with ``main`` on generated data (no download, no GPU):
 
 1. train the demo backbone ``tinyfcn`` (output stride 8, so object boundaries come out blurry);
-2. freeze it and train a PacCRF on top (``tinyfcnfrozen_crfi5p4d5161``), starting from the
-   stage-1 weights with ``--load-weights-backbone``;
+2. freeze it and train a PacCRF on top (``tinyfcnfrozen_crfi5p4d531p4d5121``: two 4d kernels, 5x5
+   with dilation 3 and 12, sized for the ~80-pixel scenes), with ``--load-weights-backbone``;
 
 then prints the validation mIoU of the unaries (stage 1), of the CRF at its initialisation and of
 the trained CRF, and writes ``examples.png`` (image, ground truth, unaries, PacCRF).
@@ -57,8 +57,8 @@ def save_examples(figure_path: Path, split: str, columns: Dict[str, Path], count
     plt.close(fig)
 
 
-def run_demo(exp_root: str = 'exp/synthetic_demo', backbone_epochs: int = 10, crf_epochs: int = 3,
-             crf: str = 'crfi5p4d5161', crf_images_per_epoch: int = 48, seed: int = 0, threads: int = 1
+def run_demo(exp_root: str = 'exp/synthetic_demo', backbone_epochs: int = 10, crf_epochs: int = 4,
+             crf: str = 'crfi5p4d531p4d5121', crf_images_per_epoch: int = 48, seed: int = 0, threads: int = 1
              ) -> List[Dict[str, object]]:
     """Run both stages (resuming finished ones) and return the result rows."""
     start = time.time()
@@ -68,7 +68,8 @@ def run_demo(exp_root: str = 'exp/synthetic_demo', backbone_epochs: int = 10, cr
     crf_dir = root / crf_name
     backbone_model = ['--model', 'tinyfcn', '--exp-root', str(backbone_dir)]
     unary = seg_main.main(common + backbone_model + [
-        '--epochs', str(backbone_epochs), '--batch-size', '8', '--train-crop', '64', '--lr', '0.003'])
+        '--epochs', str(backbone_epochs), '--batch-size', '8', '--train-crop', '64', '--lr', '0.003',
+        '--lr-steps', str(max(1, backbone_epochs - 2))])
     backbone_weights = str(backbone_dir / f'weights_epoch_{backbone_epochs}.pth')
     crf_model = ['--model', crf_name, '--exp-root', str(crf_dir), '--load-weights-backbone', backbone_weights]
     refined = seg_main.main(common + crf_model + [
@@ -97,8 +98,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--exp-root', default='exp/synthetic_demo')
     parser.add_argument('--backbone-epochs', type=int, default=10)
-    parser.add_argument('--crf-epochs', type=int, default=3)
-    parser.add_argument('--crf', default='crfi5p4d5161', help='CRF part of the model name')
+    parser.add_argument('--crf-epochs', type=int, default=4)
+    parser.add_argument('--crf', default='crfi5p4d531p4d5121',
+                        help='CRF part of the model name (kernels sized for ~80-pixel scenes)')
     parser.add_argument('--crf-images-per-epoch', type=int, default=48)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')

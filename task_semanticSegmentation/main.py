@@ -40,7 +40,8 @@ TRAIN_FORMATS = ['{:.6f}', '{:g}', '{:.3f}', '{:.3f}', '{:.6f}', '{:.6f}'] + ['{
 TEST_COLUMNS = ['epoch', 'lr', 'time', 'time-data', 'loss'] + list(MEASURES)
 TEST_FORMATS = ['{:.6f}', '{:g}', '{:.3f}', '{:.3f}', '{:.6f}'] + ['{:.6f}'] * len(MEASURES)
 COLOR_JITTER = (0.1, 0.1, 0.1, 0.01)
-DATASETS = ('VOC2012', 'Synthetic')
+DATASETS = ('VOC2012', 'Synthetic')  # both have the 21 VOC classes
+NUM_CLASSES = 21
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +310,85 @@ def find_resume_epoch(args: argparse.Namespace, exp_root: Path) -> int:
     return max(usable) if usable else 0
 
 
+def prepare_model(args: argparse.Namespace, spec, exp_root: Path, device: torch.device) -> Tuple[nn.Module, int]:
+    """Build the model, load backbone / model weights or the snapshot to resume; (model, last_epoch)."""
+    model = create_model(args.model, NUM_CLASSES)
+    if args.load_weights_backbone:
+        if spec.crf is None:
+            print('Warning: --load-weights-backbone is only used for models with a CRF; use --load-weights')
+        else:
+            load_weights(model.backbone, args.load_weights_backbone, 'backbone')
+    last_epoch = find_resume_epoch(args, exp_root)
+    if last_epoch > 0:
+        if args.load_weights:
+            print(f'Warning: resuming from {exp_root}/weights_epoch_{last_epoch}.pth; --load-weights is ignored')
+        # snapshots of a frozen backbone hold no backbone.* keys: they come from --load-weights-backbone
+        load_weights(model, str(exp_root / f'weights_epoch_{last_epoch}.pth'), f'snapshot {last_epoch}',
+                     strict=not spec.frozen)
+    elif args.load_weights:
+        load_weights(model, args.load_weights, 'model')
+    model.to(device)
+    if device.type == 'cuda' and args.gpu is None and torch.cuda.device_count() > 1:
+        model = nn.DataParallel(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'model {args.model}: {trainable:,} trainable parameters')
+    return model, last_epoch
+
+
+def predict(args: argparse.Namespace, model: nn.Module, test_split: str, seed: int, exp_root: Path,
+            device: torch.device) -> None:
+    """--eval pred|raw: write one output file per image of the test split."""
+    dataset = make_dataset(args, test_split, DeepLabEvalInputs(args.test_crop, seed=seed), f'{seed}-test')
+    loader = make_loader(dataset, args.test_batch_size, False, args.num_data_worker, device)
+    out_dir = exp_root / f'outputs_{test_split}_{args.eval}'
+    count = write_predictions(_unwrap(model), loader, out_dir, args.eval, device)
+    print(f'{count} outputs written to {out_dir}')
+
+
+def train(args: argparse.Namespace, model: nn.Module, spec, last_epoch: int, train_split: str,
+          test_loader: DataLoader, seed: int, exp_root: Path, device: torch.device) -> Dict[str, float]:
+    """Epochs last_epoch + 1 .. args.epochs with logs, tests and snapshots; returns the last test."""
+    loss_fn = make_loss(args.loss)
+    test_model = _unwrap(model) if args.test_batch_size == 1 else model
+    optimizer = make_optimizer(args, model)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps or [], gamma=0.1)
+    advance_scheduler(scheduler, last_epoch)
+    optimizer_state = exp_root / f'{args.optimizer.lower()}_epoch_{last_epoch}.pth'
+    if last_epoch > 0 and optimizer_state.is_file():
+        optimizer.load_state_dict(torch.load(optimizer_state, map_location=device, weights_only=True))
+        print(f'optimizer state loaded from {optimizer_state}')
+    resume = last_epoch if last_epoch > 0 else None
+    aug_scale = (1 - args.train_aug_scale, 1 + args.train_aug_scale) if args.train_aug_scale > 0 else None
+    train_transform = DeepLabInputs(args.train_crop, pad_label=True, seed=seed, aug_flip=True, aug_scale=aug_scale,
+                                    aug_color=COLOR_JITTER if args.train_aug_color else None)
+    with CsvLog(exp_root / 'train.log', TRAIN_COLUMNS, resume_epoch=resume) as train_log, \
+            CsvLog(exp_root / 'test.log', TEST_COLUMNS, resume_epoch=resume) as test_log:
+
+        def run_test(epoch: int, log_it: bool) -> Dict[str, float]:
+            loss, values, excluded, t_total, t_data = evaluate(test_model, test_loader, loss_fn, device,
+                                                               NUM_CLASSES)
+            report_test(epoch, loss, values, excluded, VOC_CLASSES)
+            if log_it:
+                test_log.write([epoch, optimizer.param_groups[0]['lr'], t_total, t_data, loss]
+                               + [values[m] for m in MEASURES], TEST_FORMATS)
+            return values
+
+        values = run_test(last_epoch, log_it=resume is None)  # a resumed log already has this row
+        train_loader = None
+        for epoch in range(last_epoch + 1, args.epochs + 1):
+            advance_scheduler(scheduler, 1)
+            if train_loader is None or '_rand' in train_split:  # _rand<N>: a fresh subset every epoch
+                train_transform.reseed(f'{seed}-transform-{epoch}')
+                dataset = make_dataset(args, train_split, train_transform, subset_seed=f'{seed}-subset-{epoch}')
+                train_loader = make_loader(dataset, args.batch_size, True, args.num_data_worker, device)
+            train_epoch(model, train_loader, loss_fn, optimizer, device, epoch, NUM_CLASSES, train_log, args)
+            if epoch % args.test_interval == 0 or epoch == args.epochs:
+                values = run_test(epoch, log_it=True)
+            if (args.snapshot_interval > 0 and epoch % args.snapshot_interval == 0) or epoch == args.epochs:
+                save_snapshot(model, optimizer, exp_root, epoch, args.optimizer, spec.frozen)
+    return values
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """Run the program; returns the last test's measures ({} for --eval runs)."""
     args = build_parser().parse_args(argv)
@@ -322,92 +402,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     exp_root = Path(args.exp_root)
     exp_root.mkdir(parents=True, exist_ok=True)
     spec = parse_model_name(args.model)
-    num_classes = 21
-    class_names = VOC_CLASSES
     train_split = args.train_split or ('train' if args.dataset == 'Synthetic' else 'train_aug')
     test_split = args.test_split or 'val'
 
-    model = create_model(args.model, num_classes)
-    if args.load_weights_backbone:
-        if spec.crf is None:
-            print('Warning: --load-weights-backbone is only used for models with a CRF; use --load-weights')
-        else:
-            load_weights(model.backbone, args.load_weights_backbone, 'backbone')
-    last_epoch = find_resume_epoch(args, exp_root)
-    if last_epoch > 0:
-        if args.load_weights:
-            print(f'Warning: resuming from {exp_root}/weights_epoch_{last_epoch}.pth; --load-weights is ignored')
-        load_weights(model, str(exp_root / f'weights_epoch_{last_epoch}.pth'), f'snapshot {last_epoch}',
-                     strict=not spec.frozen)
-    elif args.load_weights:
-        load_weights(model, args.load_weights, 'model')
-    model.to(device)
-    if device.type == 'cuda' and args.gpu is None and torch.cuda.device_count() > 1:
-        model = nn.DataParallel(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'model {args.model}: {trainable:,} trainable parameters')
-
+    model, last_epoch = prepare_model(args, spec, exp_root, device)
     test_only = args.epochs <= last_epoch
     if args.eval:
         if not test_only:
             raise ValueError(f'--eval {args.eval} writes predictions and needs a test-only run '
                              f'(--epochs 0 or <= the last snapshot), got --epochs {args.epochs}')
-        eval_set = make_dataset(args, test_split, DeepLabEvalInputs(args.test_crop, seed=seed), f'{seed}-test')
-        loader = make_loader(eval_set,
-                             args.test_batch_size, False, args.num_data_worker, device)
-        out_dir = exp_root / f'outputs_{test_split}_{args.eval}'
-        count = write_predictions(_unwrap(model), loader, out_dir, args.eval, device)
-        print(f'{count} outputs written to {out_dir}')
+        predict(args, model, test_split, seed, exp_root, device)
         return {}
 
-    loss_fn = make_loss(args.loss)
     test_transform = DeepLabInputs(args.test_crop, pad_label=args.test_batch_size > 1, seed=seed + 1)
-    test_loader = make_loader(make_dataset(args, test_split, test_transform, f'{seed}-test'), args.test_batch_size, False,
-                              args.num_data_worker, device)
-    test_model = _unwrap(model) if args.test_batch_size == 1 else model
-    if test_only:
-        loss, values, excluded, _, _ = evaluate(test_model, test_loader, loss_fn, device, num_classes)
-        report_test(last_epoch, loss, values, excluded, class_names)
-        return values
-
-    optimizer = make_optimizer(args, model)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps or [], gamma=0.1)
-    advance_scheduler(scheduler, last_epoch)
-    optimizer_state = exp_root / f'{args.optimizer.lower()}_epoch_{last_epoch}.pth'
-    if last_epoch > 0 and optimizer_state.is_file():
-        optimizer.load_state_dict(torch.load(optimizer_state, map_location=device, weights_only=True))
-        print(f'optimizer state loaded from {optimizer_state}')
-    resume = last_epoch if last_epoch > 0 else None
-    train_log = CsvLog(exp_root / 'train.log', TRAIN_COLUMNS, resume_epoch=resume)
-    test_log = CsvLog(exp_root / 'test.log', TEST_COLUMNS, resume_epoch=resume)
-
-    def run_test(epoch: int, log_it: bool) -> Dict[str, float]:
-        loss, values, excluded, t_total, t_data = evaluate(test_model, test_loader, loss_fn, device, num_classes)
-        report_test(epoch, loss, values, excluded, class_names)
-        if log_it:
-            test_log.write([epoch, optimizer.param_groups[0]['lr'], t_total, t_data, loss]
-                           + [values[m] for m in MEASURES], TEST_FORMATS)
-        return values
-
-    values = run_test(last_epoch, log_it=resume is None)
-    aug_scale = (1 - args.train_aug_scale, 1 + args.train_aug_scale) if args.train_aug_scale > 0 else None
-    train_transform = DeepLabInputs(args.train_crop, pad_label=True, seed=seed, aug_flip=True,
-                                    aug_scale=aug_scale, aug_color=COLOR_JITTER if args.train_aug_color else None)
-    rebuild_each_epoch = '_rand' in train_split
-    train_loader = None
-    for epoch in range(last_epoch + 1, args.epochs + 1):
-        advance_scheduler(scheduler, 1)
-        if train_loader is None or rebuild_each_epoch:  # _rand<N>: a fresh subset every epoch
-            train_transform.reseed(f'{seed}-transform-{epoch}')
-            dataset = make_dataset(args, train_split, train_transform, subset_seed=f'{seed}-subset-{epoch}')
-            train_loader = make_loader(dataset, args.batch_size, True, args.num_data_worker, device)
-        train_epoch(model, train_loader, loss_fn, optimizer, device, epoch, num_classes, train_log, args)
-        if epoch % args.test_interval == 0 or epoch == args.epochs:
-            values = run_test(epoch, log_it=True)
-        if (args.snapshot_interval > 0 and epoch % args.snapshot_interval == 0) or epoch == args.epochs:
-            save_snapshot(model, optimizer, exp_root, epoch, args.optimizer, spec.frozen)
-    train_log.close()
-    test_log.close()
+    test_set = make_dataset(args, test_split, test_transform, f'{seed}-test')
+    test_loader = make_loader(test_set, args.test_batch_size, False, args.num_data_worker, device)
+    if not test_only:
+        return train(args, model, spec, last_epoch, train_split, test_loader, seed, exp_root, device)
+    loss, values, excluded, _, _ = evaluate(_unwrap(model), test_loader, make_loss(args.loss), device, NUM_CLASSES)
+    report_test(last_epoch, loss, values, excluded, VOC_CLASSES)
     return values
 
 

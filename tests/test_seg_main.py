@@ -149,3 +149,16 @@ README_COMMANDS = [
 @pytest.mark.parametrize('command', README_COMMANDS)
 def test_reference_readme_commands_parse_and_validate(command):
     seg.check_args(seg.build_parser().parse_args(shlex.split(command)))
+
+
+@pytest.mark.slow
+def test_fcn8s_paccrf_and_pacfcn_names_run_through_the_program(tmp_path):
+    values = run(tmp_path, '--model', 'fcn8sfrozen_crfi2p4d5161', '--epochs', 1, '--train-split', 'train_rand1',
+                 '--test-split', 'val_rand1', '--batch-size', 1, exp='paccrf')
+    assert 0 <= values['acc'] <= 1
+    snapshot = torch.load(tmp_path / 'paccrf' / 'weights_epoch_1.pth', weights_only=True)
+    assert set(snapshot) == {'crf.unary_weight', 'crf.messengers.0.weight', 'crf.pairwise_weights.0',
+                             'feat_scales.0'}
+    with pytest.raises(ValueError, match='multiples of 32'):   # whole 64-96 px images
+        run(tmp_path, '--model', 'fcn8spac', '--test-split', 'val_rand1', exp='pacfcn')
+    run(tmp_path, '--model', 'fcn8spac', '--test-split', 'val_rand1', '--test-crop', 96, exp='pacfcn')
