@@ -32,6 +32,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -213,7 +214,8 @@ def pacconv2d_gaussian(input: torch.Tensor, guide: torch.Tensor, weight: torch.T
     Equals ``pac.pacconv2d(input, pac.packernel2d(guide, kernel_size=weight.shape[-2:], stride=stride,
     padding=padding, dilation=dilation, normalize_kernel=normalize_kernel)[0], weight, bias, stride,
     padding, dilation)`` up to float rounding, without materialising the adaptive kernel. Input and
-    guide are zero-padded. Products are accumulated in float32 whatever the input dtype.
+    guide are zero-padded. Products are accumulated in float32 whatever the input dtype; autocast
+    does not apply (cast the inputs yourself).
 
     Args:
         input: ``(B, C, H, W)``, float32, float16 or bfloat16, on a CUDA device (or on the CPU under
@@ -246,22 +248,31 @@ def pacconv2d_gaussian(input: torch.Tensor, guide: torch.Tensor, weight: torch.T
     d = _pair_arg("dilation", dilation, 1)
     if not isinstance(normalize_kernel, bool):
         raise TypeError(f"normalize_kernel must be a bool, got {normalize_kernel!r}")
+    b, o = input.shape[0], weight.shape[0]
+    out_hw = _conv_out_hw(input.shape[2:], weight.shape[2:], s, p, d)
+    out = torch.empty(b, o, *out_hw, dtype=input.dtype, device=input.device)
+    if out.numel() > 0:
+        # Triton launches on the current CUDA device: make it the input's.
+        with torch.cuda.device(input.device) if input.is_cuda else contextlib.nullcontext():
+            _launch(input, guide, weight, bias, out, s, p, d, normalize_kernel)
+    return out
+
+
+def _launch(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            out: torch.Tensor, stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
+            normalize_kernel: bool) -> None:
+    """Fill ``out`` (B, O, H', W'): one program per block of output pixels x output channels x image."""
     b, c, h, w = input.shape
     o, _, kh, kw = weight.shape
-    out_hw = _conv_out_hw((h, w), (kh, kw), s, p, d)
-    out = torch.empty(b, o, *out_hw, dtype=input.dtype, device=input.device)
-    if out.numel() == 0:
-        return out
-    block_o, block_c = _block(o, 16, _MAX_BLOCK_OUT), _block(c, 16, _MAX_BLOCK_IN)
-    grid = (triton.cdiv(out_hw[0] * out_hw[1], _BLOCK_PIXELS), triton.cdiv(o, block_o), b)
+    block_o = _block(o, 16, _MAX_BLOCK_OUT)
+    grid = (triton.cdiv(out.shape[2] * out.shape[3], _BLOCK_PIXELS), triton.cdiv(o, block_o), b)
     dot_dtype, precision = _dot_config(input.dtype)
     _pac_gaussian_forward_kernel[grid](
-        input, guide, weight, bias if bias is not None else out, out,
-        c, guide.shape[1], o, h, w, out_hw[0], out_hw[1],
+        input, guide, weight, bias if bias is not None else out, out,  # `out` stands in for a missing bias
+        c, guide.shape[1], o, h, w, out.shape[2], out.shape[3],
         *input.stride(), *guide.stride(), *weight.stride(), *out.stride(),
-        s[0], s[1], p[0], p[1], d[0], d[1],
+        *stride, *padding, *dilation,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, NORMALIZE=normalize_kernel,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        BLOCK_P=_BLOCK_PIXELS, BLOCK_O=block_o, BLOCK_C=block_c,
+        BLOCK_P=_BLOCK_PIXELS, BLOCK_O=block_o, BLOCK_C=_block(c, 16, _MAX_BLOCK_IN),
         BLOCK_G=_block(guide.shape[1], 1, _MAX_BLOCK_GUIDE))
-    return out

@@ -207,11 +207,11 @@ def test_import_without_triton_and_without_gpu():
 
 
 @pytest.mark.slow
-def test_compiles_for_cuda_tensor_cores():
+def test_compiles_for_cuda_tensor_cores(tmp_path):
     """Ahead-of-time compilation for an sm_80 GPU, no GPU needed: the real compiler accepts the kernel
     (the interpreter is more lenient) and the float16 path uses tensor cores (MMA)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))  # a real compile, not a cache hit
     result = _run_python("""
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
