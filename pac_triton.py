@@ -24,7 +24,7 @@ imports; :func:`is_available` then returns False and :func:`pacconv2d_gaussian` 
 
 Example:
     >>> import torch, pac_triton
-    >>> if pac_triton.is_available():
+    >>> if pac_triton.is_available() and torch.cuda.is_available():
     ...     x, guide = torch.rand(1, 16, 64, 64, device="cuda"), torch.rand(1, 3, 64, 64, device="cuda")
     ...     weight = torch.randn(32, 16, 5, 5, device="cuda")
     ...     with torch.inference_mode():
