@@ -382,33 +382,41 @@ class _TapDistanceFn(torch.autograd.Function):
         ctx.args = (kernel_size, stride, dilation, asym, channel_wise)
         b, c, h, w = centre.shape
         dist = guide.new_empty(b, c if channel_wise else 1, kernel_size[0], kernel_size[1], h, w)
-        for i, j, diff in _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
+        for i, j, rows, diff in _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
             diff.square_()
-            dist[:, :, i, j] = diff if channel_wise else diff.sum(1, keepdim=True)
+            dist[:, :, i, j, rows] = diff if channel_wise else diff.sum(1, keepdim=True)
         return dist
 
     @staticmethod
     def backward(ctx, grad_dist):
         guide, centre = ctx.saved_tensors
         kernel_size, stride, dilation, asym, channel_wise = ctx.args
-        h, w = centre.shape[2:]
+        w = centre.shape[3]
         grad_guide = torch.zeros_like(guide)
         grad_centre = torch.zeros_like(centre)
-        for i, j, diff in _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
+        for i, j, rows, diff in _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
             # d(phi(diff)^2)/d diff = 2 phi(diff) for both the identity and ReLU.
-            g = diff.mul_(2 * grad_dist[:, :, i, j])
-            grad_guide[:, :, _strided(i * dilation[0], h, stride[0]), _strided(j * dilation[1], w, stride[1])] += g
-            grad_centre -= g
+            g = diff.mul_(2 * grad_dist[:, :, i, j, rows])
+            tap_rows = _strided(i * dilation[0] + rows.start * stride[0], rows.stop - rows.start, stride[0])
+            grad_guide[:, :, tap_rows, _strided(j * dilation[1], w, stride[1])] += g
+            grad_centre[:, :, rows] -= g
         return grad_guide, grad_centre, None, None, None, None, None
 
 
 def _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
-    h, w = centre.shape[2:]
-    for i in range(kernel_size[0]):
-        for j in range(kernel_size[1]):
-            tap = guide[:, :, _strided(i * dilation[0], h, stride[0]), _strided(j * dilation[1], w, stride[1])]
-            diff = tap - centre
-            yield i, j, (diff.relu_() if asym else diff)
+    """Yield (i, j, output rows, phi(guide tap - centre)) over cache-sized bands of output rows."""
+    b, c, h, w = centre.shape
+    row_bytes = b * c * guide.shape[3] * guide.element_size() * stride[0]
+    band = min(h, max(_BAND_BYTES // max(row_bytes, 1), -(-h // _MAX_BANDS), 1))
+    for r0 in range(0, h, band):
+        rows = slice(r0, min(h, r0 + band))
+        n = rows.stop - r0
+        for i in range(kernel_size[0]):
+            tap_rows = _strided(i * dilation[0] + r0 * stride[0], n, stride[0])
+            for j in range(kernel_size[1]):
+                tap = guide[:, :, tap_rows, _strided(j * dilation[1], w, stride[1])]
+                diff = tap - centre[:, :, rows]
+                yield i, j, rows, (diff.relu_() if asym else diff)
 
 
 def _native_distance(guide, centre, kernel_size, stride, dilation, asym, channel_wise):
