@@ -124,7 +124,8 @@ def fetch_voc11_lists(dest_dir: Union[str, Path], voc2011_tar: Optional[str] = N
     Args:
         dest_dir: where train.txt, val.txt, trainval.txt and seg11valid.txt are written.
         voc2011_tar: URL or local path of the VOC2011 trainval tar (default: the manifest URL). The tar
-            is downloaded resumably into ``download_root`` and the three lists are read from it.
+            is large (about 1.7 GB): it is downloaded resumably into ``download_root`` (a local path is
+            copied there) and the three lists are read from it; delete it afterwards if space matters.
         seg11valid_url: URL or local path of seg11valid.txt (default: the manifest URL).
         download_root: folder for the tar (default: ``dest_dir``).
         progress: show progress bars.
