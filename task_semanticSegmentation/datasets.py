@@ -124,8 +124,8 @@ def fetch_voc11_lists(dest_dir: Union[str, Path], voc2011_tar: Optional[str] = N
     Args:
         dest_dir: where train.txt, val.txt, trainval.txt and seg11valid.txt are written.
         voc2011_tar: URL or local path of the VOC2011 trainval tar (default: the manifest URL). The tar
-            is large (about 1.7 GB): it is downloaded resumably into ``download_root`` (a local path is
-            copied there) and the three lists are read from it; delete it afterwards if space matters.
+            is large (about 1.7 GB): a URL is downloaded resumably into ``download_root``, a local file is
+            read in place; the three lists are read from it as it streams.
         seg11valid_url: URL or local path of seg11valid.txt (default: the manifest URL).
         download_root: folder for the tar (default: ``dest_dir``).
         progress: show progress bars.
@@ -146,7 +146,10 @@ def fetch_voc11_lists(dest_dir: Union[str, Path], voc2011_tar: Optional[str] = N
     contents: Dict[str, bytes] = {}
     if from_tar:
         source = manifest['sources']['voc2011_tar']
-        tar_path = download_url(voc2011_tar or source['url'], download_root or dest_dir, progress=progress)
+        if voc2011_tar and Path(voc2011_tar).is_file():  # a local copy is read in place
+            tar_path = Path(voc2011_tar)
+        else:
+            tar_path = download_url(voc2011_tar or source['url'], download_root or dest_dir, progress=progress)
         contents.update(_read_tar_members(tar_path, {source['member_dir'] + n: n for n in from_tar}))
     if 'seg11valid.txt' in missing:
         url = seg11valid_url or manifest['sources']['seg11valid']['url']

@@ -319,6 +319,9 @@ def test_voc11_lists_are_md5_checked_and_explain_how_to_supply_them(served_voc, 
         datasets.voc11_list(lists, 'val.txt')
     datasets.fetch_voc11_lists(lists, progress=False)   # repairs the bad file
     assert datasets.voc11_list(lists, 'val.txt') == VOC11['val.txt']
+    local = tmp_path / 'local'   # a VOC2011 tar already on disk is read in place
+    datasets.fetch_voc11_lists(local, voc2011_tar=str(lists / 'voc2011.tar'), progress=False)
+    assert datasets.voc11_list(local, 'trainval.txt') == VOC11['trainval.txt'] and not (local / 'voc2011.tar').exists()
     with pytest.raises(FileNotFoundError, match='--download'):
         datasets.voc11_list(tmp_path / 'nowhere', 'train.txt')
     bad = tmp_path / 'other'
