@@ -56,9 +56,7 @@ def test_unknown_name_lists_known_names():
         resolve_weights("depth_x2_pac")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_weights("no/such/file.pth")
-    # the 2019 README's file names point to the registry names
-    with pytest.raises(FileNotFoundError, match="registry name fcn8s_from_caffe"):
-        resolve_weights("fcn8s_from_caffe.pth")
+    # a 2019 file name shared by two released files cannot be guessed: the error names both
     with pytest.raises(FileNotFoundError, match="depth_x8_pac or flow_x8_pac"):
         resolve_weights("weights_depth/x8_pac_weights_epoch_5000.pth")
     with pytest.raises(ValueError, match="expected a file path"):
@@ -199,3 +197,16 @@ def test_load_into_bad_arguments():
         load_into({}, {})
     with pytest.raises(TypeError, match="state_dict"):
         load_into(_net(), [1, 2])
+
+
+def test_missing_released_file_name_falls_back_to_the_registry(mirror, capsys):
+    """The 2019 commands pass `--load-weights fcn8s_from_caffe.pth`: that works unchanged."""
+    served = mirror.root / "semantic_segmentation" / "fcn8s_from_caffe.pth"
+    served.parent.mkdir()
+    served.write_bytes(b"not the real file")
+    # The registry enforces the published md5, which this stand-in cannot match: the download is
+    # attempted from the registry URL and refused, proving the fallback went through the registry.
+    with pytest.raises(ChecksumError):
+        resolve_weights("fcn8s_from_caffe.pth")
+    assert "using the released file 'fcn8s_from_caffe'" in capsys.readouterr().out
+    assert any(path.endswith("semantic_segmentation/fcn8s_from_caffe.pth") for path, _ in mirror.requests)

@@ -142,7 +142,11 @@ def resolve_weights(spec: PathLike, cache_dir: Optional[PathLike] = None) -> Pat
     if _looks_like_path(spec):
         same_file = [n for n, e in REGISTRY.items()
                      if PurePosixPath(e.path).name == PurePosixPath(spec).name]
-        hint = (f"the released file of that name is the registry name {' or '.join(same_file)}"
+        if len(same_file) == 1:
+            # The 2019 commands name released files by path (e.g. `fcn8s_from_caffe.pth`): fetch it.
+            print(f"weights: {spec!r} does not exist; using the released file {same_file[0]!r}")
+            return resolve_weights(same_file[0], cache_dir)
+        hint = (f"the released files of that name are the registry names {' or '.join(same_file)}"
                 if same_file else f"registry names: {', '.join(REGISTRY)}")
         raise FileNotFoundError(f"weights: file {spec!r} does not exist ({hint})")
     raise _unknown_name(spec)
