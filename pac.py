@@ -6,7 +6,7 @@ A clean-room implementation of the layers of "Pixel-Adaptive Convolutional Neura
 A PAC layer filters its input with a spatially invariant weight ``W`` modulated, at every output
 pixel and tap, by an adaptive kernel ``K`` computed from a guide ``F``::
 
-    out[b, o, y, x] = bias[o] + sum_{c, i, j} W[o, c, i, j] * K[b, i, j, y, x] * X[b, c, y*s + i*d, x*s + j*d]
+    out[b, o, y, x] = bias[o] + sum_{c, i, j} W[o, c, i, j] * K[b, i, j, y, x] * X[b, c, y*s + i*d - p, x*s + j*d - p]
     K[b, i, j, y, x] = f( sum_c (F[b, c, tap(i, j)] - F[b, c, centre])^2 )
 
 with ``f(D) = exp(-D / 2)`` ('gaussian') or ``f(D) = alpha + (D + 1e-4)^(lambda / 2)`` ('inv_*').
@@ -27,7 +27,6 @@ Both implementations support every option, agree to float rounding, run under ``
 from __future__ import annotations
 
 import math
-from numbers import Number
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -102,6 +101,11 @@ def _pad(x: torch.Tensor, padding: Tuple[int, int], mode: str = "zeros") -> torc
     if mode == "zeros":
         return F.pad(x, pads)
     return F.pad(x, pads, mode=mode)
+
+
+def _band_rows(row_bytes: int, rows: int) -> int:
+    """Rows per band: about _BAND_BYTES of input each, and at most _MAX_BANDS bands."""
+    return min(rows, max(_BAND_BYTES // max(row_bytes, 1), -(-rows // _MAX_BANDS), 1))
 
 
 def _strided(start: int, count: int, step: int) -> slice:
@@ -224,7 +228,7 @@ def _phase_bands(x: torch.Tensor, rows: _AxisTaps, cols: _AxisTaps):
     row_bytes = x.shape[0] * x.shape[1] * x.shape[3] * x.element_size() * rows.in_step
     for py, taps_i in rows.phases():
         ny = rows.phase_len(py)
-        band = min(ny, max(_BAND_BYTES // max(row_bytes, 1), -(-ny // _MAX_BANDS), 1))
+        band = _band_rows(row_bytes, ny)
         for px, taps_j in cols.phases():
             if cols.phase_len(px) == 0:
                 continue
@@ -406,8 +410,7 @@ class _TapDistanceFn(torch.autograd.Function):
 def _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
     """Yield (i, j, output rows, phi(guide tap - centre)) over cache-sized bands of output rows."""
     b, c, h, w = centre.shape
-    row_bytes = b * c * guide.shape[3] * guide.element_size() * stride[0]
-    band = min(h, max(_BAND_BYTES // max(row_bytes, 1), -(-h // _MAX_BANDS), 1))
+    band = _band_rows(b * c * guide.shape[3] * guide.element_size() * stride[0], h)
     for r0 in range(0, h, band):
         rows = slice(r0, min(h, r0 + band))
         n = rows.stop - r0
@@ -544,7 +547,7 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
         dist = distance(guide_padded, centre, k, win_s, d, asym, channel_wise)
 
         if kind == "gaussian":
-            kernel = torch.exp(-0.5 * dist)
+            kernel = dist.mul_(-0.5).exp_()  # in place: the distances are not needed by any backward
         else:
             shape = (1, -1, 1, 1, 1, 1)
             alpha = inv_alpha.to(dist.dtype).reshape(shape) if inv_alpha.dim() else inv_alpha.to(dist.dtype)
