@@ -35,7 +35,7 @@ from .prepare_sbd import sbd_annotation_to_png
 
 __all__ = ['MEAN_RGB', 'VOC_URL', 'VOC_MD5', 'VOC_TEST_URL', 'VOC_TEST_MD5', 'SBD_URL', 'SBD_MD5',
            'SPLITS', 'PascalVOC', 'DeepLabInputs', 'DeepLabEvalInputs', 'split_ids', 'fetch_voc11_lists',
-           'voc11_manifest', 'decode_id', 'encode_id', 'image_to_array', 'subset_ids']
+           'voc11_manifest', 'decode_id', 'encode_id', 'image_to_array', 'subset_ids', 'parse_rand_split']
 
 MEAN_RGB = (122.675, 116.669, 104.008)  # ImageNet means of the caffe VGG models, RGB order
 VOC_URL = 'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar'
@@ -169,6 +169,17 @@ def fetch_voc11_lists(dest_dir: Union[str, Path], voc2011_tar: Optional[str] = N
     return paths
 
 
+def parse_rand_split(split: str) -> Tuple[str, Optional[int]]:
+    """Split a ``<base>_rand<N>`` name into (base, N); N is 0 for an empty N, None without the suffix.
+
+    Example:
+        >>> parse_rand_split('train_aug_rand1500'), parse_rand_split('val')
+        (('train_aug', 1500), ('val', None))
+    """
+    match = _RAND_SUFFIX.match(split)
+    return (match.group('base'), int(match.group('count') or 0)) if match else (split, None)
+
+
 def subset_ids(ids: Sequence, count: int, seed: Seed) -> List:
     """``count`` ids drawn without replacement (all ids shuffled when count is 0), from ``seed``."""
     rng = random.Random(seed)
@@ -189,10 +200,9 @@ def split_ids(split: str, voc_root: Union[str, Path], sbd_root: Union[str, Path]
         voc11_dir: folder of the VOC2011 lists (default: ``<voc_root>/../voc11seg``).
         seed: seed of the ``_rand<N>`` subset (None: fresh randomness).
     """
-    match = _RAND_SUFFIX.match(split)
-    if match:
-        ids = split_ids(match.group('base'), voc_root, sbd_root, voc11_dir)
-        return subset_ids(ids, int(match.group('count') or 0), seed)
+    base, count = parse_rand_split(split)
+    if count is not None:
+        return subset_ids(split_ids(base, voc_root, sbd_root, voc11_dir), count, seed)
     if split not in SPLITS:
         raise ValueError(f'split must be one of {SPLITS} (optionally with a _rand<N> suffix), got {split!r}')
     voc_lists = Path(voc_root) / 'VOC2012' / 'ImageSets' / 'Segmentation'
@@ -211,11 +221,6 @@ def split_ids(split: str, voc_root: Union[str, Path], sbd_root: Union[str, Path]
     voc_val = set(read_ids(voc_lists / 'val.txt'))
     train_aug = (set(read_ids(voc_lists / 'train.txt')) | sbd_train | sbd_val) - voc_val
     return sorted(train_aug | voc_val if split == 'trainval_aug' else train_aug)
-
-
-def _base_split(split: str) -> str:
-    match = _RAND_SUFFIX.match(split)
-    return match.group('base') if match else split
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +273,7 @@ class PascalVOC(Dataset):
         self.sbd_root = Path(sbd_root) if sbd_root else None
         self.split = split
         self.transform = transform
-        base = _base_split(split)
+        base, _ = parse_rand_split(split)
         if base not in SPLITS:
             raise ValueError(f'split must be one of {SPLITS} (optionally with a _rand<N> suffix), got {split!r}')
         if base in SBD_SPLITS and self.sbd_root is None:

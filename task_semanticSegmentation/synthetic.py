@@ -9,21 +9,19 @@ Labels are VOC-palette 'P' images, so :class:`~task_semanticSegmentation.dataset
 the metrics and ``--eval pred`` work unchanged. Use it with ``--dataset Synthetic``.
 """
 import colorsys
-import re
 from typing import Callable, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 
-from .datasets import Seed, subset_ids
+from .datasets import Seed, parse_rand_split, subset_ids
 from .palette import NUM_VOC_CLASSES, label_to_image
 
 __all__ = ['Synthetic', 'class_colours', 'render_scene']
 
 SPLIT_SIZES = {'train': 300, 'val': 100, 'test': 100}
 _SPLIT_CODES = {name: code for code, name in enumerate(SPLIT_SIZES)}
-_RAND_SUFFIX = re.compile(r'^(?P<base>.+)_rand(?P<count>\d*)$')
 
 
 # VOC classes that appear in the scenes (few enough to learn in minutes on a CPU; the models still
@@ -109,8 +107,7 @@ class Synthetic(Dataset):
 
     def __init__(self, split: str = 'train', transform: Optional[Callable] = None, seed: int = 0,
                  subset_seed: Seed = None, size_range: Tuple[int, int] = (64, 96)):
-        match = _RAND_SUFFIX.match(split)
-        base = match.group('base') if match else split
+        base, count = parse_rand_split(split)
         if base not in SPLIT_SIZES:
             raise ValueError(f'Synthetic split must be one of {tuple(SPLIT_SIZES)} (optionally with a '
                              f'_rand<N> suffix), got {split!r}')
@@ -118,8 +115,8 @@ class Synthetic(Dataset):
             raise ValueError(f'size_range must be (min, max) with 8 <= min <= max, got {size_range!r}')
         self.split, self.transform, self.seed, self.size_range = split, transform, seed, tuple(size_range)
         indices = list(range(SPLIT_SIZES[base]))
-        if match:
-            indices = subset_ids(indices, int(match.group('count') or 0), subset_seed)
+        if count is not None:
+            indices = subset_ids(indices, count, subset_seed)
         self._split_code = _SPLIT_CODES[base]
         self.indices = indices
         self.ids = [f'{base}_{i:05d}' for i in indices]

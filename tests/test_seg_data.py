@@ -189,6 +189,13 @@ def test_synthetic_is_deterministic_voc_like_and_subsettable():
         Synthetic('train_aug')
 
 
+@pytest.mark.parametrize('split, expected', [('train_aug_rand1500', ('train_aug', 1500)), ('val_rand', ('val', 0)),
+                                             ('val_rand0', ('val', 0)), ('val', ('val', None)),
+                                             ('val_random3', ('val_random3', None))])
+def test_parse_rand_split(split, expected):
+    assert datasets.parse_rand_split(split) == expected
+
+
 # ----------------------------------------------------------------------------------------------
 # A fake VOC / SBD / VOC2011 tree, as tar files served over HTTP
 # ----------------------------------------------------------------------------------------------
