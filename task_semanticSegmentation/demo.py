@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from tools.runtime import format_table, read_csv_log
+from tools.runtime import atomic_savefig, format_table, read_csv_log
 from . import main as seg_main
 from .palette import colorize
 from .synthetic import Synthetic
@@ -52,8 +52,7 @@ def save_examples(figure_path: Path, split: str, columns: Dict[str, Path], count
             if row == 0:
                 axes[row, col].set_title(titles[col], fontsize=9)
     fig.tight_layout()
-    figure_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure_path, dpi=100)
+    atomic_savefig(fig, figure_path, dpi=100)
     plt.close(fig)
 
 

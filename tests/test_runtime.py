@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools.runtime import (CsvLog, atomic_open, atomic_save, find_snapshots, format_table,
-                           read_csv_log, resolve_device, seed_everything)
+from tools.runtime import (CsvLog, atomic_open, atomic_save, atomic_savefig, find_snapshots,
+                           format_table, read_csv_log, resolve_device, seed_everything)
 
 FORMATS = ["{:.6f}", "{:g}", "{:.6f}"]
 COLUMNS = ["epoch", "lr", "loss"]
@@ -84,6 +84,21 @@ def test_atomic_open_uses_rename(tmp_path, monkeypatch):
         assert not (tmp_path / "out.txt").exists()  # nothing visible until the rename
     assert (tmp_path / "out.txt").read_text() == "hello"
     assert len(calls) == 1 and os.path.dirname(calls[0][0]) == str(tmp_path)
+
+
+def test_atomic_savefig_format_by_suffix_and_failure_leaves_nothing(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1, 1))
+    FigureCanvasAgg(figure)
+    figure.add_subplot().plot([0, 1], [1, 0])
+    png = atomic_savefig(figure, tmp_path / "sub" / "plot.png", dpi=20)
+    assert png == tmp_path / "sub" / "plot.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert atomic_savefig(figure, tmp_path / "plot.svg").read_text().lstrip().startswith("<?xml")
+    with pytest.raises(ValueError, match="not supported"):
+        atomic_savefig(figure, tmp_path / "plot.nope")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.svg", "sub"]
 
 
 def test_find_snapshots(tmp_path):

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from tools.runtime import read_csv_log
+from tools.runtime import atomic_savefig, read_csv_log
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -150,10 +150,7 @@ def plot_logs(paths: Sequence[PathLike], output: Optional[PathLike],
     if not output:
         plt.show()
         return None
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=100)
-    return output
+    return atomic_savefig(figure, output, dpi=100)
 
 
 def _draw_panel(axes, column, curves, labels, order, smooth, legend, xlim) -> None:

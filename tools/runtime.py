@@ -30,6 +30,7 @@ __all__ = [
     "seed_everything",
     "atomic_open",
     "atomic_save",
+    "atomic_savefig",
     "find_snapshots",
     "CsvLog",
     "read_csv_log",
@@ -134,6 +135,20 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     """
     with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
+
+
+def atomic_savefig(figure: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
+    """``figure.savefig(path)`` for a matplotlib figure, written atomically (temp file + rename).
+
+    The format comes from the suffix of ``path`` (PNG when there is none).
+
+    Example:
+        >>> atomic_savefig(figure, "exp/curves.png", dpi=100)
+    """
+    path = Path(path)
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format=path.suffix[1:].lower() or "png", **savefig_kwargs)
+    return path
 
 
 def find_snapshots(exp_root: PathLike, prefix: str = "weights_epoch_") -> dict[int, Path]:
