@@ -112,6 +112,9 @@ def test_save_flow_image_writes_png(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (16, 12)
         np.testing.assert_array_equal(np.asarray(image), flow_to_image(flow))
+    with pytest.raises(ValueError, match="suffix"):
+        save_flow_image(flow, tmp_path / "flow.unknown")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.png"]  # no temporary file left
 
 
 # ---------------------------------------------------------------- errors

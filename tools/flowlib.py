@@ -16,6 +16,8 @@ from typing import Union
 
 import numpy as np
 
+from tools.runtime import atomic_open
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
@@ -86,7 +88,7 @@ def write_flow(flow: np.ndarray, path: PathLike) -> None:
     if not np.issubdtype(flow.dtype, np.number) or np.iscomplexobj(flow):
         raise TypeError(f"flow: expected a real numeric array, got dtype {flow.dtype}")
     height, width = flow.shape[:2]
-    with open(path, "wb") as handle:
+    with atomic_open(path, "wb") as handle:  # a reader never sees a truncated file
         handle.write(np.array([FLO_MAGIC], "<f4").tobytes())
         handle.write(np.array([width, height], "<i4").tobytes())
         handle.write(np.ascontiguousarray(flow, dtype="<f4").tobytes())
@@ -168,11 +170,18 @@ def flow_to_image(flow: np.ndarray) -> np.ndarray:
 
 
 def save_flow_image(flow: np.ndarray, path: PathLike) -> Path:
-    """Write :func:`flow_to_image` of ``flow`` as a PNG (or any Pillow format by suffix)."""
+    """Write :func:`flow_to_image` of ``flow`` as a PNG (or any Pillow format by suffix), atomically."""
     from PIL import Image  # imported lazily: reading .flo files does not need Pillow
 
-    Image.fromarray(flow_to_image(flow)).save(path)
-    return Path(path)
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"path: cannot tell the image format from the suffix of {path}, "
+                         "expected e.g. .png")
+    picture = Image.fromarray(flow_to_image(flow))
+    with atomic_open(path, "wb") as handle:
+        picture.save(handle, format=image_format)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
