@@ -61,9 +61,16 @@ EdgeKernel = Union[Tensor, Sequence[Optional[Tensor]], None]
 # Feature helpers
 # ------------------------------------------------------------------------------------------------
 
-def _scale_tensor(scales: Any, device: Optional[torch.device] = None) -> Tensor:
-    """Scalar / list / tensor of per-channel scales -> tensor broadcastable over (B, C, H, W)."""
-    scales = scales if isinstance(scales, Tensor) else torch.tensor(scales, dtype=torch.float32)
+def _scale_tensor(name: str, scales: Any, channels: int, device: Optional[torch.device] = None) -> Tensor:
+    """Scalar / list / tensor of per-channel scales -> tensor broadcastable over (B, channels, H, W)."""
+    if not isinstance(scales, Tensor):
+        try:
+            scales = torch.tensor(scales, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f'{name}: expected a number or a sequence of {channels} numbers, '
+                            f'got {scales!r}') from None
+    if scales.numel() not in (1, channels):
+        raise ValueError(f'{name}: expected one value or {channels} (one per channel), got {scales.numel()}')
     scales = scales.to(device)
     return scales.view(1, -1, 1, 1) if scales.dim() > 0 else scales
 
@@ -89,7 +96,7 @@ def create_position_feats(shape: Sequence[int], scales: Any = None, bs: int = 1,
     axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
     feats = torch.stack(torch.meshgrid(*axes, indexing='ij'), dim=0).unsqueeze(0)
     if scales is not None:
-        feats = feats / _scale_tensor(scales, device)
+        feats = feats / _scale_tensor('scales', scales, len(shape), device)
     return feats.expand(bs, *feats.shape[1:]).contiguous()
 
 
@@ -118,9 +125,12 @@ def create_YXRGB(img: Tensor, yx_scale: Any = None, rgb_scale: Any = None, scale
             raise ValueError('scales: give either scales or yx_scale/rgb_scale, not both')
         yx_scale, rgb_scale = scales[:2], scales[2:]
     img = img.reshape(-1, *img.shape[-3:])
+    if yx_scale is not None:
+        yx_scale = _scale_tensor('yx_scale', yx_scale, 2, img.device)
     yx = create_position_feats(img.shape[-2:], yx_scale, img.shape[0], img.device).to(img.dtype)
-    rgb = img if rgb_scale is None else img / _scale_tensor(rgb_scale, img.device)
-    return torch.cat([yx, rgb], dim=1)
+    if rgb_scale is not None:
+        img = img / _scale_tensor('rgb_scale', rgb_scale, img.shape[1], img.device).to(img.dtype)
+    return torch.cat([yx, img], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------

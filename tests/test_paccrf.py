@@ -386,6 +386,20 @@ def test_position_and_yxrgb_features():
     torch.testing.assert_close(create_YXRGB(img, scales=[2.0, 2.0, 1.0, 4.0]), feats)
     with pytest.raises(ValueError, match='scales'):
         create_YXRGB(img, yx_scale=2.0, scales=[2.0, 2.0, 1.0, 4.0])
+    half = create_YXRGB(img.half(), yx_scale=2.0, rgb_scale=[1.0, 4.0])
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), feats, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize('call, error, message', [
+    (lambda img: create_YXRGB(img, yx_scale=[1.0, 2.0, 3.0]), ValueError, 'yx_scale: expected one value or 2'),
+    (lambda img: create_YXRGB(img, rgb_scale=[1.0, 2.0]), ValueError, 'rgb_scale: expected one value or 3'),
+    (lambda img: create_YXRGB(img, rgb_scale='wide'), TypeError, 'rgb_scale: expected a number'),
+    (lambda img: create_position_feats((4, 5), scales=[1.0, 2.0, 3.0]), ValueError, 'scales: expected one value or 2'),
+])
+def test_error_feature_scales(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.rand(1, 3, 4, 5))
 
 
 @pytest.mark.parametrize('size,factor', [(7, 2), (9, 4), (10, 4), (8, 4), (5, 3), (6, 1)])
