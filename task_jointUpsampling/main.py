@@ -386,10 +386,10 @@ def _plot(exp_root: Path, measures: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- compare / demo
-DEMO_PRESET = dict(dataset='Synthetic', factor=8, compare=['Bilinear', 'DJIF', 'PacJointUpsample'], epochs=6,
-                   lr=1e-3, lr_steps=[5], batch_size=8, train_crop=64, test_batch_size=10, num_data_worker=0,
-                   exp_root=os.path.join('exp', 'demo'), synthetic_samples=[400, 50], test_interval=2,
-                   log_interval=10, overwrite=True)
+DEMO_PRESET = dict(dataset='Synthetic', factor=8, compare=['Bilinear', 'DJIF', 'PacJointUpsample'], epochs=2,
+                   lr=1e-3, batch_size=2, train_crop=128, test_batch_size=10, num_data_worker=0,
+                   exp_root=os.path.join('exp', 'demo'), synthetic_samples=[300, 50], test_interval=1,
+                   log_interval=25, print_interval=1000, overwrite=True)
 
 
 def run_compare(args: argparse.Namespace) -> list[dict]:
