@@ -37,25 +37,35 @@ examples: fcn8s, fcn8s_crfi5p4d5641p4d5161, fcn8sfrozen_crfi5lp4d5641p4d5161, fc
 EDGE_FEATURE_SCALE = 30.0  # initial scale of the (mean-subtracted, 0-255) BGR edge features
 
 
+def _check_out_crop(out_crop: Optional[Sequence[int]], size: Sequence[int]) -> None:
+    if out_crop is None:
+        return
+    if len(out_crop) != 2 or not all(0 < int(n) <= limit for n, limit in zip(out_crop, size)):
+        raise ValueError(f'out_crop: expected (h, w) with 0 < h, w <= the input size {tuple(size)}, '
+                         f'got {tuple(out_crop)}')
+
+
 def crop_top_left(x: torch.Tensor, out_crop: Optional[Sequence[int]]) -> torch.Tensor:
     """Return the top-left ``out_crop`` = (h, w) window of ``x`` (B, C, H, W); ``None`` keeps ``x``."""
+    _check_out_crop(out_crop, x.shape[-2:])
     if out_crop is None or tuple(out_crop) == tuple(x.shape[-2:]):
         return x
-    h, w = int(out_crop[0]), int(out_crop[1])
-    if h > x.shape[-2] or w > x.shape[-1]:
-        raise ValueError(f'out_crop must not exceed the input size {tuple(x.shape[-2:])}, got {(h, w)}')
-    return x[..., :h, :w]
+    return x[..., :int(out_crop[0]), :int(out_crop[1])]
+
+
+def _check_image_batch(model: nn.Module, x: torch.Tensor, out_crop: Optional[Sequence[int]]) -> None:
+    """ValueError naming the argument unless x is (B, 3, H, W) and out_crop fits inside it."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f'{type(model).__name__} expects x of shape (B, 3, H, W), got {got}')
+    _check_out_crop(out_crop, x.shape[-2:])
 
 
 class _SegmentationBackbone:
     """Mixin giving a backbone ``num_classes`` and ``forward(x, out_crop=None)``."""
 
     def forward(self, x: torch.Tensor, out_crop: Optional[Sequence[int]] = None) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f'{type(self).__name__} expects x of shape (B, 3, H, W), '
-                             f'got {tuple(x.shape)}')
-        if out_crop is not None and (out_crop[0] > x.shape[-2] or out_crop[1] > x.shape[-1]):
-            raise ValueError(f'out_crop must not exceed the input size {tuple(x.shape[-2:])}, got {tuple(out_crop)}')
+        _check_image_batch(self, x, out_crop)
         out = super().forward(x)
         if out.shape[-2:] != x.shape[-2:]:  # cannot happen for valid sizes; keeps the contract explicit
             raise RuntimeError(f'output size {tuple(out.shape[-2:])} != input size {tuple(x.shape[-2:])}')
@@ -123,6 +133,7 @@ class TinyFCN(nn.Module):
         self.score = nn.Conv2d(4 * width, num_classes, 1)
 
     def forward(self, x: torch.Tensor, out_crop: Optional[Sequence[int]] = None) -> torch.Tensor:
+        _check_image_batch(self, x, out_crop)
         # The inputs are mean-subtracted 0-255 values; /64 keeps the first activations near unit scale.
         scores = self.score(self.features(x / 64.0))
         out = F.interpolate(scores, size=x.shape[-2:], mode='bilinear', align_corners=False)

@@ -157,6 +157,19 @@ def test_tinyfcn_any_size_and_out_crop():
     assert net(torch.randn(1, 3, 37, 45), (20, 30)).shape == (1, 21, 20, 30)
 
 
+@pytest.mark.parametrize('make', [lambda: models.TinyFCN(21), lambda: create_model('tinyfcn_crfi1p4d311', 21)],
+                         ids=['tinyfcn', 'tinyfcn_crf'])
+def test_tinyfcn_and_crf_models_reject_bad_inputs_naming_them(make):
+    net = make()
+    with pytest.raises(ValueError, match=r'expects x of shape \(B, 3, H, W\), got \(1, 1, 8, 8\)'):
+        net(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r'expects x of shape \(B, 3, H, W\), got \(3, 8, 8\)'):
+        net(torch.zeros(3, 8, 8))
+    for out_crop in [(4,), (9, 8), (0, 8)]:
+        with pytest.raises(ValueError, match='out_crop'):
+            net(torch.zeros(1, 3, 8, 8), out_crop)
+
+
 # ----------------------------------------------------------------------------------------------
 # Grammar
 # ----------------------------------------------------------------------------------------------
