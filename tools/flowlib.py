@@ -16,8 +16,6 @@ from typing import Union
 
 import numpy as np
 
-from tools.runtime import atomic_open
-
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
@@ -87,6 +85,8 @@ def write_flow(flow: np.ndarray, path: PathLike) -> None:
                          f"{tuple(flow.shape)}")
     if not np.issubdtype(flow.dtype, np.number) or np.iscomplexobj(flow):
         raise TypeError(f"flow: expected a real numeric array, got dtype {flow.dtype}")
+    from tools.runtime import atomic_open  # imported lazily: it imports torch, reading .flo does not
+
     height, width = flow.shape[:2]
     with atomic_open(path, "wb") as handle:  # a reader never sees a truncated file
         handle.write(np.array([FLO_MAGIC], "<f4").tobytes())
@@ -171,7 +171,9 @@ def flow_to_image(flow: np.ndarray) -> np.ndarray:
 
 def save_flow_image(flow: np.ndarray, path: PathLike) -> Path:
     """Write :func:`flow_to_image` of ``flow`` as a PNG (or any Pillow format by suffix), atomically."""
-    from PIL import Image  # imported lazily: reading .flo files does not need Pillow
+    from PIL import Image  # imported lazily: reading .flo files does not need Pillow or torch
+
+    from tools.runtime import atomic_open
 
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
