@@ -30,7 +30,7 @@ from tools.runtime import CsvLog, atomic_open, atomic_save, find_snapshots, reso
 from weights import load_into, load_state_dict
 from .datasets import DeepLabEvalInputs, DeepLabInputs, PascalVOC, decode_id
 from .metrics import MEASURES, ConfusionMeter, make_loss, seg_measures
-from .models import GRAMMAR, create_model, parse_model_name
+from .models import GRAMMAR, create_model, parse_model_name, trainable_parameters
 from .palette import VOC_CLASSES, save_label_png
 from .synthetic import Synthetic
 
@@ -183,7 +183,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     if not params:
         raise ValueError(f'model {args.model!r} has no trainable parameters; it can only be tested (--epochs 0)')
     if args.optimizer == 'Adam':
@@ -330,7 +330,7 @@ def prepare_model(args: argparse.Namespace, spec, exp_root: Path, device: torch.
     model.to(device)
     if device.type == 'cuda' and args.gpu is None and torch.cuda.device_count() > 1:
         model = nn.DataParallel(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in trainable_parameters(model))
     print(f'model {args.model}: {trainable:,} trainable parameters')
     return model, last_epoch
 

@@ -19,7 +19,7 @@ from . import fcn8s
 
 __all__ = ['FCN8s', 'FCN8sAltPad', 'FCN8sPac', 'TinyFCN', 'ModelWithCrf', 'ModelWithConvCrf',
            'PairwiseSpec', 'ModelSpec', 'parse_model_name', 'create_model', 'crop_top_left',
-           'GRAMMAR', 'BACKBONES']
+           'trainable_parameters', 'GRAMMAR', 'BACKBONES']
 
 GRAMMAR = """\
 model name grammar:
@@ -389,10 +389,6 @@ def create_model(model_name: str, num_classes: int = 21) -> nn.Module:
                         use_yx=False, shared_scales=False)
 
 
-def is_frozen_backbone(model_name: str) -> bool:
-    """True if the model name asks for a frozen backbone (its snapshots then omit ``backbone.*``)."""
-    return parse_model_name(model_name).frozen
-
-
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters that are trained (``requires_grad``): everything but a frozen backbone."""
     return [p for p in model.parameters() if p.requires_grad]

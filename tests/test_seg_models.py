@@ -240,6 +240,8 @@ def test_frozen_paccrf_keys_and_trainable_parameters():
                 if k.startswith('backbone.')] == expected_fcn8s_state()
         assert {k: tuple(v.shape) for k, v in state.items() if not k.startswith('backbone.')} == CRF_KEYS
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 22_059 == 2 * 21 * 21 * 25 + 1 + 2 + 6
+        assert {id(p) for p in models.trainable_parameters(model)} == {
+            id(p) for name, p in model.named_parameters() if not name.startswith('backbone.')}
         messengers = model.crf.messengers
         assert (messengers[0].dilation, messengers[0].padding) == ((64, 64), (128, 128))
         assert (messengers[1].dilation, messengers[1].padding) == ((16, 16), (32, 32))
