@@ -12,7 +12,8 @@ loads into all of them:
 
 Expected input: BGR, 0-255 scale, mean-subtracted (see ``datasets.DeepLabInputs``).
 """
-from typing import Callable, Dict, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pac
+import weights
 
 __all__ = ['get_upsampling_weight', 'FCN8s', 'FCN8sAltPad', 'FCN8sPac', 'check_multiple_of_32']
 
@@ -127,6 +129,15 @@ class FCN8s(nn.Module):
         self.upscore2 = _bilinear_upscore(n_class, 4, 2, self.upscore2_padding)
         self.upscore8 = _bilinear_upscore(n_class, 16, 8, self.upscore8_padding)
         self.upscore_pool4 = _bilinear_upscore(n_class, 4, 2, self.upscore2_padding)
+
+    @staticmethod
+    def download(cache_dir: Optional[Union[str, Path]] = None) -> Path:
+        """Fetch the caffe-converted ``fcn8s_from_caffe.pth`` (md5-verified) and return its local path.
+
+        It goes through the weights registry (``weights.resolve_weights('fcn8s_from_caffe')``): cached in
+        ``cache_dir`` (default ``$PACNET_CACHE`` or ``~/.cache/pacnet``), from ``$PACNET_WEIGHTS_URL`` if set.
+        """
+        return weights.resolve_weights('fcn8s_from_caffe', cache_dir)
 
     def _make_conv(self, name: str, in_channels: int, out_channels: int, padding: int) -> nn.Module:
         return _zero_conv(in_channels, out_channels, 3, padding=padding)

@@ -49,6 +49,25 @@ def fcn():
 # ----------------------------------------------------------------------------------------------
 # Backbones
 # ----------------------------------------------------------------------------------------------
+def test_fcn8s_download_fetches_the_registry_file_md5_checked(http_server, tmp_path, monkeypatch):
+    import hashlib
+
+    import weights
+    from tools.download import ChecksumError
+    served = http_server.root / 'semantic_segmentation' / 'fcn8s_from_caffe.pth'
+    served.parent.mkdir()
+    served.write_bytes(b'stand-in weights')
+    monkeypatch.setenv('PACNET_WEIGHTS_URL', http_server.url(''))
+    with pytest.raises(ChecksumError, match='dbd9bbb3829a3184913bccc74373afbb'):  # the published md5 is enforced
+        fcn8s.FCN8s.download(tmp_path / 'cache')
+    entry = weights.REGISTRY['fcn8s_from_caffe']
+    monkeypatch.setitem(weights.REGISTRY, 'fcn8s_from_caffe',
+                        entry._replace(md5=hashlib.md5(b'stand-in weights').hexdigest()))
+    path = fcn8s.FCN8s.download(tmp_path / 'cache')
+    assert path == tmp_path / 'cache' / 'semantic_segmentation' / 'fcn8s_from_caffe.pth'
+    assert path.read_bytes() == b'stand-in weights'
+
+
 def test_upsampling_weight_is_the_fcn_bilinear_kernel_on_the_diagonal():
     w = fcn8s.get_upsampling_weight(3, 3, 4)
     torch.testing.assert_close(w[1, 1, 0], torch.tensor([0.0625, 0.1875, 0.1875, 0.0625]))
