@@ -292,20 +292,11 @@ def run(args: argparse.Namespace) -> dict:
         print(f'{args.model} has no trainable parameters: testing only')
         epochs = 0
 
-    snapshots = {} if args.overwrite else find_snapshots(exp_root, SNAPSHOT_PREFIX)
-    last_epoch, resume_from = 0, None
-    if epochs > 0 and snapshots:
-        done = [e for e in snapshots if e <= epochs]
-        if done:
-            if args.load_weights:
-                raise ValueError(f'--load-weights {args.load_weights!r}: {exp_root} already holds snapshots to '
-                                 'resume from; pass --overwrite to start a fresh run from these weights')
-            last_epoch = resume_from = max(done)
-    elif epochs == 0 and snapshots and not args.load_weights:
-        resume_from = max(snapshots)
+    last_epoch, resume_from = _starting_point(args, exp_root, epochs)
     if resume_from is not None:
-        net.load_state_dict(torch.load(snapshots[resume_from], map_location=device, weights_only=True))
-        print(f'loaded snapshot {snapshots[resume_from]}')
+        path = exp_root / f'{SNAPSHOT_PREFIX}{resume_from}.pth'
+        net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        print(f'loaded snapshot {path}')
     elif args.load_weights:
         load_weights(net, args.load_weights, info)
     elif epochs == 0 and trainable:
@@ -329,7 +320,7 @@ def run(args: argparse.Namespace) -> dict:
     optimizer = make_optimizer(args, trainable)
     scheduler = make_scheduler(optimizer, args.lr_steps)
     if resume_from is not None:
-        _resume_state(exp_root, resume_from, optimizer, scheduler, args)
+        _resume_state(exp_root, resume_from, optimizer, scheduler)
     columns = ['epoch', 'lr', 'loss', *args.measures]
     resume_epoch = last_epoch if resume_from is not None else None
     train_log = CsvLog(exp_root / 'train.log', columns, resume_epoch=resume_epoch)
@@ -359,11 +350,26 @@ def run(args: argparse.Namespace) -> dict:
     return {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epochs, 'train_seconds': train_seconds}
 
 
+def _starting_point(args: argparse.Namespace, exp_root: Path, epochs: int) -> tuple[int, int | None]:
+    """(last finished epoch, snapshot epoch to load or None). Training resumes from the latest snapshot not
+    beyond ``epochs``; a test-only run (epochs 0) tests the latest snapshot unless --load-weights is given."""
+    snapshots = {} if args.overwrite else find_snapshots(exp_root, SNAPSHOT_PREFIX)
+    if epochs == 0:
+        return 0, (max(snapshots) if snapshots and not args.load_weights else None)
+    done = [e for e in snapshots if e <= epochs]
+    if not done:
+        return 0, None
+    if args.load_weights:
+        raise ValueError(f'--load-weights {args.load_weights!r}: {exp_root} already holds snapshots to resume '
+                         'from; pass --overwrite to start a fresh run from these weights')
+    return max(done), max(done)
+
+
 def _num_images(args: argparse.Namespace, loader: DataLoader) -> int:
     return len(loader.dataset) if args.save_images < 0 else args.save_images
 
 
-def _resume_state(exp_root: Path, epoch: int, optimizer, scheduler, args) -> None:
+def _resume_state(exp_root: Path, epoch: int, optimizer, scheduler) -> None:
     path = exp_root / f'{STATE_PREFIX}{epoch}.pth'
     if not path.is_file():
         print(f'warning: {path} is missing: resuming epoch {epoch} with a fresh optimizer state')
