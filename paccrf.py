@@ -36,6 +36,7 @@ bilinearly by b and cropped back to (H, W).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -172,6 +173,15 @@ def _check_positive_int(name: str, value: Any, odd: bool = False) -> None:
         raise ValueError(f'{name}: expected a positive {"odd " if odd else ""}int, got {value!r}')
 
 
+def _as_weight(name: str, value: Any) -> float:
+    """A real number as float; TypeError naming ``name`` otherwise (bools and strings are refused)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{name}: expected a real number, got {value!r}')
+    return float(value)
+
+
 def _check_final_output(final_output: Any) -> None:
     if final_output not in FINAL_OUTPUTS:
         raise ValueError(f'Unknown value for final_output: {final_output!r}; expected one of {FINAL_OUTPUTS}')
@@ -277,7 +287,7 @@ class PacCRF(nn.Module):
         self.native_impl = native_impl
         self.fixed_weighting = fixed_weighting
         self.checkpoint_steps = checkpoint_steps
-        self.init_unary_weight = float(unary_weight)
+        self.init_unary_weight = _as_weight('unary_weight', unary_weight)
         if fixed_weighting:
             self.unary_weight = self.init_unary_weight
         else:
@@ -324,7 +334,8 @@ class PacCRF(nn.Module):
                                   shared_filters=shared, filler=filler, native_impl=self.native_impl)
         self.messengers.append(messenger)
         self.compat.append(nn.Conv2d(channels, channels, 1, bias=False) if compat_type == '2d' else None)
-        init_weight = -float(pairwise_weight) if compat_type == 'potts' else float(pairwise_weight)
+        weight = _as_weight('pairwise_weight', pairwise_weight)
+        init_weight = -weight if compat_type == 'potts' else weight
         self.init_pairwise_weights.append(init_weight)
         self.pairwise_weights.append(nn.Parameter(torch.tensor(init_weight)))
         self._use_pairwise_weights.append(compat_type == 'potts' and not spatial_filter and not self.fixed_weighting)

@@ -1,6 +1,7 @@
 """Tests of paccrf.py against the brute-force mean-field reference in paccrf_reference.py."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -533,6 +534,12 @@ def test_error_compat_type_final_output_and_kernel_list():
         crf(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4))
     with pytest.raises(TypeError, match='pairwise_kernels'):
         PacCRF(3, 1, pairwise_kernels=['4d_5_1_1'])
+    with pytest.raises(TypeError, match="pairwise_weight: expected a real number, got 'x'"):
+        PacCRF(3, 1, pairwise_kernels=dict(pairwise_weight='x'))
+    with pytest.raises(TypeError, match='unary_weight: expected a real number, got None'):
+        PacCRFLoose(3, 2, unary_weight=None)
+    crf = PacCRF(3, 1, unary_weight=np.float32(0.5), pairwise_kernels=dict(compat_type='potts', pairwise_weight=2))
+    assert crf.init_unary_weight == 0.5 and crf.init_pairwise_weights == [-2.0]
 
 
 def test_error_crf_refine_inputs():
