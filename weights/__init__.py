@@ -201,7 +201,7 @@ def _report(module: torch.nn.Module, loaded: int, mismatch: _Mismatch) -> str:
     lines = [f"Loaded {loaded}/{total} tensors into {type(module).__name__}."]
     shapes = [f"{k}: checkpoint {ckpt} vs model {model}"
               for k, (ckpt, model) in mismatch.shapes.items()]
-    for title, keys in (("missing keys (left at their initial values)", mismatch.missing),
+    for title, keys in (("missing keys (not in the checkpoint: left as they were)", mismatch.missing),
                         ("unexpected keys (ignored)", mismatch.unexpected),
                         ("shape mismatches (not loaded)", shapes)):
         if keys:
