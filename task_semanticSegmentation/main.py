@@ -18,12 +18,12 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from tools.runtime import CsvLog, atomic_open, atomic_save, find_snapshots, resolve_device, seed_everything
@@ -124,7 +124,9 @@ def data_roots(data_root: str) -> Tuple[Path, Path]:
     return Path(data_root) / 'VOCdevkit', Path(data_root) / 'benchmark_RELEASE'
 
 
-def make_dataset(args: argparse.Namespace, split: str, transform, subset_seed: Optional[str] = None):
+def make_dataset(args: argparse.Namespace, split: str, transform: Callable,
+                 subset_seed: Optional[str] = None) -> Dataset:
+    """The --dataset split (VOC2012 under --data-root, downloaded with --download; or Synthetic)."""
     if args.dataset == 'Synthetic':
         return Synthetic(split, transform, subset_seed=subset_seed)
     voc_root, sbd_root = data_roots(args.data_root)
