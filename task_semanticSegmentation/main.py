@@ -44,9 +44,12 @@ DATASETS = ('VOC2012', 'Synthetic')  # both have the 21 VOC classes
 NUM_CLASSES = 21
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows the defaults, and the grammar epilog with its line breaks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Semantic segmentation',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(description='Semantic segmentation', formatter_class=_HelpFormatter,
                                 epilog=GRAMMAR)
     p.add_argument('--data-root', type=str, default='data',
                    help="VOC root is <data-root>/VOCdevkit, SBD root <data-root>/benchmark_RELEASE; "

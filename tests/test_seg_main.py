@@ -130,6 +130,12 @@ def test_reference_flags_and_defaults():
     assert {k: getattr(args, k) for k in expected} == expected
 
 
+def test_help_shows_defaults_and_the_grammar_line_by_line():
+    text = seg.build_parser().format_help()
+    assert '(default: 449)' in text and '(default: fcn8s)' in text
+    assert '\n  <pairwise> := <type>[s]<kernel_size:1 digit><dilation:digits><blur:1 digit>\n' in text
+
+
 README_COMMANDS = [
     '--data-root data/voc --exp-root exp/voc --download --load-weights fcn8s_from_caffe.pth --model fcn8s '
     '--test-split val11_sbd --test-crop -1',
