@@ -130,8 +130,7 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
         if case in results:
             r = results[case]
             print(f'targets for {CASES[case]}: fwd+bwd within 3x of (d): {ratio(r["fwd_bwd_s"], ref["fwd_bwd_s"])}x; '
-                  f'memory under 300 MB: RSS {r["peak_mb"]:.0f} MB, live {r["live_mb"]:.0f} MB '
-                  f'(2019 code: 4.4 s and 3 GB)')
+                  f'memory under 300 MB: RSS {r["peak_mb"]:.0f} MB, live {r["live_mb"]:.0f} MB')
 
 
 def main() -> None:
