@@ -17,6 +17,7 @@ Command line (download / prepare without training)::
 import argparse
 import hashlib
 import json
+import numbers
 import random
 import re
 import tarfile
@@ -327,6 +328,13 @@ def image_to_array(image: Image.Image, use_bgr: bool = True) -> np.ndarray:
     return np.ascontiguousarray(array[::-1] if use_bgr else array)
 
 
+def _crop_size(size: Optional[int]) -> Optional[int]:
+    """The crop side of a transform: None (whole image) for None or <= 0."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
+        raise TypeError(f'size: expected an int (<= 0 or None: whole image), got {size!r}')
+    return int(size) if size is not None and size > 0 else None
+
+
 def _crop_offset(rng: random.Random, length: int, size: int) -> int:
     return rng.randint(0, max(0, length - size))
 
@@ -409,7 +417,7 @@ class DeepLabInputs(_SeededTransform):
             raise ValueError(f'aug_scale must be (low, high) with 0 < low <= high, got {aug_scale!r}')
         if aug_color is not None and len(aug_color) != 4:
             raise ValueError(f'aug_color must be (brightness, contrast, saturation, hue), got {aug_color!r}')
-        self.size = size if size is not None and size > 0 else None
+        self.size = _crop_size(size)
         self.use_bgr = use_bgr
         self.pad_label = pad_label
         self.ignore_label = ignore_label
@@ -466,7 +474,7 @@ class DeepLabEvalInputs(_SeededTransform):
 
     def __init__(self, size: Optional[int] = None, use_bgr: bool = True, seed: Seed = None):
         super().__init__(seed)
-        self.size = size if size is not None and size > 0 else None
+        self.size = _crop_size(size)
         self.use_bgr = use_bgr
 
     def __call__(self, image: Image.Image, label: Optional[Image.Image] = None, image_id: str = ''):

@@ -159,6 +159,10 @@ def test_transform_errors():
         DeepLabInputs(4)(rgb_image(3, 3), Image.new('L', (4, 3)), 'x')
     with pytest.raises(ValueError, match='aug_scale'):
         DeepLabInputs(4, aug_scale=(1.5, 0.5))
+    for transform in (DeepLabInputs, DeepLabEvalInputs):
+        with pytest.raises(TypeError, match="size: expected an int .* got '512'"):
+            transform('512')
+        assert transform(-1).size is None and transform(None).size is None and transform(np.int64(8)).size == 8
 
 
 def test_eval_inputs_keep_id_and_original_size():
