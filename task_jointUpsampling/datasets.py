@@ -365,10 +365,7 @@ class Sintel(Dataset):
     def _read(path: Path) -> np.ndarray:
         if path.suffix == '.flo':
             from tools.flowlib import read_flow
-            flow = read_flow(str(path))
-            if flow is None:
-                raise RuntimeError(f'{path} is not a valid .flo file')
-            return np.ascontiguousarray(flow.transpose(2, 0, 1), dtype=np.float32)
+            return np.ascontiguousarray(read_flow(path).transpose(2, 0, 1), dtype=np.float32)
         with Image.open(path) as im:
             return np.ascontiguousarray(np.asarray(im.convert('RGB')).transpose(2, 0, 1))
 
