@@ -3,10 +3,11 @@
     python bench/bench_layers.py                 # 256x256 and 512x512, both PAC implementations
     python bench/bench_layers.py --sizes 256 --skip-native
 
-Every (layer, implementation, size) runs in a fresh subprocess. Peak memory is the growth of the
-process's peak resident set size (``ru_maxrss``) during one forward+backward, over the resident size
-just before it (inputs and parameters already allocated). glibc's mmap threshold is fixed so that
-freed buffers really return to the OS and the peak reflects live tensors. Times are medians.
+Every (layer, implementation, size) is measured in fresh subprocesses. Peak memory is the growth of
+the process's peak resident set size (``ru_maxrss``) during one forward+backward, over the resident
+size just before it (inputs and parameters already allocated), with glibc's mmap threshold fixed so
+that freed buffers really return to the OS and the peak reflects live tensors. Times are medians,
+measured in a separate subprocess with the default allocator.
 Workload (from the project's issue): batch 1, 32 -> 32 channels, 16-channel guide, 5x5 kernels.
 """
 from __future__ import annotations
@@ -56,10 +57,22 @@ def _build(layer: str, impl: str, size: int):
     return (x, guide), lambda: module(x, guide)
 
 
-def _measure(layer: str, impl: str, size: int, repeats: int) -> dict:
+def _measure_memory(layer: str, impl: str, size: int) -> dict:
     import torch
 
-    torch.set_grad_enabled(True)
+    inputs, run = _build(layer, impl, size)
+    rss_before = _current_rss()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = run()
+    out.backward(torch.ones_like(out))
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # If the import-time peak was higher than this run's, the growth is not visible: report nothing.
+    return {"peak_bytes": peak_after - rss_before if peak_after > peak_before else None}
+
+
+def _measure_time(layer: str, impl: str, size: int, repeats: int) -> dict:
+    import torch
+
     inputs, run = _build(layer, impl, size)
 
     def forward_backward():
@@ -67,13 +80,6 @@ def _measure(layer: str, impl: str, size: int, repeats: int) -> dict:
         out.backward(torch.ones_like(out))
         for t in inputs:
             t.grad = None
-
-    rss_before = _current_rss()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    forward_backward()
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # If the import-time peak was higher than this run's, the growth is not visible; say so.
-    memory = peak_after - rss_before if peak_after > peak_before else None
 
     def timed(fn):
         fn()
@@ -86,15 +92,24 @@ def _measure(layer: str, impl: str, size: int, repeats: int) -> dict:
 
     with torch.no_grad():
         t_fwd = timed(run)
-    return {"forward_s": t_fwd, "forward_backward_s": timed(forward_backward), "peak_bytes": memory}
+    return {"forward_s": t_fwd, "forward_backward_s": timed(forward_backward)}
+
+
+def _worker(kind: str, layer: str, impl: str, size: int, repeats: int, threads: int) -> dict:
+    """Run one measurement in a fresh interpreter. Memory runs with glibc's mmap threshold fixed, so that
+    freed buffers return to the OS and the peak RSS tracks live tensors; timing runs with the default
+    allocator (the fixed threshold makes every large allocation page-fault)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    if kind == "memory":
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--worker", kind, layer, impl, str(size), str(repeats)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _run_case(layer: str, impl: str, size: int, repeats: int, threads: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, __file__, "--worker", layer, impl, str(size), str(repeats)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**_worker("memory", layer, impl, size, repeats, threads),
+            **_worker("time", layer, impl, size, repeats, threads)}
 
 
 def main(argv=None) -> None:
@@ -104,11 +119,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-native", action="store_true", help="skip the memory-hungry native_impl=True path")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        layer, impl, size, repeats = args.worker
-        print(json.dumps(_measure(layer, impl, int(size), int(repeats))))
+        kind, layer, impl, size, repeats = args.worker
+        result = (_measure_memory(layer, impl, int(size)) if kind == "memory"
+                  else _measure_time(layer, impl, int(size), int(repeats)))
+        print(json.dumps(result))
         return
 
     impls = ["torch", "lean"] + ([] if args.skip_native else ["native"])
