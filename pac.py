@@ -45,8 +45,8 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 # Bytes of input rows processed per band by the lean path: small enough to stay in cache across
 # the k*k taps, large enough to amortise the per-operation overhead.
-_BAND_BYTES = 1 << 21
-_MAX_BANDS = 16
+_BAND_BYTES = 1 << 19
+_MAX_BANDS = 64
 
 
 # ----------------------------------------------------------------------------------------------
