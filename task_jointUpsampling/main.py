@@ -254,8 +254,11 @@ def load_weights(net: nn.Module, spec: str, info: DatasetInfo) -> None:
     """Load ``--load-weights`` (a path, URL or registry name; a short name like ``x8_pac`` gets the dataset's
     ``depth_``/``flow_`` prefix) strictly; missing or unexpected keys raise an error that lists them."""
     import weights
-    if re.fullmatch(r'x\d+_[A-Za-z0-9]+', spec) and not os.path.exists(spec):
-        spec = f'{info.kind}_{spec}'
+    if not os.path.exists(spec):
+        # `x8_pac`, or the 2019 file name `weights_depth/x8_pac_weights_epoch_5000.pth`: the dataset's release.
+        released = re.fullmatch(r'(x\d+_[A-Za-z0-9]+)(_weights_epoch_5000\.pth)?', os.path.basename(spec))
+        if released and (released.group(2) or spec == released.group(1)):
+            spec = f'{info.kind}_{released.group(1)}'
     state_dict = weights.load_state_dict(spec)
     weights.load_into(net, state_dict, strict=True)
     print(f'loaded weights {spec}')

@@ -98,7 +98,10 @@ def test_short_weight_names_resolve_by_dataset(monkeypatch):
     joint_main.load_weights(net, 'x8_pac', joint_main.DATASETS['NYUDepthV2'])
     joint_main.load_weights(net, 'x4_djif', joint_main.DATASETS['Sintel'])
     joint_main.load_weights(net, 'depth_x16_paclite', joint_main.DATASETS['Sintel'])
-    assert seen == ['depth_x8_pac', 'flow_x4_djif', 'depth_x16_paclite']
+    # the 2019 README's command names a file it expects on disk: when missing, the dataset's release is used
+    joint_main.load_weights(net, 'weights_depth/x8_pac_weights_epoch_5000.pth', joint_main.DATASETS['NYUDepthV2'])
+    joint_main.load_weights(net, 'weights_flow/x16_djif_weights_epoch_5000.pth', joint_main.DATASETS['Sintel'])
+    assert seen == ['depth_x8_pac', 'flow_x4_djif', 'depth_x16_paclite', 'depth_x8_pac', 'flow_x16_djif']
 
 
 def test_compare_table(tmp_path, capsys):
