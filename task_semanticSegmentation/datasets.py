@@ -46,7 +46,7 @@ VOC_TEST_MD5 = '9065beb292b6c291fad82b2725749fda'
 SBD_URL = ('http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/'
            'benchmark.tgz')
 SBD_MD5 = '82b4d87ceb2ed10f6038a1cba92111cb'
-MANIFEST_PATH = Path(__file__).resolve().parent / 'meta' / 'voc11seg_manifest.json'
+MANIFEST_PATH = Path(__file__).resolve().parents[1] / 'meta' / 'voc11seg_manifest.json'
 
 VOC12_SPLITS = ('train', 'val', 'trainval', 'test')
 VOC11_SPLITS = {'train11': 'train.txt', 'val11': 'val.txt', 'trainval11': 'trainval.txt',
