@@ -150,6 +150,16 @@ def test_synthetic_is_reproducible_and_edges_align():
         Synthetic(split='extra')
 
 
+def test_synthetic_has_colour_edges_without_depth_edges():
+    # the decals: strong colour steps where the depth is smooth, which a filter trusting every colour edge copies
+    misleading = 0
+    for image, depth in Synthetic(split='train', num_samples=4, size=64, seed=3):
+        flat = np.abs(np.diff(depth, axis=1)) < 0.05
+        colour_step = np.abs(np.diff(image.astype(int), axis=2)).sum(0)
+        misleading += int(((colour_step > 60) & flat).sum())
+    assert misleading > 100
+
+
 # ---------------------------------------------------------------------------------------------- NYU download
 NYU_SHAPE = (6, 8)  # (H, W) of the tiny stand-in
 
