@@ -29,7 +29,7 @@ NYU_MD5 = 'a3a66613390119e6d46827a7aaa3c132'
 NYU_URL_ENV = 'NYU_DEPTH_V2_URL'  # the original host is down: point this (or --nyu-url) at a mirror or a local copy
 SINTEL_URL = 'http://files.is.tue.mpg.de/sintel/MPI-Sintel-complete.zip'
 SINTEL_MD5 = '2d2836c2c6b4fb6c9d2d2d58189eb014'
-SINTEL_SPLIT_FILE = Path(__file__).resolve().parent / 'meta' / 'Sintel_train_val.txt'
+SINTEL_SPLIT_FILE = Path(__file__).resolve().parents[1] / 'meta' / 'Sintel_train_val.txt'
 
 LOWRES_MODES = ('center', 'last', 'nearest', 'bilinear', 'bicubic')
 _RESIZE_ORDERS = {'nearest': 0, 'bilinear': 1, 'bicubic': 3}

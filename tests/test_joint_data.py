@@ -12,7 +12,7 @@ from PIL import Image
 
 from task_jointUpsampling.datasets import (NYU_URL_ENV, SINTEL_SPLIT_FILE, AssembleJointUpsamplingInputs, NYUDepthV2,
                                            Sintel, get_lowres)
-from task_jointUpsampling.meta.make_sintel_split import SEQUENCES, split_text
+from meta.make_sintel_split import SEQUENCES, split_text
 from task_jointUpsampling.synthetic import Synthetic
 from tools.download import ChecksumError, DownloadError
 from tools.flowlib import write_flow

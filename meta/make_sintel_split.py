@@ -3,7 +3,7 @@
 Rule: validation = every flow field of ambush_6 and market_6 plus the last 25 of bamboo_2, cave_4 and temple_2;
 everything else trains. One line per flow field, in sorted sequence order, "1" (train) or "2" (val).
 
-Usage: python -m task_jointUpsampling.meta.make_sintel_split [output]
+Usage: python -m meta.make_sintel_split [output]
 """
 from __future__ import annotations
 
