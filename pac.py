@@ -45,7 +45,7 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 # Bytes of input rows processed per band by the lean path: small enough to stay in cache across
 # the k*k taps, large enough to amortise the per-operation overhead.
-_BAND_BYTES = 1 << 19
+_BAND_BYTES = 1 << 20
 _MAX_BANDS = 64
 
 
