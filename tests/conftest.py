@@ -143,3 +143,14 @@ def http_server(tmp_path: Path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread avoids OpenMP oversubscription when the machine is busy."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

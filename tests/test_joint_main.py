@@ -15,13 +15,7 @@ TINY = ['--dataset', 'Synthetic', '--factor', '4', '--model', 'PacJointUpsampleL
         '--num-data-worker', '0', '--log-interval', '2', '--test-interval', '1', '--lr', '1e-3', '--device', 'cpu']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription when the machine is busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def load(path):
