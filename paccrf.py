@@ -204,6 +204,16 @@ def _check_edge_feat(name: str, feat: Any, unary: Tensor) -> None:
                          f'the unary, got {tuple(feat.shape)}')
 
 
+def _init_settings(crf: nn.Module, channels: int, num_steps: int, final_output: str, perturbed_init: bool,
+                   fixed_weighting: bool, checkpoint_steps: bool) -> None:
+    """Validate and store the settings shared by PacCRF and PacCRFLoose."""
+    _check_positive_int('channels', channels)
+    _check_positive_int('num_steps', num_steps)
+    _check_final_output(final_output)
+    crf.channels, crf.num_steps, crf.final_output = channels, num_steps, final_output
+    crf.perturbed_init, crf.fixed_weighting, crf.checkpoint_steps = perturbed_init, fixed_weighting, checkpoint_steps
+
+
 def _apply_final_output(logQ: Tensor, final_output: str) -> Tensor:
     _check_final_output(final_output)
     if final_output == 'softmax':
@@ -277,16 +287,8 @@ class PacCRF(nn.Module):
                  pairwise_kernels: Union[Dict[str, Any], Sequence[Dict[str, Any]], None] = None, *,
                  checkpoint_steps: bool = False) -> None:
         super().__init__()
-        _check_positive_int('channels', channels)
-        _check_positive_int('num_steps', num_steps)
-        _check_final_output(final_output)
-        self.channels = channels
-        self.num_steps = num_steps
-        self.final_output = final_output
-        self.perturbed_init = perturbed_init
+        _init_settings(self, channels, num_steps, final_output, perturbed_init, fixed_weighting, checkpoint_steps)
         self.native_impl = native_impl
-        self.fixed_weighting = fixed_weighting
-        self.checkpoint_steps = checkpoint_steps
         self.init_unary_weight = _as_weight('unary_weight', unary_weight)
         if fixed_weighting:
             self.unary_weight = self.init_unary_weight
@@ -489,14 +491,7 @@ class PacCRFLoose(nn.Module):
                  pairwise_kernels: Union[Dict[str, Any], Sequence[Dict[str, Any]], None] = None, *,
                  checkpoint_steps: bool = False) -> None:
         super().__init__()
-        _check_positive_int('num_steps', num_steps)
-        _check_final_output(final_output)
-        self.channels = channels
-        self.num_steps = num_steps
-        self.final_output = final_output
-        self.perturbed_init = perturbed_init
-        self.fixed_weighting = fixed_weighting
-        self.checkpoint_steps = checkpoint_steps
+        _init_settings(self, channels, num_steps, final_output, perturbed_init, fixed_weighting, checkpoint_steps)
         self.steps = nn.ModuleList(
             PacCRF(channels, 1, 'log_Q', perturbed_init, native_impl, fixed_weighting, unary_weight,
                    pairwise_kernels, checkpoint_steps=checkpoint_steps)
