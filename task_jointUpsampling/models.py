@@ -30,7 +30,7 @@ __all__ = [
     'convert_to_single_channel', 'recover_from_single_channel', 'repeat_for_channel',
     'th_rmse', 'th_epe',
     'Identity', 'Bilinear', 'JointBilateral', 'DJIF', 'DJIFWide', 'PacJointUpsample', 'PacJointUpsampleLite',
-    'MODEL_NAMES', 'create_model',
+    'init_color_guide_', 'MODEL_NAMES', 'create_model',
 ]
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -364,6 +364,59 @@ class PacJointUpsampleLite(PacJointUpsample):
         n_g, n_t, n_f, k_ch = _LITE_CONFIGS[factor]
         super().__init__(factor, channels, guide_channels, n_g_filters=n_g, n_t_filters=n_t, n_f_filters=n_f,
                          k_ch=k_ch)
+
+
+def _copy_channels_(conv: nn.Conv2d, pairs: Sequence[tuple[int, int]], gain: float) -> None:
+    """Make each output channel o of ``conv`` copy input channel i times ``gain``, for every (o, i) in ``pairs``."""
+    cy, cx = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
+    for o, i in pairs:
+        conv.weight[o].zero_()
+        conv.weight[o, i, cy, cx] = gain
+        conv.bias[o] = 0.0
+
+
+@torch.no_grad()
+def init_color_guide_(net: PacJointUpsample, scale: float) -> PacJointUpsample:
+    """Initialise the guide branch so that every adaptive kernel starts as a Gaussian colour kernel.
+
+    With PyTorch's default initialisation the guide features are small (std about 0.1 for a guide in [0, 1]), so
+    every kernel exp(-|f_i - f_j|^2 / 2) is close to 1 and its gradient, proportional to f_i - f_j, nearly
+    vanishes. In a short training run the network then learns to flatten the features and ignores the guide.
+    This init passes the guide's channels unchanged through the hidden layers of the guide branch (a centre tap
+    of 1 in their first ``guide_channels`` filters, zero bias: the guide is non-negative, so the ReLUs keep it)
+    and into the first ``guide_channels`` features of every upsampling layer, times ``scale``. The kernels start
+    as colour kernels of bandwidth 1 / scale, as in joint bilateral upsampling; every other weight keeps its
+    initialisation. State_dict keys and shapes are unchanged.
+
+    Args:
+        net: a PacJointUpsample or PacJointUpsampleLite without batch norm in its guide branch.
+        scale: colour scale, in inverse guide units (10 for a guide in [0, 1]).
+
+    Returns:
+        ``net``, modified in place.
+
+    Example:
+        >>> net = init_color_guide_(PacJointUpsample(factor=4), scale=10.0)
+        >>> guide = torch.rand(1, 3, 32, 32)
+        >>> torch.allclose(net.branch_g(guide)[:, :3], 10 * guide)
+        True
+    """
+    if not isinstance(net, PacJointUpsample):
+        raise TypeError(f'net must be a PacJointUpsample, got {type(net).__name__}')
+    if not scale > 0:
+        raise ValueError(f'scale must be positive, got {scale!r}')
+    if any(isinstance(m, nn.BatchNorm2d) for m in net.branch_g):
+        raise ValueError('init_color_guide_ needs a guide branch without batch norm (g_bn=False)')
+    convs = [m for m in net.branch_g if isinstance(m, nn.Conv2d)]
+    n = net.guide_channels
+    too_narrow = [c.out_channels for c in convs[:-1] if c.out_channels < n]
+    if too_narrow or net.k_ch < n:
+        raise ValueError(f'the guide branch must keep {n} guide channels: got hidden widths '
+                         f'{[c.out_channels for c in convs[:-1]]} and k_ch={net.k_ch}')
+    for conv in convs[:-1]:
+        _copy_channels_(conv, [(c, c) for c in range(n)], gain=1.0)
+    _copy_channels_(convs[-1], [(i * net.k_ch + c, c) for i in range(net.num_ups) for c in range(n)], gain=scale)
+    return net
 
 
 # ---------------------------------------------------------------------------------------------- factory

@@ -112,7 +112,7 @@ def test_compare_table(tmp_path, capsys):
 
 def test_bad_flags_are_rejected(capsys):
     for argv in (['--optimizer', 'RMSprop'], ['--loss', 'l1'], ['--dataset', 'KITTI'], ['--batch-size', '0'],
-                 ['--measures', 'epe'], ['--epochs', '-1']):
+                 ['--measures', 'epe'], ['--epochs', '-1'], ['--color-guide-init', '-1']):
         with pytest.raises(SystemExit):
             joint_main.parse_args(argv)
     with pytest.raises(ValueError, match='unknown'):
@@ -122,10 +122,31 @@ def test_bad_flags_are_rejected(capsys):
 def test_demo_preset_keeps_explicit_flags():
     args = joint_main.parse_args(['--demo', '--epochs', '1'])
     assert args.dataset == 'Synthetic' and args.compare == ['Bilinear', 'DJIF', 'PacJointUpsample']
-    assert args.epochs == 1
+    assert args.epochs == 1 and args.color_guide_init == 10.0
     defaults = joint_main.parse_args([])
+    assert defaults.color_guide_init == 0.0  # the 2019 initialisation unless asked
     assert (defaults.dataset, defaults.factor, defaults.lr, defaults.epochs, defaults.train_crop) == \
         ('NYUDepthV2', 8, 1e-4, 0, 256)
+
+
+def test_color_guide_init_applies_to_pac_models_only():
+    def build(argv):
+        torch.manual_seed(0)
+        return joint_main.build_model(joint_main.parse_args(argv), channels=1)
+
+    def default_init(name, factor):
+        torch.manual_seed(0)
+        return joint_main.create_model(name, factor)
+
+    def same_weights(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    guide = torch.rand(1, 3, 16, 16)
+    for model in ('PacJointUpsample', 'PacJointUpsampleLite'):
+        net = build(['--model', model, '--factor', '4', '--color-guide-init', '10'])
+        torch.testing.assert_close(net.branch_g(guide)[:, :3], 10 * guide)
+        assert same_weights(build(['--model', model, '--factor', '4']), default_init(model, 4))
+    assert same_weights(build(['--model', 'DJIF', '--color-guide-init', '10']), default_init('DJIF', 8))
 
 
 def test_sintel_flow_evaluation_with_resized_guide(http_server, monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import pac
 from task_jointUpsampling.models import (DJIF, Bilinear, DJIFWide, Identity, JointBilateral, PacJointUpsample,
                                          PacJointUpsampleLite, convert_to_single_channel, create_model,
-                                         recover_from_single_channel, repeat_for_channel, th_epe, th_rmse)
+                                         init_color_guide_, recover_from_single_channel, repeat_for_channel, th_epe, th_rmse)
 
 
 def conv_stack_shapes(prefix, channels, k=5):
@@ -220,6 +220,45 @@ def test_th_epe_unknown_and_small_flow():
     assert torch.equal(gt, gt_before) and torch.equal(pred, pred_before)  # batch 1: inputs untouched
 
 
+@pytest.mark.parametrize('make', [lambda: PacJointUpsample(4), lambda: PacJointUpsample(8, n_g_layers=1),
+                                  lambda: PacJointUpsampleLite(16)])
+def test_color_guide_init_passes_the_scaled_guide_to_every_upsampling_layer(make):
+    torch.manual_seed(0)
+    net = make()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert init_color_guide_(net, scale=10.0) is net
+    guide = torch.rand(2, 3, 16, 16)
+    features = net.branch_g(guide)
+    for i in range(net.num_ups):
+        torch.testing.assert_close(features[:, i * net.k_ch:i * net.k_ch + 3], 10 * guide)
+    # only the branch_g rows that carry the guide changed; every other weight keeps its initial value
+    after = net.state_dict()
+    assert layout_of(net) == {k: tuple(v.shape) for k, v in before.items()}
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith('branch_g.') for k in changed)
+    last = [m for m in net.branch_g if isinstance(m, torch.nn.Conv2d)][-1]
+    carried = [i * net.k_ch + c for i in range(net.num_ups) for c in range(3)]
+    others = [r for r in range(last.out_channels) if r not in carried]
+    last_key = [k for k in after if k.startswith('branch_g.') and k.endswith('.weight')][-1]
+    assert torch.equal(after[last_key][others], before[last_key][others])
+
+
+def test_color_guide_init_makes_kernels_follow_colour_edges():
+    torch.manual_seed(0)
+    guide = torch.zeros(1, 3, 16, 16)
+    guide[..., 8:] = 0.5  # a colour edge between columns 7 and 8
+    kernels = {}
+    for init in ('default', 'color'):
+        net = PacJointUpsample(4)
+        if init == 'color':
+            init_color_guide_(net, scale=10.0)
+        features = net.branch_g(guide)[:, net.k_ch:2 * net.k_ch]  # the full-resolution layer's features
+        k = pac.packernel2d(features, kernel_size=5, padding=2)[0]  # (1, 1, 5, 5, H, W)
+        kernels[init] = k[0, 0, 2, 3, 8, 7].item()  # from pixel (8, 7) to its right neighbour across the edge
+    assert kernels['default'] > 0.9  # default init: the kernel hardly sees the edge
+    assert kernels['color'] < 1e-6  # exp(-0.5 * 3 * 5^2)
+
+
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match='power of 2'):
         PacJointUpsample(6)
@@ -243,3 +282,11 @@ def test_bad_arguments_raise_clear_errors():
         th_rmse(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 3))
     with pytest.raises(ValueError, match='2 flow channels'):
         th_epe(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))
+    with pytest.raises(TypeError, match='PacJointUpsample, got DJIF'):
+        init_color_guide_(DJIF(4), 10.0)
+    with pytest.raises(ValueError, match='scale must be positive'):
+        init_color_guide_(PacJointUpsample(4), 0.0)
+    with pytest.raises(ValueError, match='batch norm'):
+        init_color_guide_(PacJointUpsample(4, g_bn=True), 10.0)
+    with pytest.raises(ValueError, match='k_ch=2'):
+        init_color_guide_(PacJointUpsample(4, k_ch=2), 10.0)
