@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from task_jointUpsampling.datasets import (LOWRES_MODES, NYU_URL_ENV, AssembleJointUpsamplingInputs, NYUDepthV2,
@@ -42,7 +42,7 @@ from task_jointUpsampling.datasets import (LOWRES_MODES, NYU_URL_ENV, AssembleJo
 from task_jointUpsampling.models import (MODEL_NAMES, PacJointUpsample, create_model, init_color_guide_, th_epe,
                                          th_rmse)
 from task_jointUpsampling.synthetic import Synthetic
-from task_jointUpsampling.visualize import save_sample_images
+from task_jointUpsampling.visualize import save_comparison, save_sample_images
 from tools.runtime import (CsvLog, atomic_save, find_snapshots, format_table, resolve_device, seed_everything)
 
 SNAPSHOT_PREFIX = 'weights_epoch_'  # weights_epoch_<n>.pth: a plain state_dict, like the released weights
@@ -291,6 +291,11 @@ def make_optimizer(args: argparse.Namespace, params):
 
 def run(args: argparse.Namespace) -> dict:
     """Train and/or test one model as the flags say. Returns the final test loss and measures."""
+    return train_and_test(args)[1]
+
+
+def train_and_test(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """:func:`run`, also returning the model."""
     info = DATASETS[args.dataset]
     args.measures = tuple(args.measures or info.measures)
     device = resolve_device(args.device)
@@ -324,7 +329,7 @@ def run(args: argparse.Namespace) -> dict:
                                   save_images=_num_images(args, test_loader), image_dir=image_dir)
         print(f'test {label}: loss {loss:.6f}, {format_measures(args.measures, measures, info)}')
         epoch = resume_from if resume_from is not None else last_epoch
-        return {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epoch, 'train_seconds': 0.0}
+        return net, {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epoch, 'train_seconds': 0.0}
 
     exp_root.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
@@ -359,7 +364,7 @@ def run(args: argparse.Namespace) -> dict:
     train_log.close()
     test_log.close()
     _plot(exp_root, args.measures)
-    return {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epochs, 'train_seconds': train_seconds}
+    return net, {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epochs, 'train_seconds': train_seconds}
 
 
 def _starting_point(args: argparse.Namespace, exp_root: Path, epochs: int) -> tuple[int, int | None]:
@@ -414,15 +419,16 @@ DEMO_PRESET = dict(dataset='Synthetic', factor=4, compare=['Bilinear', 'DJIF', '
 
 
 def run_compare(args: argparse.Namespace) -> list[dict]:
-    """Run every model of ``--compare`` (each in ``<exp-root>/<model>``) and print a results table."""
+    """Run every model of ``--compare`` (each in ``<exp-root>/<model>``), print a results table and draw the
+    models' predictions side by side in ``<exp-root>/compare.png``."""
     info = DATASETS[args.dataset]
-    rows = []
+    rows, nets = [], {}
     for name in args.compare:
         model_args = copy.copy(args)
         model_args.model, model_args.exp_root = name, str(Path(args.exp_root) / name)
         print(f'\n=== {name} ===')
-        result = run(model_args)
-        net = create_model(name, args.factor)
+        net, result = train_and_test(model_args)
+        nets[name] = net
         rows.append({'model': name, 'params': sum(p.numel() for p in net.parameters()), **result})
     measures = tuple(args.measures or info.measures)
     headers = {m: measure_label(m, info) for m in measures}
@@ -433,7 +439,27 @@ def run_compare(args: argparse.Namespace) -> list[dict]:
           f'{args.epochs} epochs):\n{table}')
     Path(args.exp_root).mkdir(parents=True, exist_ok=True)
     (Path(args.exp_root) / 'results.txt').write_text(table + '\n')
+    print(f'wrote {save_compare_figure(args, info, nets, Path(args.exp_root) / "compare.png")}')
     return rows
+
+
+@torch.no_grad()
+def save_compare_figure(args: argparse.Namespace, info: DatasetInfo, nets: dict[str, nn.Module], path: Path,
+                        count: int = 3) -> Path:
+    """The first ``count`` test samples with every model's prediction and its per-sample error, as one PNG."""
+    device = resolve_device(args.device)
+    _, loader = build_loaders(args, info, device, need_train=False)
+    batch = default_collate([loader.dataset[i] for i in range(min(count, len(loader.dataset)))])
+    measure = tuple(args.measures or info.measures)[0]
+    preds, captions = {}, {}
+    for name, net in nets.items():
+        net.eval()
+        _, preds[name], target, raw_range = forward_batch(net, batch, args, info, device)
+        captions[name] = [format_measures([measure], compute_measures([measure], preds[name][i:i + 1],
+                                                                        target[i:i + 1], info), info)
+                          for i in range(target.shape[0])]
+    low_raw = denormalize(batch[0].to(device), raw_range)
+    return save_comparison(path, info.kind, batch[1], low_raw, preds, target, captions)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
