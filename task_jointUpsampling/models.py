@@ -409,10 +409,10 @@ def init_color_guide_(net: PacJointUpsample, scale: float) -> PacJointUpsample:
         raise ValueError('init_color_guide_ needs a guide branch without batch norm (g_bn=False)')
     convs = [m for m in net.branch_g if isinstance(m, nn.Conv2d)]
     n = net.guide_channels
-    too_narrow = [c.out_channels for c in convs[:-1] if c.out_channels < n]
-    if too_narrow or net.k_ch < n:
-        raise ValueError(f'the guide branch must keep {n} guide channels: got hidden widths '
-                         f'{[c.out_channels for c in convs[:-1]]} and k_ch={net.k_ch}')
+    hidden_widths = [c.out_channels for c in convs[:-1]]
+    if min(hidden_widths + [net.k_ch]) < n:
+        raise ValueError(f'the guide branch must keep {n} guide channels: got hidden widths {hidden_widths} '
+                         f'and k_ch={net.k_ch}')
     for conv in convs[:-1]:
         _copy_channels_(conv, [(c, c) for c in range(n)], gain=1.0)
     _copy_channels_(convs[-1], [(i * net.k_ch + c, c) for i in range(net.num_ups) for c in range(n)], gain=scale)
