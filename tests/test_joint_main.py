@@ -167,3 +167,10 @@ def test_sintel_flow_evaluation_with_resized_guide(http_server, monkeypatch, tmp
     # every flow field is constant (u = pair index, v = -1), so bilinear upsampling is exact
     assert result['epe'] == pytest.approx(0.0, abs=1e-4)
     assert (tmp_path / 'exp' / 'images' / '0000_pred.png').is_file()
+
+
+@pytest.mark.slow  # the README's demo as it runs (about 3 minutes)
+def test_demo_ranks_pac_first(tmp_path):
+    rows = {row['model']: row['rmse'] for row in joint_main.main(['--demo', '--exp-root', str(tmp_path)])}
+    assert rows['PacJointUpsample'] < rows['DJIF'] < rows['Bilinear']
+    assert (tmp_path / 'compare.png').is_file() and (tmp_path / 'results.txt').is_file()
