@@ -11,42 +11,52 @@ pixel and tap, by an adaptive kernel ``K`` computed from a guide ``F``::
 
 with ``f(D) = exp(-D / 2)`` ('gaussian') or ``f(D) = alpha + (D + 1e-4)^(lambda / 2)`` ('inv_*').
 
-Two implementations are selected with ``native_impl``:
+Every layer and functional form takes ``impl``:
 
-- ``native_impl=True``: plain autograd through ``unfold``, the readable reference. It materialises the
-  unfolded input ``[B, C, k*k, H', W']``.
-- ``native_impl=False`` (default): custom autograd functions that never materialise the unfolded input
-  or guide. Work is done per kernel tap over cache-sized bands of output rows, only the inputs are saved
-  for backward and everything else is recomputed. Transposed convolutions are computed phase by phase
-  (each tap reads a stride-1 window of the input and writes a strided phase of the output), so they
-  never pay for zero insertion.
+- ``'taps'`` (what ``'auto'`` runs on CPU): registered ``torch.library`` ops (``pac::filter``,
+  ``pac::kernel`` and their backward ops). They work band by band over the output rows; for each
+  band a few large operations compute the kernel from the guide, modulate the input windows and
+  apply the weight as one matrix product. ``K`` is never stored and backward recomputes it, so the
+  extra memory is one band. Transposed convolutions are computed one output phase at a time (each
+  tap reads a stride-1 window of the input), so they never pay for zero insertion.
+- ``'unfold'`` (the 2019 flag ``native_impl=True``): plain autograd through ``unfold``, the readable
+  reference. It materialises the unfolded input ``[B, C, k*k, H', W']``. ONNX and TorchScript
+  tracing always run it.
+- ``'triton'`` (what ``'auto'`` runs on CUDA when :mod:`pac_triton` supports the options): fused
+  GPU kernels.
 
-Both implementations support every option, agree to float rounding, run under ``torch.autocast``
-(the adaptive kernel is always computed in float32) and ``torch.compile``, and are device-agnostic.
+All implementations support every option, agree to float rounding, and run under ``torch.autocast``
+(the adaptive kernel is always computed in float32), ``torch.compile``, ``torch.export`` and
+``torch.func``.
 """
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 __all__ = [
     "PacConv2d", "PacConvTranspose2d", "PacPool2d",
-    "pacconv2d", "pacconv_transpose2d", "pacpool2d", "packernel2d", "nd2col",
+    "pacconv2d", "pacconv_transpose2d", "pacpool2d", "packernel2d", "nd2col", "np_gaussian_2d",
 ]
 
 IntPair = Union[int, Tuple[int, int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-# Bytes of input rows processed per band by the lean path: small enough to stay in cache across
-# the k*k taps, large enough to amortise the per-operation overhead.
-_BAND_BYTES = 1 << 20
-_MAX_BANDS = 64
+IMPLS = ("auto", "unfold", "taps", "triton")
+
+# Size of the largest temporary of one band of the 'taps' path (the modulated input windows). On a CPU,
+# large enough that each band is a few big operations (every torch operation pays a thread
+# synchronisation) and small enough to keep the extra memory a fraction of the activations; on a GPU,
+# large enough to fill the device.
+_CPU_BAND_BYTES = 4 << 20
+_GPU_BAND_BYTES = 256 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,11 +111,6 @@ def _pad(x: torch.Tensor, padding: Tuple[int, int], mode: str = "zeros") -> torc
     if mode == "zeros":
         return F.pad(x, pads)
     return F.pad(x, pads, mode=mode)
-
-
-def _band_rows(row_bytes: int, rows: int) -> int:
-    """Rows per band: about _BAND_BYTES of input each, and at most _MAX_BANDS bands."""
-    return min(rows, max(_BAND_BYTES // max(row_bytes, 1), -(-rows // _MAX_BANDS), 1))
 
 
 def _strided(start: int, count: int, step: int) -> slice:
@@ -180,179 +185,11 @@ def _transposed_padded_input(x, k, s, p, op, d):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tap geometry: which input positions every kernel tap reads, and which output positions it writes
+# The 'unfold' path's building blocks and the option parsers
 # ----------------------------------------------------------------------------------------------
-
-class _AxisTaps(NamedTuple):
-    """Geometry of the taps along one axis: tap i maps output ``out_start[i] + out_step * t`` to input
-    ``in_start[i] + in_step * t``, for every t of its output phase (all outputs congruent to
-    ``out_start[i]`` modulo ``out_step``)."""
-    out_step: int
-    in_step: int
-    out_start: Tuple[int, ...]
-    in_start: Tuple[int, ...]
-    out_size: int
-
-    def phase_len(self, start: int) -> int:
-        return max(0, -(-(self.out_size - start) // self.out_step))
-
-    def phases(self) -> List[Tuple[int, List[int]]]:
-        return [(p, [i for i, q in enumerate(self.out_start) if q == p]) for p in sorted(set(self.out_start))]
-
-
-def _conv_axis(k: int, s: int, d: int, out_size: int) -> _AxisTaps:
-    # The input is already padded: output t, tap i reads input t*s + i*d.
-    return _AxisTaps(1, s, (0,) * k, tuple(i * d for i in range(k)), out_size)
-
-
-def _transposed_axis(k: int, s: int, p: int, d: int, in_size: int, out_size: int) -> Tuple[_AxisTaps, Tuple[int, int]]:
-    """Phase decomposition of a transposed convolution along one axis.
-
-    Output y, tap i reads the zero-inserted input at ``y + i*d - P`` (``P = (k-1)d - p``): a real pixel m
-    only when ``y + i*d - P = m*s``. So each tap writes one output phase and reads a stride-1 input
-    window. Returns the geometry over an input padded by the returned (before, after) amounts, which
-    make every tap's window cover its whole phase (the padding reads zeros, as the inserted zeros do).
-    """
-    big_p = (k - 1) * d - p
-    phase = [(big_p - i * d) % s for i in range(k)]
-    first = [(phase[i] + i * d - big_p) // s for i in range(k)]
-    axis = _AxisTaps(s, 1, tuple(phase), tuple(first), out_size)
-    before = max(0, max(-f for f in first))
-    after = max(0, max(f + axis.phase_len(q) - in_size for f, q in zip(first, phase)))
-    return axis._replace(in_start=tuple(f + before for f in first)), (before, after)
-
-
-def _phase_bands(x: torch.Tensor, rows: _AxisTaps, cols: _AxisTaps):
-    """Yield (row phase, its row taps, col phase, its col taps, t0, t1): bands of output-phase rows
-    small enough that the input rows they read stay in cache across the taps."""
-    row_bytes = x.shape[0] * x.shape[1] * x.shape[3] * x.element_size() * rows.in_step
-    for py, taps_i in rows.phases():
-        ny = rows.phase_len(py)
-        band = _band_rows(row_bytes, ny)
-        for px, taps_j in cols.phases():
-            if cols.phase_len(px) == 0:
-                continue
-            for t0 in range(0, ny, band):
-                yield py, taps_i, px, taps_j, t0, min(ny, t0 + band)
-
-
-def _tap_slices(rows: _AxisTaps, cols: _AxisTaps, i: int, j: int, t0: int, ny: int, nx: int):
-    """(input rows, input cols, output rows, output cols) of tap (i, j) over phase rows [t0, t0 + ny)."""
-    return (_strided(rows.in_start[i] + rows.in_step * t0, ny, rows.in_step),
-            _strided(cols.in_start[j], nx, cols.in_step),
-            _strided(rows.out_start[i] + rows.out_step * t0, ny, rows.out_step),
-            _strided(cols.out_start[j], nx, cols.out_step))
-
-
-class _PacTapsFn(torch.autograd.Function):
-    """Lean PAC filtering: ``out = bias + sum_taps W_t (K_t * X_t)``, tap by tap over phase bands.
-
-    ``weight`` is in convolution layout ``(O, C / groups, kh, kw)``, or None for pooling (each channel
-    summed on its own). ``kernel`` is ``(B, 1 or C, kh, kw, H', W')``. Saves only its inputs.
-    """
-
-    @staticmethod
-    def forward(ctx, x, kernel, weight, bias, rows, cols, groups):
-        with torch.autocast(x.device.type, enabled=False):
-            out = _taps_forward(x, kernel, weight, bias, rows, cols, groups)
-        ctx.save_for_backward(x, kernel, weight)
-        ctx.geometry = (rows, cols, groups, bias is not None)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, kernel, weight = ctx.saved_tensors
-        rows, cols, groups, has_bias = ctx.geometry
-        need_x, need_k, need_w, need_b = ctx.needs_input_grad[:4]
-        with torch.autocast(grad_out.device.type, enabled=False):
-            gx, gk, gw = _taps_backward(grad_out.to(x.dtype), x, kernel, weight, rows, cols, groups,
-                                        need_x, need_k, need_w)
-        gb = grad_out.sum((0, 2, 3)) if (has_bias and need_b) else None
-        return gx, gk, gw, gb, None, None, None
-
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _weight_mode(weight: Optional[torch.Tensor], groups: int, channels: int) -> str:
-    if weight is None:
-        return "pool"
-    return "depthwise" if weight.shape[1] == 1 and weight.shape[0] == groups == channels else "dense"
-
-
-def _tap_weight(weight: torch.Tensor, groups: int, i: int, j: int, batch: int) -> torch.Tensor:
-    """Weight of tap (i, j) as a batch of matrices (batch * groups, O/g, C/g)."""
-    o, cg = weight.shape[:2]
-    w = weight[:, :, i, j].reshape(1, groups, o // groups, cg)
-    return w.expand(batch, -1, -1, -1).reshape(batch * groups, o // groups, cg)
-
-
-def _taps_forward(x, kernel, weight, bias, rows, cols, groups):
-    b, c = x.shape[:2]
-    o = c if weight is None else weight.shape[0]
-    mode = _weight_mode(weight, groups, c)
-    out = x.new_zeros(b, o, rows.out_size, cols.out_size)
-    for py, taps_i, px, taps_j, t0, t1 in _phase_bands(x, rows, cols):
-        ny, nx = t1 - t0, cols.phase_len(px)
-        acc = torch.zeros(b, o, ny, nx, dtype=_acc_dtype(x.dtype), device=x.device)
-        flat = acc.view(b * groups, o // groups, ny * nx)
-        for i in taps_i:
-            for j in taps_j:
-                rows_in, cols_in, rows_out, cols_out = _tap_slices(rows, cols, i, j, t0, ny, nx)
-                y = x[:, :, rows_in, cols_in] * kernel[:, :, i, j, rows_out, cols_out]
-                if mode == "pool":
-                    acc.add_(y)
-                elif mode == "depthwise":
-                    acc.addcmul_(y, weight[:, 0, i, j].view(1, c, 1, 1))
-                elif acc.dtype == y.dtype:
-                    flat.baddbmm_(_tap_weight(weight, groups, i, j, b), y.view(b * groups, c // groups, ny * nx))
-                else:  # low-precision inputs: multiply in their dtype, accumulate in float32
-                    flat.add_(torch.bmm(_tap_weight(weight, groups, i, j, b), y.view(b * groups, c // groups, -1)))
-        out[:, :, _strided(py + rows.out_step * t0, ny, rows.out_step), _strided(px, nx, cols.out_step)] = acc
-    if bias is not None:
-        out += bias.view(1, -1, 1, 1)
-    return out
-
-
-def _taps_backward(grad_out, x, kernel, weight, rows, cols, groups, need_x, need_k, need_w):
-    b, c = x.shape[:2]
-    o = grad_out.shape[1]
-    mode = _weight_mode(weight, groups, c)
-    acc_dtype = _acc_dtype(x.dtype)
-    gx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
-    gk = torch.zeros(kernel.shape, dtype=acc_dtype, device=x.device) if need_k else None
-    gw = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if need_w and weight is not None else None
-    for py, taps_i, px, taps_j, t0, t1 in _phase_bands(x, rows, cols):
-        ny, nx = t1 - t0, cols.phase_len(px)
-        go = grad_out[:, :, _strided(py + rows.out_step * t0, ny, rows.out_step),
-                      _strided(px, nx, cols.out_step)].contiguous()
-        go_flat = go.view(b * groups, o // groups, ny * nx)
-        for i in taps_i:
-            for j in taps_j:
-                rows_in, cols_in, rows_out, cols_out = _tap_slices(rows, cols, i, j, t0, ny, nx)
-                xs, ks = x[:, :, rows_in, cols_in], kernel[:, :, i, j, rows_out, cols_out]
-                # gy = dL/d(K_t * X_t): the gradient reaching the modulated input of this tap.
-                if mode == "pool":
-                    gy = go
-                elif mode == "depthwise":
-                    gy = go * weight[:, 0, i, j].view(1, c, 1, 1)
-                else:
-                    gy = torch.bmm(_tap_weight(weight, groups, i, j, b).transpose(1, 2), go_flat).view(b, c, ny, nx)
-                if need_x:
-                    gx[:, :, rows_in, cols_in].addcmul_(gy, ks)
-                if need_k:
-                    gxk = gy * xs
-                    gk[:, :, i, j, rows_out, cols_out] = gxk.sum(1, keepdim=True) if kernel.shape[1] == 1 else gxk
-                if gw is not None:
-                    y = xs * ks
-                    if mode == "depthwise":
-                        gw[:, 0, i, j] += (go * y).sum((0, 2, 3))
-                    else:
-                        gwt = torch.bmm(go_flat, y.view(b * groups, c // groups, ny * nx).transpose(1, 2))
-                        gw[:, :, i, j] += gwt.view(b, o, c // groups).sum(0)
-    cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
-    return cast(gx, x), cast(gk, kernel), cast(gw, weight)
 
 
 def _native_taps(cols, kernel, weight, bias, groups):
@@ -368,58 +205,6 @@ def _native_taps(cols, kernel, weight, bias, groups):
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Adaptive kernel
-# ----------------------------------------------------------------------------------------------
-
-class _TapDistanceFn(torch.autograd.Function):
-    """D[b, c?, i, j, y, x] = sum_c phi(G[tap] - centre)^2 over a padded guide, tap by tap.
-
-    ``phi`` is the identity, or ReLU for asymmetric kernels. Never materialises the unfolded guide.
-    """
-
-    @staticmethod
-    def forward(ctx, guide, centre, kernel_size, stride, dilation, asym, channel_wise):
-        ctx.save_for_backward(guide, centre)
-        ctx.args = (kernel_size, stride, dilation, asym, channel_wise)
-        b, c, h, w = centre.shape
-        dist = guide.new_empty(b, c if channel_wise else 1, kernel_size[0], kernel_size[1], h, w)
-        for i, j, rows, diff in _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
-            diff.square_()
-            dist[:, :, i, j, rows] = diff if channel_wise else diff.sum(1, keepdim=True)
-        return dist
-
-    @staticmethod
-    def backward(ctx, grad_dist):
-        guide, centre = ctx.saved_tensors
-        kernel_size, stride, dilation, asym, channel_wise = ctx.args
-        w = centre.shape[3]
-        grad_guide = torch.zeros_like(guide)
-        grad_centre = torch.zeros_like(centre)
-        for i, j, rows, diff in _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
-            # d(phi(diff)^2)/d diff = 2 phi(diff) for both the identity and ReLU.
-            g = diff.mul_(2 * grad_dist[:, :, i, j, rows])
-            tap_rows = _strided(i * dilation[0] + rows.start * stride[0], rows.stop - rows.start, stride[0])
-            grad_guide[:, :, tap_rows, _strided(j * dilation[1], w, stride[1])] += g
-            grad_centre[:, :, rows] -= g
-        return grad_guide, grad_centre, None, None, None, None, None
-
-
-def _tap_differences(guide, centre, kernel_size, stride, dilation, asym):
-    """Yield (i, j, output rows, phi(guide tap - centre)) over cache-sized bands of output rows."""
-    b, c, h, w = centre.shape
-    band = _band_rows(b * c * guide.shape[3] * guide.element_size() * stride[0], h)
-    for r0 in range(0, h, band):
-        rows = slice(r0, min(h, r0 + band))
-        n = rows.stop - r0
-        for i in range(kernel_size[0]):
-            tap_rows = _strided(i * dilation[0] + r0 * stride[0], n, stride[0])
-            for j in range(kernel_size[1]):
-                tap = guide[:, :, tap_rows, _strided(j * dilation[1], w, stride[1])]
-                diff = tap - centre[:, :, rows]
-                yield i, j, rows, (diff.relu_() if asym else diff)
 
 
 def _native_distance(guide, centre, kernel_size, stride, dilation, asym, channel_wise):
@@ -474,13 +259,678 @@ def _parse_smooth_kernel_type(smooth_kernel_type: str):
                      "'gaussian', 'average_{odd width}' or 'full_{odd width}'")
 
 
+# ----------------------------------------------------------------------------------------------
+# Tap geometry: which input and guide positions every kernel tap reads for every output
+# ----------------------------------------------------------------------------------------------
+
+class _Phase(NamedTuple):
+    """One output phase along one axis and the taps that write it.
+
+    Output ``out_start + t * out_step`` (``t < count``) is written by the taps ``tap_start + m * tap_step``
+    (``m < taps``); tap m reads the padded input at ``x_start + t * x_step + m * x_dil`` and the padded
+    guide at ``g_start + t * g_step + m * g_dil``.
+    """
+    out_start: int
+    out_step: int
+    count: int
+    tap_start: int
+    tap_step: int
+    taps: int
+    x_start: int
+    x_step: int
+    x_dil: int
+    g_start: int
+    g_step: int
+    g_dil: int
+
+    def out_slice(self, t0: int, t1: int) -> slice:
+        return _strided(self.out_start + self.out_step * t0, t1 - t0, self.out_step)
+
+    def tap_slice(self) -> slice:
+        return _strided(self.tap_start, self.taps, self.tap_step)
+
+
+def _conv_phases(k: int, s: int, d: int, out_size: int) -> List[_Phase]:
+    """A convolution over an input padded by the layer: output t, tap i reads input ``t*s + i*d``;
+    the guide is padded the same way and read at the same place."""
+    return [_Phase(0, 1, out_size, 0, 1, k, 0, s, d, 0, s, d)]
+
+
+def _transposed_pads(k: int, s: int, p: int, d: int, in_size: int, out_size: int) -> Tuple[int, int]:
+    """Padding (before, after) of the input that makes every tap's window of a transposed
+    convolution cover its whole output phase (the padding reads zeros, as inserted zeros do)."""
+    big_p = (k - 1) * d - p
+    first = [-((big_p - i * d) // s) for i in range(k)]  # ceil((i*d - P) / s)
+    phase = [f * s - i * d + big_p for i, f in enumerate(first)]
+    before = max(0, max(-f for f in first))
+    after = max(0, max(f + -(-(out_size - q) // s) - in_size for f, q in zip(first, phase)))
+    return before, after
+
+
+def _transposed_phases(k: int, s: int, p: int, d: int, out_size: int, before: int) -> List[_Phase]:
+    """Phase decomposition of a transposed convolution along one axis.
+
+    Output y, tap i reads the zero-inserted input at ``y + i*d - P`` (``P = (k-1)d - p``): a real pixel m
+    only when ``y + i*d - P = m*s``. So every tap writes one output phase and reads a stride-1 window of
+    the input; the taps of one phase are ``s / gcd(s, d)`` apart and read ``d / gcd(s, d)`` apart. The
+    guide (at the output resolution, padded by ``(k-1)d/2``) is read at ``y + i*d``.
+    """
+    big_p = (k - 1) * d - p
+    g = math.gcd(s, d)
+    phases = []
+    for q in range(s):
+        taps = [i for i in range(k) if (big_p - i * d) % s == q]
+        count = -(-(out_size - q) // s) if out_size > q else 0
+        if not taps or count == 0:
+            continue
+        i0 = taps[0]
+        x0 = (q + i0 * d - big_p) // s + before
+        phases.append(_Phase(q, s, count, i0, s // g, len(taps), x0, 1, d // g, q + i0 * d, s, d * s // g))
+    return phases
+
+
+def _phases(transposed: bool, k, s, p, d, out_hw, before=(0, 0)) -> Tuple[List[_Phase], List[_Phase]]:
+    if transposed:
+        return tuple(_transposed_phases(k[a], s[a], p[a], d[a], out_hw[a], before[a]) for a in range(2))
+    return tuple(_conv_phases(k[a], s[a], d[a], out_hw[a]) for a in range(2))
+
+
+def _window(t: torch.Tensor, rows: _Phase, cols: _Phase, t0: int, t1: int, guide: bool = False) -> torch.Tensor:
+    """View ``(B, C, taps_rows, taps_cols, t1 - t0, count_cols)`` of what every tap reads for output
+    phase rows ``[t0, t1)``: from the padded input, or from the padded guide when ``guide``."""
+    fields = ("g_start", "g_step", "g_dil") if guide else ("x_start", "x_step", "x_dil")
+    ny, nx = t1 - t0, cols.count
+    (r0, rs, rd), (c0, cs, cd) = ([getattr(ph, f) for f in fields] for ph in (rows, cols))
+    r0 += rs * t0
+    span_r, span_c = (rows.taps - 1) * rd + 1, (cols.taps - 1) * cd + 1
+    v = t[:, :, r0:r0 + (ny - 1) * rs + span_r, c0:c0 + (nx - 1) * cs + span_c]
+    v = v.unfold(2, span_r, rs).unfold(3, span_c, cs)[..., ::rd, ::cd]  # (B, C, ny, nx, taps_r, taps_c)
+    return v.permute(0, 1, 4, 5, 2, 3)
+
+
+def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, rows: _Phase, cols: _Phase, t0: int, t1: int,
+               guide: bool = False) -> None:
+    """``target[window] += grad_window``, summing overlapping taps (the adjoint of :func:`_window`)."""
+    fields = ("g_start", "g_step", "g_dil") if guide else ("x_start", "x_step", "x_dil")
+    b, c, tr, tc, ny, nx = grad_window.shape
+    (r0, rs, rd), (c0, cs, cd) = ([getattr(ph, f) for f in fields] for ph in (rows, cols))
+    r0 += rs * t0
+    size = ((ny - 1) * rs + (tr - 1) * rd + 1, (nx - 1) * cs + (tc - 1) * cd + 1)
+    folded = F.fold(grad_window.reshape(b, c * tr * tc, ny * nx), size, (tr, tc), dilation=(rd, cd), stride=(rs, cs))
+    target[:, :, r0:r0 + size[0], c0:c0 + size[1]] += folded
+
+
+def _row_bands(count: int, row_bytes: int, device: torch.device):
+    """Bands ``(t0, t1)`` of output rows whose largest temporary is about ``_band_bytes(device)``."""
+    rows = max(1, min(count, _band_bytes(device) // max(row_bytes, 1)))
+    for t0 in range(0, count, rows):
+        yield t0, min(count, t0 + rows)
+
+
+def _band_bytes(device: torch.device) -> int:
+    return _CPU_BAND_BYTES if device.type == "cpu" else _GPU_BAND_BYTES
+
+
+# ----------------------------------------------------------------------------------------------
+# The adaptive kernel of one band, computed from the guide, and its backward
+# ----------------------------------------------------------------------------------------------
+
+class _KernelSpec(NamedTuple):
+    """How a layer turns its guide into the adaptive kernel (see :func:`packernel2d`)."""
+    kind: int            # _GAUSSIAN or _INV
+    asym: bool
+    channel_wise: bool
+    normalize: bool
+
+
+_GIVEN, _GAUSSIAN, _INV = 0, 1, 2
+_INV_EPS = 1e-4
+
+
+def _band_kernel(spec: _KernelSpec, guide_win, centre, valid_win, pattern_win, alpha, lam):
+    """Adaptive kernel ``(B, 1 or C, taps_r, taps_c, ny, nx)`` of one band, and the output mask flags.
+
+    ``guide_win`` is the window view of the padded guide, ``centre`` the centre features
+    ``(B, C, ny, nx)``; ``valid_win`` the window of the layer's mask (or of the real-pixel pattern when
+    only normalising), ``pattern_win`` the real-pixel pattern (used with a mask and no normalisation).
+    """
+    diff = guide_win - centre[:, :, None, None]
+    if spec.asym:
+        diff.relu_()
+    dist = diff.square_() if spec.channel_wise else diff.square_().sum(1, keepdim=True)
+    if spec.kind == _GAUSSIAN:
+        kernel = dist.mul_(-0.5).exp_()
+    else:
+        kernel = dist.add_(_INV_EPS).pow_(0.5 * _channel_view(lam, dist)).add_(_channel_view(alpha, dist))
+    return _restrict(spec, kernel, valid_win, pattern_win)
+
+
+def _channel_view(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-channel kernel parameter, shaped to broadcast against a ``(B, C, ...)`` tensor."""
+    param = param.to(like.dtype)
+    return param.view(1, -1, *([1] * (like.dim() - 2))) if param.dim() else param
+
+
+def _restrict(spec: _KernelSpec, kernel, valid_win, pattern_win):
+    """Zero the taps that fall on masked or non-existent pixels and renormalise. Returns the kernel,
+    the per-pixel divisor (or None) and the non-empty flags ``(B, 1 or C, ny, nx)`` (or None)."""
+    if valid_win is None:
+        return kernel, None, None
+    kernel = kernel * valid_win
+    if spec.normalize:
+        norm = kernel.sum((2, 3), keepdim=True)
+    else:  # a mask without normalisation: rescale by the fraction of valid taps
+        norm = valid_win.sum((2, 3), keepdim=True) / pattern_win.sum((2, 3), keepdim=True).clamp(min=1)
+    empty = norm == 0
+    norm = norm + empty.to(norm.dtype)
+    return kernel.div_(norm), norm, (~empty)[:, :, 0, 0]
+
+
+def _band_kernel_backward(spec: _KernelSpec, grad_kernel, guide_win, centre, valid_win, pattern_win, alpha, lam):
+    """Gradients of one band's kernel with respect to the guide window, the centre and alpha/lambda."""
+    diff = guide_win - centre[:, :, None, None]
+    if spec.asym:
+        diff.relu_()
+    dist = diff.square() if spec.channel_wise else diff.square().sum(1, keepdim=True)
+    if spec.kind == _GAUSSIAN:
+        base = dist.mul(-0.5).exp_()
+    else:
+        shifted = dist.add_(_INV_EPS)
+        power = shifted.pow(0.5 * _channel_view(lam, dist))
+        base = power + _channel_view(alpha, dist)
+    if valid_win is not None:
+        kernel, norm, _ = _restrict(spec, base, valid_win, pattern_win)
+        if spec.normalize:  # d(K1 / sum K1): (g - sum(g K)) / sum K1
+            grad_kernel = (grad_kernel - (grad_kernel * kernel).sum((2, 3), keepdim=True)) / norm
+        else:
+            grad_kernel = grad_kernel / norm
+        grad_kernel = grad_kernel * valid_win
+    grad_alpha = grad_lambda = None
+    if spec.kind == _GAUSSIAN:
+        grad_dist = grad_kernel * base * -0.5
+    else:
+        half_lam = 0.5 * _channel_view(lam, dist)
+        grad_dist = grad_kernel * half_lam * power / shifted
+        dims = (0, 2, 3, 4, 5) if alpha.dim() else None
+        grad_alpha = grad_kernel.sum(dims) if dims else grad_kernel.sum()
+        g_lam = grad_kernel * power * shifted.log() * 0.5
+        grad_lambda = g_lam.sum(dims) if dims else g_lam.sum()
+    grad_diff = diff.mul_(grad_dist).mul_(2)  # d(phi(diff)^2) = 2 phi(diff), for the identity and ReLU
+    return grad_diff, -grad_diff.sum((2, 3)), grad_alpha, grad_lambda
+
+
+# ----------------------------------------------------------------------------------------------
+# The 'taps' engine: band by band, each band a few large operations; registered as torch ops
+# ----------------------------------------------------------------------------------------------
+
+class _OpArgs(NamedTuple):
+    """The integer arguments of the ``pac::`` ops, decoded."""
+    k: Tuple[int, int]
+    s: Tuple[int, int]
+    p: Tuple[int, int]
+    op: Tuple[int, int]
+    d: Tuple[int, int]
+    out_hw: Tuple[int, int]
+    transposed: bool
+    groups: int
+    spec: Optional[_KernelSpec]  # None when the kernel is given
+    padding_mode: str
+
+    @staticmethod
+    def decode(geometry: Sequence[int], options: Sequence[int]) -> "_OpArgs":
+        kh, kw, sh, sw, ph, pw, oph, opw, dh, dw, oh, ow = (int(v) for v in geometry)
+        transposed, groups, kind, asym, channel_wise, normalize, mode = (int(v) for v in options)
+        spec = None if kind == _GIVEN else _KernelSpec(kind, bool(asym), bool(channel_wise), bool(normalize))
+        return _OpArgs((kh, kw), (sh, sw), (ph, pw), (oph, opw), (dh, dw), (oh, ow), bool(transposed), groups,
+                       spec, PADDING_MODES[mode])
+
+
+def _encode(k, s, p, op, d, out_hw, transposed, groups, kernel_type, channel_wise, normalize, padding_mode,
+            kernel_given: bool):
+    """The (geometry, options) integer lists of the ``pac::`` ops."""
+    geometry = [k[0], k[1], s[0], s[1], p[0], p[1], op[0], op[1], d[0], d[1], out_hw[0], out_hw[1]]
+    if kernel_given:
+        kind, asym = _GIVEN, False
+    else:
+        name, _, _, asym, _ = _parse_kernel_type(kernel_type)
+        kind = _GAUSSIAN if name == "gaussian" else _INV
+    options = [int(transposed), groups, kind, int(asym), int(channel_wise), int(normalize),
+               PADDING_MODES.index(padding_mode)]
+    return geometry, options
+
+
+def _as_read(image: torch.Tensor, a: _OpArgs, pads=None) -> torch.Tensor:
+    """``image`` (a mask, or ones) at the layer's input resolution, laid out like what the taps read:
+    padded by ``pads`` around a transposed layer's input, zero-inserted and padded for a transposed
+    layer's kernel, or padded by the layer's padding mode (reflected borders are real pixels)."""
+    if pads is not None:
+        return F.pad(image, pads)
+    if a.transposed:
+        return _transposed_padded_input(image, a.k, a.s, a.p, a.op, a.d)
+    return _pad(image, a.p, a.padding_mode)
+
+
+def _validity(mask, a: _OpArgs, in_hw, dtype, device, pads=None):
+    """(valid, pattern) images laid out like the taps read: ``valid`` is the mask, or the real-pixel
+    pattern when only normalising; ``pattern`` is needed with a mask and no normalisation."""
+    if a.spec is None or (mask is None and not a.spec.normalize):
+        return None, None
+    pattern = _as_read(torch.ones(1, 1, *in_hw, dtype=dtype, device=device), a, pads)
+    if mask is None:
+        return pattern, None
+    return _as_read(mask.to(dtype), a, pads), (None if a.spec.normalize else pattern)
+
+
+class _Prepared(NamedTuple):
+    x: torch.Tensor                 # the input as the taps read it (padded)
+    rows: List[_Phase]
+    cols: List[_Phase]
+    valid: Optional[torch.Tensor]   # mask (or real-pixel pattern when only normalising), laid out like x
+    pattern: Optional[torch.Tensor]  # real-pixel pattern, with a mask and no normalisation
+    unpad: Tuple[slice, slice]      # where the input sits in the padded x
+
+
+def _prepare_filter(x, mask, a: _OpArgs, kernel_dtype) -> _Prepared:
+    if a.transposed:
+        h, w = x.shape[2:]
+        top, bottom = _transposed_pads(a.k[0], a.s[0], a.p[0], a.d[0], h, a.out_hw[0])
+        left, right = _transposed_pads(a.k[1], a.s[1], a.p[1], a.d[1], w, a.out_hw[1])
+        pads = (left, right, top, bottom)
+        rows, cols = _phases(True, a.k, a.s, a.p, a.d, a.out_hw, (top, left))
+        valid, pattern = _validity(mask, a, (h, w), kernel_dtype, x.device, pads)
+        return _Prepared(F.pad(x, pads), rows, cols, valid, pattern, (slice(top, top + h), slice(left, left + w)))
+    rows, cols = _phases(False, a.k, a.s, a.p, a.d, a.out_hw)
+    in_hw = (x.shape[2] - 2 * a.p[0], x.shape[3] - 2 * a.p[1])
+    valid, pattern = _validity(mask, a, in_hw, kernel_dtype, x.device)
+    return _Prepared(x, rows, cols, valid, pattern, (slice(None), slice(None)))
+
+
+def _band_of(t: Optional[torch.Tensor], rows: _Phase, cols: _Phase, t0: int, t1: int):
+    return None if t is None else _window(t, rows, cols, t0, t1)
+
+
+def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, lam, rows, cols, t0, t1):
+    """The kernel of one band: a slice of the given kernel, or computed from the guide."""
+    out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
+    if a.spec is None:
+        return kernel[:, :, rows.tap_slice(), cols.tap_slice(), out_r, out_c], None
+    kernel, _, flags = _band_kernel(a.spec, _window(guide, rows, cols, t0, t1, guide=True), centre[:, :, out_r, out_c],
+                                    _band_of(prep.valid, rows, cols, t0, t1), _band_of(prep.pattern, rows, cols, t0, t1),
+                                    alpha, lam)
+    return kernel, flags
+
+
+def _band_rows_bytes(x, guide, rows: _Phase, cols: _Phase) -> int:
+    channels = max(x.shape[1], 0 if guide is None else guide.shape[1])
+    return x.shape[0] * channels * rows.taps * cols.taps * cols.count * max(x.element_size(), 4)
+
+
+def _phase_weight(weight, groups, rows: _Phase, cols: _Phase):
+    """The weight of a phase's taps as ``(groups, O / groups, C / groups * taps)``."""
+    if weight is None:
+        return None
+    return weight[:, :, rows.tap_slice(), cols.tap_slice()].reshape(groups, weight.shape[0] // groups, -1)
+
+
+def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs):
+    kernel_dtype = (kernel if a.spec is None else guide).dtype
+    prep = _prepare_filter(x, mask, a, kernel_dtype)
+    b, c = x.shape[:2]
+    o = c if weight is None else weight.shape[0]
+    out = x.new_zeros(b, o, *a.out_hw)
+    flags_out = None
+    if mask is not None and a.spec is not None:
+        flags_out = x.new_zeros(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_hw, dtype=kernel_dtype)
+    for rows in prep.rows:
+        for cols in prep.cols:
+            w = _phase_weight(weight, a.groups, rows, cols)
+            for t0, t1 in _row_bands(rows.count, _band_rows_bytes(x, guide, rows, cols), x.device):
+                out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
+                kb, flags = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, rows, cols, t0, t1)
+                if flags_out is not None:
+                    flags_out[:, :, out_r, out_c] = flags.to(kernel_dtype)
+                modulated = _window(prep.x, rows, cols, t0, t1) * kb.to(x.dtype)
+                out[:, :, out_r, out_c] = _apply_weight(modulated, w, a.groups)
+    return out, (x.new_zeros(0) if flags_out is None else flags_out)
+
+
+def _apply_weight(modulated, w, groups):
+    """``sum_{c, taps} W * modulated`` as one batched matmul (or the per-channel sum when pooling)."""
+    if w is None:
+        return modulated.sum((2, 3), dtype=_acc_dtype(modulated.dtype)).to(modulated.dtype)
+    b, c, tr, tc, ny, nx = modulated.shape
+    out = torch.matmul(w, modulated.reshape(b, groups, c // groups * tr * tc, ny * nx))
+    return out.view(b, -1, ny, nx)
+
+
+def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs, needs):
+    need_x, need_w, need_k, need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
+    kernel_dtype = (kernel if a.spec is None else guide).dtype
+    prep = _prepare_filter(x, mask, a, kernel_dtype)
+    b, c = x.shape[:2]
+    acc = _acc_dtype(x.dtype)
+    gx = torch.zeros(prep.x.shape, dtype=acc, device=x.device) if need_x else None
+    gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
+    gk = torch.zeros_like(kernel) if need_k else None
+    gguide = torch.zeros_like(guide) if need_guide or need_centre else None
+    gcentre = torch.zeros_like(centre) if need_guide or need_centre else None
+    galpha = torch.zeros_like(alpha) if need_alpha else None
+    glam = torch.zeros_like(lam) if need_lam else None
+    need_kernel_grad = need_k or gguide is not None or need_alpha or need_lam
+    grad_out = grad_out.to(x.dtype)
+    for rows in prep.rows:
+        for cols in prep.cols:
+            w = _phase_weight(weight, a.groups, rows, cols)
+            gw_phase = None
+            for t0, t1 in _row_bands(rows.count, _band_rows_bytes(x, guide, rows, cols), x.device):
+                out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
+                ny, nx = t1 - t0, cols.count
+                kb, _ = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, rows, cols, t0, t1)
+                kbx = kb.to(x.dtype)
+                xw = _window(prep.x, rows, cols, t0, t1)
+                go = grad_out[:, :, out_r, out_c]
+                if w is None:  # pooling: every tap of a channel gets the channel's output gradient
+                    g_mod = go[:, :, None, None]
+                else:
+                    go = go.reshape(b, a.groups, -1, ny * nx)
+                    g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, rows.taps, cols.taps, ny, nx)
+                if gx is not None:
+                    _fold_into(gx, g_mod * kbx, rows, cols, t0, t1)
+                if gw is not None:
+                    modulated = (xw * kbx).reshape(b, a.groups, -1, ny * nx)
+                    g = torch.matmul(go, modulated.transpose(2, 3)).sum(0, dtype=acc)
+                    gw_phase = g if gw_phase is None else gw_phase.add_(g)
+                if need_kernel_grad:
+                    gkb = g_mod * xw
+                    gkb = gkb.sum(1, keepdim=True, dtype=kernel_dtype) if kb.shape[1] == 1 else gkb.to(kernel_dtype)
+                    if gk is not None:
+                        gk[:, :, rows.tap_slice(), cols.tap_slice(), out_r, out_c] = gkb
+                    if gguide is not None or galpha is not None:
+                        _kernel_band_backward_into(a.spec, gkb, guide, centre, prep.valid, prep.pattern, alpha, lam,
+                                                   rows, cols, t0, t1, gguide, gcentre, galpha, glam)
+            if gw_phase is not None:
+                gw[:, :, rows.tap_slice(), cols.tap_slice()] += gw_phase.view(gw.shape[0], gw.shape[1], rows.taps,
+                                                                              cols.taps)
+    if gx is not None:
+        gx = gx[:, :, prep.unpad[0], prep.unpad[1]].to(x.dtype)
+    if gw is not None:
+        gw = gw.to(weight.dtype)
+    return gx, gw, gk, gguide, gcentre, galpha, glam
+
+
+def _kernel_band_backward_into(spec, gkb, guide, centre, valid, pattern, alpha, lam, rows, cols, t0, t1,
+                               gguide, gcentre, galpha, glam):
+    """Backpropagate one band's kernel gradient into the guide, centre and kernel parameters."""
+    out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
+    grad_win, grad_centre, ga, gl = _band_kernel_backward(
+        spec, gkb, _window(guide, rows, cols, t0, t1, guide=True), centre[:, :, out_r, out_c],
+        _band_of(valid, rows, cols, t0, t1), _band_of(pattern, rows, cols, t0, t1), alpha, lam)
+    if gguide is not None:
+        _fold_into(gguide, grad_win, rows, cols, t0, t1, guide=True)
+        gcentre[:, :, out_r, out_c] += grad_centre
+    if galpha is not None:
+        galpha += ga
+    if glam is not None:
+        glam += gl
+
+
+def _kernel_phases(guide, a: _OpArgs):
+    """Window geometry of :func:`packernel2d` over the padded guide: a stride-1 'same' window for a
+    transposed layer (the guide is at the output resolution), the layer's own window otherwise."""
+    win_s = (1, 1) if a.transposed else a.s
+    rows, cols = _phases(False, a.k, win_s, a.p, a.d, a.out_hw)
+    if a.transposed:
+        in_hw = tuple(_transposed_in_size(a.out_hw[i], a.k[i], a.s[i], a.p[i], a.op[i], a.d[i]) for i in range(2))
+    else:
+        in_hw = (guide.shape[2] - 2 * a.p[0], guide.shape[3] - 2 * a.p[1])
+    return rows[0], cols[0], in_hw
+
+
+def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
+    rows, cols, in_hw = _kernel_phases(guide, a)
+    valid, pattern = _validity(mask, a, in_hw, guide.dtype, guide.device)
+    b = guide.shape[0]
+    kernel = guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.k, *a.out_hw)
+    flags_out = None if mask is None else guide.new_zeros(b, kernel.shape[1], *a.out_hw)
+    for t0, t1 in _row_bands(rows.count, _band_rows_bytes(guide, None, rows, cols), guide.device):
+        kb, _, flags = _band_kernel(a.spec, _window(guide, rows, cols, t0, t1, guide=True), centre[:, :, t0:t1],
+                                    _band_of(valid, rows, cols, t0, t1), _band_of(pattern, rows, cols, t0, t1),
+                                    alpha, lam)
+        kernel[..., t0:t1, :] = kb
+        if flags_out is not None:
+            flags_out[:, :, t0:t1] = flags.to(guide.dtype)
+    return kernel, (guide.new_zeros(0) if flags_out is None else flags_out)
+
+
+def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, needs):
+    need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
+    rows, cols, in_hw = _kernel_phases(guide, a)
+    valid, pattern = _validity(mask, a, in_hw, guide.dtype, guide.device)
+    gguide, gcentre = torch.zeros_like(guide), torch.zeros_like(centre)
+    galpha = torch.zeros_like(alpha) if need_alpha else None
+    glam = torch.zeros_like(lam) if need_lam else None
+    grad_kernel = grad_kernel.to(guide.dtype)
+    for t0, t1 in _row_bands(rows.count, _band_rows_bytes(guide, None, rows, cols), guide.device):
+        _kernel_band_backward_into(a.spec, grad_kernel[..., t0:t1, :], guide, centre, valid, pattern, alpha, lam,
+                                   rows, cols, t0, t1, gguide, gcentre, galpha, glam)
+    return gguide, gcentre, galpha, glam
+
+
+# Registration. The ops take the layer geometry and options as integer lists (see _encode); optional
+# tensors are None when unused. Unneeded gradients come back as empty tensors.
+
+def _empty_if_none(tensors, like):
+    return [like.new_empty(0) if t is None else t for t in tensors]
+
+
+@torch.library.custom_op("pac::filter", mutates_args=())
+def _filter_op(x: Tensor, weight: Optional[Tensor], kernel: Optional[Tensor], guide: Optional[Tensor],
+               centre: Optional[Tensor], mask: Optional[Tensor], inv_alpha: Optional[Tensor],
+               inv_lambda: Optional[Tensor], geometry: List[int], options: List[int]) -> Tuple[Tensor, Tensor]:
+    """PAC filtering ``(output without bias, output mask flags or an empty tensor)``."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _filter_forward(x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda,
+                               _OpArgs.decode(geometry, options))
+
+
+@_filter_op.register_fake
+def _(x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda, geometry, options):
+    a = _OpArgs.decode(geometry, options)
+    b, c = x.shape[:2]
+    out = x.new_empty(b, c if weight is None else weight.shape[0], *a.out_hw)
+    if mask is None or a.spec is None:
+        return out, x.new_empty(0)
+    return out, guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_hw)
+
+
+@torch.library.custom_op("pac::filter_backward", mutates_args=())
+def _filter_backward_op(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], kernel: Optional[Tensor],
+                        guide: Optional[Tensor], centre: Optional[Tensor], mask: Optional[Tensor],
+                        inv_alpha: Optional[Tensor], inv_lambda: Optional[Tensor], geometry: List[int],
+                        options: List[int], needs: List[int]) -> List[Tensor]:
+    """Gradients of ``pac::filter`` for (x, weight, kernel, guide, centre, inv_alpha, inv_lambda)."""
+    with torch.autocast(x.device.type, enabled=False):
+        grads = _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda,
+                                 _OpArgs.decode(geometry, options), needs)
+    return _empty_if_none(grads, x)
+
+
+@_filter_backward_op.register_fake
+def _(grad_out, x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda, geometry, options, needs):
+    inputs = (x, weight, kernel, guide, centre, inv_alpha, inv_lambda)
+    return [t.new_empty(t.shape) if n and t is not None else x.new_empty(0) for t, n in zip(inputs, needs)]
+
+
+def _filter_setup_context(ctx, inputs, output):
+    x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda, geometry, options = inputs
+    ctx.save_for_backward(x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda)
+    ctx.geometry, ctx.options = geometry, options
+
+
+def _filter_autograd(ctx, grad_out, grad_flags):
+    needs = [int(ctx.needs_input_grad[i]) for i in (0, 1, 2, 3, 4, 6, 7)]
+    grads = torch.ops.pac.filter_backward(grad_out, *ctx.saved_tensors, ctx.geometry, ctx.options, needs)
+    gx, gw, gk, gguide, gcentre, galpha, glam = (g if n else None for g, n in zip(grads, needs))
+    return gx, gw, gk, gguide, gcentre, None, galpha, glam, None, None
+
+
+_filter_op.register_autograd(_filter_autograd, setup_context=_filter_setup_context)
+
+
+@torch.library.custom_op("pac::kernel", mutates_args=())
+def _kernel_op(guide: Tensor, centre: Tensor, mask: Optional[Tensor], inv_alpha: Optional[Tensor],
+               inv_lambda: Optional[Tensor], geometry: List[int], options: List[int]) -> Tuple[Tensor, Tensor]:
+    """The adaptive kernel ``(K, output mask flags or an empty tensor)`` of :func:`packernel2d`."""
+    with torch.autocast(guide.device.type, enabled=False):
+        return _kernel_forward(guide, centre, mask, inv_alpha, inv_lambda, _OpArgs.decode(geometry, options))
+
+
+@_kernel_op.register_fake
+def _(guide, centre, mask, inv_alpha, inv_lambda, geometry, options):
+    a = _OpArgs.decode(geometry, options)
+    channels = centre.shape[1] if a.spec.channel_wise else 1
+    flags = guide.new_empty(0) if mask is None else guide.new_empty(guide.shape[0], channels, *a.out_hw)
+    return guide.new_empty(guide.shape[0], channels, *a.k, *a.out_hw), flags
+
+
+@torch.library.custom_op("pac::kernel_backward", mutates_args=())
+def _kernel_backward_op(grad_kernel: Tensor, guide: Tensor, centre: Tensor, mask: Optional[Tensor],
+                        inv_alpha: Optional[Tensor], inv_lambda: Optional[Tensor], geometry: List[int],
+                        options: List[int], needs: List[int]) -> List[Tensor]:
+    """Gradients of ``pac::kernel`` for (guide, centre, inv_alpha, inv_lambda)."""
+    with torch.autocast(guide.device.type, enabled=False):
+        grads = _kernel_backward(grad_kernel, guide, centre, mask, inv_alpha, inv_lambda,
+                                 _OpArgs.decode(geometry, options), needs)
+    return _empty_if_none(grads, guide)
+
+
+@_kernel_backward_op.register_fake
+def _(grad_kernel, guide, centre, mask, inv_alpha, inv_lambda, geometry, options, needs):
+    inputs = (guide, centre, inv_alpha, inv_lambda)
+    return [t.new_empty(t.shape) if n and t is not None else guide.new_empty(0) for t, n in zip(inputs, needs)]
+
+
+def _kernel_setup_context(ctx, inputs, output):
+    guide, centre, mask, inv_alpha, inv_lambda, geometry, options = inputs
+    ctx.save_for_backward(guide, centre, mask, inv_alpha, inv_lambda)
+    ctx.geometry, ctx.options = geometry, options
+
+
+def _kernel_autograd(ctx, grad_kernel, grad_flags):
+    needs = [int(ctx.needs_input_grad[i]) for i in (0, 1, 3, 4)]
+    grads = torch.ops.pac.kernel_backward(grad_kernel, *ctx.saved_tensors, ctx.geometry, ctx.options, needs)
+    gguide, gcentre, galpha, glam = (g if n else None for g, n in zip(grads, needs))
+    return gguide, gcentre, None, galpha, glam, None, None
+
+
+_kernel_op.register_autograd(_kernel_autograd, setup_context=_kernel_setup_context)
+
+
+def _vmap_by_loop(op):
+    """A vmap rule that runs ``op`` once per vmapped sample and stacks the results: PAC ops mix the
+    batch with parameters (weight gradients), so folding the vmapped dimension into it is not valid."""
+    def rule(info, in_dims, *args):
+        samples = []
+        for i in range(info.batch_size):
+            samples.append(op(*(arg.select(dim, i) if dim is not None else arg for arg, dim in zip(args, in_dims))))
+        outputs = [torch.stack(list(parts)) for parts in zip(*samples)]
+        return (outputs if isinstance(samples[0], list) else tuple(outputs)), [0] * len(outputs)
+    return rule
+
+
+for _op in (_filter_op, _filter_backward_op, _kernel_op, _kernel_backward_op):
+    torch.library.register_vmap(_op, _vmap_by_loop(_op))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------------------------
+
+def _resolve_impl(impl: str, native_impl: bool = False) -> str:
+    """The constructor-time choice: ``native_impl=True`` (the 2019 flag) is an alias of 'unfold'."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(native_impl, bool):
+        raise TypeError(f"native_impl must be a bool, got {type(native_impl).__name__}")
+    if native_impl:
+        if impl not in ("auto", "unfold"):
+            raise ValueError(f"native_impl=True means impl='unfold', but impl={impl!r} was given")
+        return "unfold"
+    return impl
+
+
+def _backend(impl: str, device: torch.device, triton_ok=None) -> str:
+    """The backend that runs a call: 'unfold', 'taps' or 'triton'.
+
+    'auto' runs 'triton' on CUDA when ``triton_ok()`` says the fused kernel supports the call, and 'taps'
+    otherwise. Exporters that trace through Python (ONNX, TorchScript) get 'unfold', the plain torch ops
+    they know how to translate.
+    """
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return "unfold"
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_ok is not None and triton_ok() else "taps"
+    if impl == "triton" and (triton_ok is None or not triton_ok()):
+        raise ValueError("impl='triton' needs the optional Triton extra, a CUDA tensor (or TRITON_INTERPRET=1) and "
+                         "options that the fused kernel supports (see pac_triton.supports); use impl='auto' to fall "
+                         "back to the 'taps' path")
+    return impl
+
+
+def _pac_triton():
+    try:
+        import pac_triton
+    except ImportError:
+        return None
+    return pac_triton if pac_triton.is_available() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The adaptive kernel
+# ----------------------------------------------------------------------------------------------
+
+class _GuideGeometry(NamedTuple):
+    guide: torch.Tensor        # the padded guide, float32 (float64 for a float64 guide)
+    centre: torch.Tensor       # the (smoothed) centre feature of every window, (B, C, H', W')
+    out_hw: Tuple[int, int]
+    in_hw: Tuple[int, int]     # the layer's input size
+
+
+def _guide_geometry(input, k, s, p, op, d, transposed, padding_mode, smooth_kernel) -> _GuideGeometry:
+    """Pad the guide as the kernel's windows read it and take (or smooth) every window's centre."""
+    guide = input if input.dtype == torch.float64 else input.float()
+    h, w = guide.shape[2:]
+    if transposed:
+        win_s, win_p = (1, 1), tuple((k[a] - 1) * d[a] // 2 for a in range(2))
+        out_hw = (h, w)
+        in_hw = tuple(_transposed_in_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, op, d)))
+    else:
+        win_s, win_p = s, p
+        out_hw = _conv_out_hw((h, w), k, s, p, d, name="the guide")
+        in_hw = (h, w)
+    guide_padded = _pad(guide, win_p, "zeros" if transposed else padding_mode)
+    if smooth_kernel is not None:
+        centre = _smoothed_centre(guide_padded, smooth_kernel.to(guide.dtype), k, win_s, d, out_hw)
+    else:
+        centre = guide_padded[:, :, _strided(k[0] // 2 * d[0], out_hw[0], win_s[0]),
+                              _strided(k[1] // 2 * d[1], out_hw[1], win_s[1])]
+    return _GuideGeometry(guide_padded, centre, out_hw, in_hw)
+
+
+def _kernel_params(kernel_type: str, inv_alpha, inv_lambda, dtype):
+    """``(alpha, lambda)`` in the kernel's dtype for 'inv_*' kernels, else ``(None, None)``."""
+    if not kernel_type.startswith("inv"):
+        return None, None
+    return inv_alpha.to(dtype), inv_lambda.to(dtype)
+
+
 def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel_size: IntPair = 0,
                 stride: IntPair = 1, padding: IntPair = 0, output_padding: IntPair = 0, dilation: IntPair = 1,
                 kernel_type: str = "gaussian", smooth_kernel_type: str = "none",
                 smooth_kernel: Optional[torch.Tensor] = None, inv_alpha: Optional[torch.Tensor] = None,
                 inv_lambda: Optional[torch.Tensor] = None, channel_wise: bool = False,
                 normalize_kernel: bool = False, transposed: bool = False, native_impl: bool = False,
-                padding_mode: str = "zeros") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                padding_mode: str = "zeros", impl: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Compute the adaptive kernel ``K`` of a PAC layer from its guide.
 
     Args:
@@ -500,8 +950,10 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
         normalize_kernel: make the kernel sum to one over the taps that fall on real pixels.
         transposed: compute the kernel of a transposed convolution (stride-1 "same" windows on the
             output-resolution guide; the geometry only shapes the mask pattern).
-        native_impl: use the plain-autograd implementation.
+        native_impl: the 2019 flag, an alias of ``impl='unfold'``.
         padding_mode: how the guide is padded ('zeros', 'reflect', 'replicate', 'circular').
+        impl: ``'auto'`` or ``'taps'`` (the registered ``pac::kernel`` op, computed band by band), or
+            ``'unfold'`` (plain autograd through ``unfold``).
 
     Returns:
         ``(K, output_mask)``: ``K`` of shape ``(B, 1 or C, kh, kw, H', W')`` in float32 (float64 for a
@@ -514,6 +966,7 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
         torch.Size([2, 1, 5, 5, 16, 16])
     """
     _check_4d("input", input)
+    impl = _resolve_impl(impl, native_impl)
     k, s, p, op, d = (_pair(v) for v in (kernel_size, stride, padding, output_padding, dilation))
     if any(v <= 0 or v % 2 == 0 for v in k):
         raise ValueError(f"kernel_size only accept odd numbers, got {k}")
@@ -527,58 +980,55 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
 
     with torch.autocast(input.device.type, enabled=False):
-        guide = input if input.dtype == torch.float64 else input.float()
-        h, w = guide.shape[2:]
-        if transposed:
-            win_s, win_p = (1, 1), tuple((k[a] - 1) * d[a] // 2 for a in range(2))
-            out_hw = (h, w)
-            in_hw = tuple(_transposed_in_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, op, d)))
-        else:
-            win_s, win_p = s, p
-            out_hw = _conv_out_hw((h, w), k, s, p, d, name="the guide")
-            in_hw = (h, w)
-        guide_padded = _pad(guide, win_p, "zeros" if transposed else padding_mode)
-        if smooth_kind != "none":
-            centre = _smoothed_centre(guide_padded, smooth_kernel.to(guide.dtype), k, win_s, d, out_hw)
-        else:
-            centre = guide_padded[:, :, _strided(k[0] // 2 * d[0], out_hw[0], win_s[0]),
-                                  _strided(k[1] // 2 * d[1], out_hw[1], win_s[1])]
-        distance = _native_distance if native_impl else _TapDistanceFn.apply
-        dist = distance(guide_padded, centre, k, win_s, d, asym, channel_wise)
+        geo = _guide_geometry(input, k, s, p, op, d, transposed, padding_mode,
+                              smooth_kernel if smooth_kind != "none" else None)
+        if mask is not None:
+            _check_mask(mask, input.shape[0], geo.in_hw)
+        alpha, lam = _kernel_params(kernel_type, inv_alpha, inv_lambda, geo.guide.dtype)
+        if _backend(impl, input.device) == "unfold":
+            return _native_kernel(geo, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize_kernel,
+                                  transposed, padding_mode)
+        geometry, options = _encode(k, s, p, op, d, geo.out_hw, transposed, 1, kernel_type, channel_wise,
+                                    normalize_kernel, padding_mode, kernel_given=False)
+        kernel, flags = torch.ops.pac.kernel(geo.guide, geo.centre, mask, alpha, lam, geometry, options)
+    return kernel, (flags if mask is not None else None)
 
-        if kind == "gaussian":
-            kernel = dist.mul_(-0.5).exp_()  # in place: the distances are not needed by any backward
-        else:
-            shape = (1, -1, 1, 1, 1, 1)
-            alpha = inv_alpha.to(dist.dtype).reshape(shape) if inv_alpha.dim() else inv_alpha.to(dist.dtype)
-            lam = inv_lambda.to(dist.dtype).reshape(shape) if inv_lambda.dim() else inv_lambda.to(dist.dtype)
-            kernel = alpha + (dist + 1e-4).pow(0.5 * lam)
 
-        output_mask = None
-        if mask is not None or normalize_kernel:
-            # Which taps fall on real pixels. Zero padding and inserted zeros are not real; a border
-            # padded by reflection, replication or wrapping is, and a mask is padded the same way.
-            def taps_of(m):
-                if transposed or padding_mode == "zeros":
-                    return nd2col(m, k, s, p, op, d, transposed=transposed)
-                return nd2col(_pad(m, p, padding_mode), k, s, 0, 0, d)
+def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize,
+                   transposed, padding_mode):
+    """The 'unfold' implementation of :func:`packernel2d`: plain autograd through ``unfold``."""
+    win_s = (1, 1) if transposed else s
+    dist = _native_distance(geo.guide, geo.centre, k, win_s, d, asym, channel_wise)
+    if kind == "gaussian":
+        kernel = torch.exp(-0.5 * dist)
+    else:
+        shape = (1, -1, 1, 1, 1, 1)
+        kernel = (alpha.reshape(shape) if alpha.dim() else alpha) + \
+            (dist + _INV_EPS).pow(0.5 * (lam.reshape(shape) if lam.dim() else lam))
+    if mask is None and not normalize:
+        return kernel, None
 
-            pattern = taps_of(guide.new_ones(1, 1, *in_hw))
-            if mask is not None:
-                _check_mask(mask, guide.shape[0], in_hw)
-                mask_cols = taps_of(mask.to(guide.dtype))
-                kernel = kernel * mask_cols
-                if not normalize_kernel:
-                    # Windows without any real pixel have mask_cols == 0 everywhere: avoid 0 / 0.
-                    norm = mask_cols.sum((2, 3), keepdim=True) / pattern.sum((2, 3), keepdim=True).clamp(min=1)
-            else:
-                kernel = kernel * pattern
-            if normalize_kernel:
-                norm = kernel.sum((2, 3), keepdim=True)
-            empty = norm == 0
-            kernel = kernel / (norm + empty.to(norm.dtype))
-            if mask is not None:
-                output_mask = (~empty).to(guide.dtype).flatten(1, 3)
+    # Which taps fall on real pixels. Zero padding and inserted zeros are not real; a border
+    # padded by reflection, replication or wrapping is, and a mask is padded the same way.
+    def taps_of(m):
+        if transposed or padding_mode == "zeros":
+            return nd2col(m, k, s, p, op, d, transposed=transposed)
+        return nd2col(_pad(m, p, padding_mode), k, s, 0, 0, d)
+
+    pattern = taps_of(geo.guide.new_ones(1, 1, *geo.in_hw))
+    if mask is not None:
+        mask_cols = taps_of(mask.to(geo.guide.dtype))
+        kernel = kernel * mask_cols
+        if not normalize:
+            # Windows without any real pixel have mask_cols == 0 everywhere: avoid 0 / 0.
+            norm = mask_cols.sum((2, 3), keepdim=True) / pattern.sum((2, 3), keepdim=True).clamp(min=1)
+    else:
+        kernel = kernel * pattern
+    if normalize:
+        norm = kernel.sum((2, 3), keepdim=True)
+    empty = norm == 0
+    kernel = kernel / (norm + empty.to(norm.dtype))
+    output_mask = None if mask is None else (~empty).to(geo.guide.dtype).flatten(1, 3)
     return kernel, output_mask
 
 
@@ -590,16 +1040,15 @@ def _check_mask(mask: torch.Tensor, batch: int, in_hw: Tuple[int, int]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Functional convolution and pooling
+# Functional convolution and pooling with a precomputed kernel
 # ----------------------------------------------------------------------------------------------
 
-def _check_kernel(kernel: torch.Tensor, batch: int, channels: int, k, out_hw, allow_channels: bool = True) -> None:
+def _check_kernel(kernel: torch.Tensor, batch: int, channels: int, k, out_hw) -> None:
     if not isinstance(kernel, torch.Tensor):
         raise TypeError(f"kernel must be a torch.Tensor, got {type(kernel).__name__}")
-    ok_c = (1, channels) if allow_channels else (1,)
-    if (kernel.dim() != 6 or kernel.shape[0] != batch or kernel.shape[1] not in ok_c
+    if (kernel.dim() != 6 or kernel.shape[0] != batch or kernel.shape[1] not in (1, channels)
             or tuple(kernel.shape[2:4]) != tuple(k) or tuple(kernel.shape[4:]) != tuple(out_hw)):
-        expected = f"({batch}, 1{' or ' + str(channels) if allow_channels and channels != 1 else ''}, " \
+        expected = f"({batch}, 1{' or ' + str(channels) if channels != 1 else ''}, " \
                    f"{k[0]}, {k[1]}, {out_hw[0]}, {out_hw[1]})"
         raise ValueError(f"kernel must have shape {expected} (batch, channels, kernel_size, output size), "
                          f"got {tuple(kernel.shape)}")
@@ -618,32 +1067,78 @@ def _check_bias(bias: Optional[torch.Tensor], channels: int) -> None:
         raise ValueError(f"bias must be None or a tensor of shape ({channels},), got {got}")
 
 
-def _run_taps(x, kernel, weight, bias, groups, native_cols, lean_geometry, native_impl):
-    """Dispatch to one of the two implementations, under autocast's dtype when it is active.
+def _check_padding_mode(padding_mode: str) -> None:
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
 
-    ``native_cols(x)`` unfolds the input for the native path; ``lean_geometry(x)`` returns the
-    (possibly padded) input and the row and column tap geometry for the lean path.
-    """
-    dtype = _autocast_dtype(x.device.type)
-    x, kernel, weight, bias = _cast_all(dtype, x, kernel, weight, bias)
+
+class _Layer(NamedTuple):
+    """What a PAC layer call needs besides its tensors: the geometry of a stride-``s`` convolution over the
+    input padded by ``p`` (``transposed``: of the transposed convolution) and its filter arrangement."""
+    k: Tuple[int, int]
+    s: Tuple[int, int]
+    p: Tuple[int, int]
+    op: Tuple[int, int]
+    d: Tuple[int, int]
+    transposed: bool
+    groups: int
+    padding_mode: str
+
+    def out_hw(self, in_hw) -> Tuple[int, int]:
+        if self.transposed:
+            return _transposed_out_hw(in_hw, self.k, self.s, self.p, self.op, self.d)
+        return _conv_out_hw(in_hw, self.k, self.s, self.p, self.d)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the taps read it: padded by the layer (a transposed layer's op pads itself)."""
+        return x if self.transposed else _pad(x, self.p, self.padding_mode)
+
+    def unfolded(self, x: torch.Tensor) -> torch.Tensor:
+        """The windows ``(B, C, kh, kw, H', W')`` of the padded input, for the 'unfold' path."""
+        if self.transposed:
+            return nd2col(x, self.k, self.s, self.p, self.op, self.d, transposed=True)
+        return nd2col(x, self.k, self.s, 0, 0, self.d)
+
+
+def _filter_with_kernel(layer: _Layer, x, kernel, weight, bias, impl: str) -> torch.Tensor:
+    """Filter ``x`` with a precomputed kernel on the chosen backend, under autocast's dtype when active."""
+    x, kernel, weight, bias = _cast_all(_autocast_dtype(x.device.type), x, kernel, weight, bias)
     kernel = kernel.to(x.dtype)
-    if native_impl:
+    x = layer.padded(x)
+    if _backend("taps" if impl == "triton" else impl, x.device) == "unfold":
         with torch.autocast(x.device.type, enabled=False):
-            return _native_taps(native_cols(x), kernel, weight, bias, groups)
-    x, rows, cols = lean_geometry(x)
-    return _PacTapsFn.apply(x, kernel, weight, bias, rows, cols, groups)
+            return _native_taps(layer.unfolded(x), kernel, weight, bias, layer.groups)
+    geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, tuple(kernel.shape[-2:]),
+                                layer.transposed, layer.groups, "gaussian", False, False, layer.padding_mode,
+                                kernel_given=True)
+    out, _ = torch.ops.pac.filter(x, weight, kernel, None, None, None, None, None, geometry, options)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
-def _transposed_lean_input(x, k, s, p, d, out_hw):
-    rows, (top, bottom) = _transposed_axis(k[0], s[0], p[0], d[0], x.shape[2], out_hw[0])
-    cols, (left, right) = _transposed_axis(k[1], s[1], p[1], d[1], x.shape[3], out_hw[1])
-    return F.pad(x, (left, right, top, bottom)), rows, cols
+def _conv_weight(weight, shared_filters: bool, groups: int, channels: int, transposed: bool):
+    """Check ``weight`` and return it in convolution layout ``(O, C / groups, kh, kw)`` with its groups."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D, got shape {tuple(weight.shape)}")
+    k = tuple(weight.shape[-2:])
+    if shared_filters:
+        _check_weight(weight, (1, 1) + k, "shared filters")
+        return weight.expand(channels, 1, *k), channels
+    if transposed:
+        _check_weight(weight, (channels, weight.shape[1]) + k, "in_channels, out_channels, kh, kw")
+        return weight.transpose(0, 1), 1
+    if not isinstance(groups, int) or groups <= 0 or channels % groups or weight.shape[0] % groups:
+        raise ValueError(f"groups must be a positive integer dividing the input channels ({channels}) and the output "
+                         f"channels ({weight.shape[0]}), got {groups}")
+    _check_weight(weight, (weight.shape[0], channels // groups) + k, "out_channels, in_channels / groups, kh, kw")
+    return weight, groups
 
 
 def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
               dilation: IntPair = 1, shared_filters: bool = False, native_impl: bool = False,
-              groups: int = 1, padding_mode: str = "zeros") -> torch.Tensor:
+              groups: int = 1, padding_mode: str = "zeros", impl: str = "auto") -> torch.Tensor:
     """Pixel-adaptive convolution with a given adaptive kernel.
 
     ``out[b,o,y,x] = bias[o] + sum_{c,i,j} W[o,c,i,j] K[b,·,i,j,y,x] X[b,c,y*s+i*d-p,x*s+j*d-p]``.
@@ -656,7 +1151,8 @@ def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
         bias: ``(O,)`` or None.
         stride, padding, dilation, groups: as in :func:`torch.nn.functional.conv2d`.
         padding_mode: 'zeros', 'reflect', 'replicate' or 'circular'.
-        native_impl: use the plain-autograd implementation.
+        native_impl: the 2019 flag, an alias of ``impl='unfold'``.
+        impl: ``'auto'`` / ``'taps'`` (the registered ``pac::filter`` op) or ``'unfold'`` (plain autograd).
 
     Shape:
         Output ``(B, O, H', W')`` with ``H' = (H + 2p - d(kh - 1) - 1) // s + 1``.
@@ -668,46 +1164,35 @@ def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
         torch.Size([1, 8, 16, 16])
     """
     _check_4d("input", input)
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
-    b, c, h, w = input.shape
-    k = tuple(weight.shape[-2:])
-    if shared_filters:
-        _check_weight(weight, (1, 1) + k, "shared filters")
-        weight, groups = weight.expand(c, 1, *k), c
-    else:
-        if not isinstance(groups, int) or groups <= 0 or c % groups or weight.shape[0] % groups:
-            raise ValueError(f"groups must be a positive integer dividing the input channels ({c}) and the output "
-                             f"channels ({weight.shape[0]}), got {groups}")
-        _check_weight(weight, (weight.shape[0], c // groups) + k, "out_channels, in_channels / groups, kh, kw")
+    _check_padding_mode(padding_mode)
+    impl = _resolve_impl(impl, native_impl)
+    weight, groups = _conv_weight(weight, shared_filters, groups, input.shape[1], transposed=False)
     _check_bias(bias, weight.shape[0])
-    out_hw = _conv_out_hw((h, w), k, s, p, d)
-    _check_kernel(kernel, b, c, k, out_hw)
-    x = _pad(input, p, padding_mode)
-    return _run_taps(x, kernel, weight, bias, groups,
-                     lambda xp: nd2col(xp, k, s, 0, 0, d),
-                     lambda xp: (xp, _conv_axis(k[0], s[0], d[0], out_hw[0]), _conv_axis(k[1], s[1], d[1], out_hw[1])),
-                     native_impl)
+    layer = _Layer(tuple(weight.shape[-2:]), _pair(stride), _pair(padding), (0, 0), _pair(dilation), False, groups,
+                   padding_mode)
+    _check_kernel(kernel, input.shape[0], input.shape[1], layer.k, layer.out_hw(input.shape[2:]))
+    return _filter_with_kernel(layer, input, kernel, weight, bias, impl)
 
 
 def pacconv_transpose2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
                         output_padding: IntPair = 0, dilation: IntPair = 1, shared_filters: bool = False,
-                        native_impl: bool = False) -> torch.Tensor:
+                        native_impl: bool = False, impl: str = "auto") -> torch.Tensor:
     """Pixel-adaptive transposed convolution with a given adaptive kernel.
 
     Equivalent to zero-inserting the input by the stride, padding it by ``(k-1)d - p`` (plus
     ``output_padding`` at the far side) and running a stride-1 PAC correlation with ``W`` permuted to
     ``(C_out, C_in, kh, kw)``. Note the weight is *not* spatially flipped: with a constant kernel this
     equals :class:`torch.nn.ConvTranspose2d` whose weight is flipped in both spatial axes (the
-    convention of the released weights). The lean implementation computes only the real taps.
+    convention of the released weights). The 'taps' implementation computes one output phase at a
+    time and only the real taps, so it never pays for the inserted zeros.
 
     Args:
         input: ``(B, C_in, H, W)``.
         kernel: ``(B, 1 or C_in, kh, kw, H', W')`` at the output resolution.
         weight: ``(C_in, C_out, kh, kw)``, or ``(1, 1, kh, kw)`` with ``shared_filters``.
         bias: ``(C_out,)`` or None.
+        native_impl, impl: as in :func:`pacconv2d`.
 
     Shape:
         Output ``(B, C_out, H', W')`` with ``H' = (H - 1)s - 2p + d(kh - 1) + 1 + output_padding``.
@@ -719,27 +1204,18 @@ def pacconv_transpose2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch
         torch.Size([1, 2, 16, 16])
     """
     _check_4d("input", input)
-    s, p, op, d = _pair(stride), _pair(padding), _pair(output_padding), _pair(dilation)
-    b, c, h, w = input.shape
-    k = tuple(weight.shape[-2:])
-    if shared_filters:
-        _check_weight(weight, (1, 1) + k, "shared filters")
-        conv_weight, groups = weight.expand(c, 1, *k), c
-    else:
-        _check_weight(weight, (c, weight.shape[1]) + k, "in_channels, out_channels, kh, kw")
-        conv_weight, groups = weight.transpose(0, 1), 1
-    _check_bias(bias, conv_weight.shape[0])
-    out_hw = _transposed_out_hw((h, w), k, s, p, op, d)
-    _check_kernel(kernel, b, c, k, out_hw)
-    return _run_taps(input, kernel, conv_weight, bias, groups,
-                     lambda x: F.unfold(_transposed_padded_input(x, k, s, p, op, d), k, dilation=d)
-                     .view(b, c, k[0], k[1], *out_hw),
-                     lambda x: _transposed_lean_input(x, k, s, p, d, out_hw),
-                     native_impl)
+    impl = _resolve_impl(impl, native_impl)
+    weight, groups = _conv_weight(weight, shared_filters, 1, input.shape[1], transposed=True)
+    _check_bias(bias, weight.shape[0])
+    layer = _Layer(tuple(weight.shape[-2:]), _pair(stride), _pair(padding), _pair(output_padding), _pair(dilation),
+                   True, groups, "zeros")
+    _check_kernel(kernel, input.shape[0], input.shape[1], layer.k, layer.out_hw(input.shape[2:]))
+    return _filter_with_kernel(layer, input, kernel, weight, bias, impl)
 
 
 def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1,
-              padding: IntPair = 0, dilation: IntPair = 1, native_impl: bool = False) -> torch.Tensor:
+              padding: IntPair = 0, dilation: IntPair = 1, native_impl: bool = False,
+              impl: str = "auto") -> torch.Tensor:
     """Pixel-adaptive pooling: ``out[b,c,y,x] = sum_{i,j} K[b,·,i,j,y,x] X[b,c,y*s+i*d-p,x*s+j*d-p]``.
 
     A weighted *sum*; it is an average when the kernel is normalised (``normalize_kernel=True``).
@@ -747,6 +1223,7 @@ def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, s
     Args:
         input: ``(B, C, H, W)``.
         kernel: ``(B, 1 or C, kh, kw, H', W')``.
+        native_impl, impl: as in :func:`pacconv2d`.
 
     Example:
         >>> x, guide = torch.rand(1, 4, 16, 16), torch.rand(1, 3, 16, 16)
@@ -755,26 +1232,73 @@ def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, s
         torch.Size([1, 4, 8, 8])
     """
     _check_4d("input", input)
-    k, s, p, d = (_pair(v) for v in (kernel_size, stride, padding, dilation))
-    b, c, h, w = input.shape
-    out_hw = _conv_out_hw((h, w), k, s, p, d)
-    _check_kernel(kernel, b, c, k, out_hw)
-    x = _pad(input, p)
-    return _run_taps(x, kernel, None, None, 1, lambda xp: nd2col(xp, k, s, 0, 0, d),
-                     lambda xp: (xp, _conv_axis(k[0], s[0], d[0], out_hw[0]), _conv_axis(k[1], s[1], d[1], out_hw[1])),
-                     native_impl)
+    impl = _resolve_impl(impl, native_impl)
+    layer = _Layer(_pair(kernel_size), _pair(stride), _pair(padding), (0, 0), _pair(dilation), False, 1, "zeros")
+    _check_kernel(kernel, input.shape[0], input.shape[1], layer.k, layer.out_hw(input.shape[2:]))
+    return _filter_with_kernel(layer, input, kernel, None, None, impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fillers: the initial weights of the 2019 code (spec section 1.6)
+# ----------------------------------------------------------------------------------------------
+
+def _fill_uniform(weight, bias, in_channels: int, groups: int, shared_filters: bool) -> None:
+    bound = 1.0 / math.sqrt(in_channels // groups * weight.shape[2] * weight.shape[3])
+    if shared_filters:  # kept from the 2019 code: the bound grows with the channel count
+        bound *= in_channels
+    weight.uniform_(-bound, bound)
+    if bias is not None:
+        bias.uniform_(-bound, bound)
+
+
+def _fill_linear(weight, bias, stride, normalize_kernel: bool, channels: int) -> None:
+    """A bilinear upsampler: the outer product of two triangles, on the diagonal of the channels."""
+    profiles = []
+    for k, s in zip(weight.shape[2:], stride):
+        q = (k - (2 * s - 1)) // 2
+        prof = np.array([0.0] * q + [(t + 1) / s for t in range(s)] + [(s - t) / s for t in range(1, s)] + [0.0] * q)
+        if normalize_kernel:
+            prof *= np.array([(k - j - 1) // s + j // s + 1 for j in range(k)])
+        profiles.append(prof)
+    w2d = torch.from_numpy(np.outer(*profiles)).to(weight)
+    weight.zero_()
+    for ch in range(channels):
+        weight[ch, ch] = w2d
+    if bias is not None:
+        bias.zero_()
+
+
+def _fill_crf(weight, bias, shared_filters: bool, perturbed: bool) -> None:
+    """A spatial Gaussian without its centre, times a Potts compatibility ``1 - I`` unless shared."""
+    k = weight.shape[-1]
+    g = torch.from_numpy(np_gaussian_2d(k) * k * k).to(weight)
+    g[k // 2, k // 2] = 0
+    if shared_filters:
+        weight.copy_(g.view(1, 1, k, k))
+    else:
+        compat = 1 - torch.eye(weight.shape[0], dtype=g.dtype, device=g.device)
+        weight.copy_(compat.view(*compat.shape, 1, 1) * g)
+    if perturbed:
+        weight.add_(torch.empty_like(weight).uniform_(-0.0005, 0.0005))
+    if bias is not None:
+        bias.zero_()
+
+
+FILLERS = ("uniform", "linear", "crf", "crf_perturbed", "pool", "crf_pool")
 
 
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
 
-class _PacConvNd(nn.Module):
-    """Shared construction, parameters, fillers and kernel computation of the PAC modules."""
+class _PacKernelLayer(nn.Module):
+    """The adaptive-kernel part shared by every PAC layer: window geometry, kernel type, smoothing,
+    normalisation, padding and backend; the learnable kernel parameters; :meth:`compute_kernel`."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, transposed,
-                 output_padding, bias, pool_only, kernel_type, smooth_kernel_type, channel_wise,
-                 normalize_kernel, shared_filters, filler, native_impl, groups=1, padding_mode="zeros"):
+    def __init__(self, *, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair,
+                 padding: IntPair, dilation: IntPair, output_padding: IntPair, transposed: bool, pool_only: bool,
+                 kernel_type: str, smooth_kernel_type: str, channel_wise: bool, normalize_kernel: bool,
+                 shared_filters: bool, filler: str, groups: int, padding_mode: str, impl: str, native_impl: bool):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.dilation, self.output_padding = (
@@ -782,46 +1306,20 @@ class _PacConvNd(nn.Module):
         self.transposed, self.pool_only = transposed, pool_only
         self.kernel_type, self.smooth_kernel_type = kernel_type, smooth_kernel_type
         self.channel_wise, self.normalize_kernel = channel_wise, normalize_kernel
-        self.shared_filters, self.filler, self.native_impl = shared_filters, filler, native_impl
-        self.groups, self.padding_mode = groups, padding_mode
-        self._validate()
+        self.shared_filters, self.filler, self.groups, self.padding_mode = shared_filters, filler, groups, padding_mode
+        self.impl = _resolve_impl(impl, native_impl)
+        self._validate_kernel_options()
 
-        kh, kw = self.kernel_size
-        if not pool_only:
-            if filler in ("pool", "crf_pool"):
-                self.register_buffer("weight", torch.ones(1, 1, kh, kw))
-                if filler == "crf_pool":
-                    self.weight[0, 0, kh // 2, kw // 2] = 0
-            elif shared_filters:
-                self.weight = nn.Parameter(torch.empty(1, 1, kh, kw))
-            elif transposed:
-                self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kh, kw))
-            else:
-                self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
-            self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+    @property
+    def native_impl(self) -> bool:
+        """The 2019 flag: True when this layer runs the 'unfold' implementation."""
+        return self.impl == "unfold"
 
-        kind, alpha, lam, _, fixed = _parse_kernel_type(kernel_type)
-        if kind == "inv":
-            self.inv_alpha_init, self.inv_lambda_init = alpha, lam
-            if fixed:
-                self.register_buffer("inv_alpha", torch.tensor(alpha))
-                self.register_buffer("inv_lambda", torch.tensor(lam))
-            else:
-                shape = (out_channels,) if channel_wise else ()
-                self.inv_alpha = nn.Parameter(torch.full(shape, alpha))
-                self.inv_lambda = nn.Parameter(torch.full(shape, lam))
+    @native_impl.setter
+    def native_impl(self, value: bool) -> None:
+        self.impl = _resolve_impl("auto", value)
 
-        smooth_kind, width = _parse_smooth_kernel_type(smooth_kernel_type)
-        if smooth_kind == "gaussian":
-            g = torch.tensor([0.25, 0.5, 0.25])
-            self.register_buffer("smooth_kernel", torch.outer(g, g).view(1, 1, 3, 3))
-        elif smooth_kind == "average":
-            self.register_buffer("smooth_kernel", torch.full((1, 1, width, width), 1.0 / width ** 2))
-        elif smooth_kind == "full":
-            self.smooth_kernel = nn.Parameter(torch.full((1, 1, width, width), 1.0 / width ** 2))
-        self.reset_parameters()
-
-    def _validate(self) -> None:
+    def _validate_kernel_options(self) -> None:
         k, d, p = self.kernel_size, self.dilation, self.padding
         if any(v <= 0 or v % 2 == 0 for v in k):
             raise ValueError(f"kernel_size only accept odd numbers, got {k}")
@@ -834,84 +1332,41 @@ class _PacConvNd(nn.Module):
                              f"{tuple(d[a] * (k[a] - 1) // 2 for a in range(2))}, got {p}")
         if any(v < 0 for v in self.output_padding):
             raise ValueError(f"output_padding must be non-negative, got {self.output_padding}")
-        if self.shared_filters and self.in_channels != self.out_channels:
-            raise ValueError("when specifying shared_filters, number of channels should not change: got "
-                             f"in_channels={self.in_channels}, out_channels={self.out_channels}")
         if self.channel_wise and self.kernel_type.startswith("inv") and "fixed" not in self.kernel_type \
                 and self.out_channels <= 0:
             raise ValueError(f"out_channels needed for channel_wise {self.kernel_type}: got "
                              f"out_channels={self.out_channels}, expected the number of guide channels")
-        if self.padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
-        if not self.pool_only:
-            if not isinstance(self.groups, int) or self.groups <= 0 or self.in_channels % self.groups \
-                    or self.out_channels % self.groups:
-                raise ValueError(f"groups must divide in_channels ({self.in_channels}) and out_channels "
-                                 f"({self.out_channels}), got {self.groups}")
-            if self.filler in ("pool", "crf_pool") and not self.shared_filters:
-                raise ValueError(f"filler={self.filler!r} needs shared_filters=True")
-            if self.filler not in ("uniform", "linear", "crf", "crf_perturbed", "pool", "crf_pool"):
-                raise ValueError(f"Initialization method (filler={self.filler!r}) not supported: expected "
-                                 "'uniform', 'linear', 'crf', 'crf_perturbed', 'pool' or 'crf_pool'")
+        _check_padding_mode(self.padding_mode)
+
+    def _register_kernel_parameters(self) -> None:
+        """inv_alpha / inv_lambda and smooth_kernel, registered after any weight and bias (the 2019 key order)."""
+        kind, alpha, lam, _, fixed = _parse_kernel_type(self.kernel_type)
+        if kind == "inv":
+            self.inv_alpha_init, self.inv_lambda_init = alpha, lam
+            if fixed:
+                self.register_buffer("inv_alpha", torch.tensor(alpha))
+                self.register_buffer("inv_lambda", torch.tensor(lam))
+            else:
+                shape = (self.out_channels,) if self.channel_wise else ()
+                self.inv_alpha = nn.Parameter(torch.full(shape, alpha))
+                self.inv_lambda = nn.Parameter(torch.full(shape, lam))
+        smooth_kind, width = _parse_smooth_kernel_type(self.smooth_kernel_type)
+        if smooth_kind == "gaussian":
+            g = torch.tensor([0.25, 0.5, 0.25])
+            self.register_buffer("smooth_kernel", torch.outer(g, g).view(1, 1, 3, 3))
+        elif smooth_kind == "average":
+            self.register_buffer("smooth_kernel", torch.full((1, 1, width, width), 1.0 / width ** 2))
+        elif smooth_kind == "full":
+            self.smooth_kernel = nn.Parameter(torch.full((1, 1, width, width), 1.0 / width ** 2))
 
     def reset_parameters(self) -> None:
-        """Re-initialise the weight and bias with ``filler``, and the learnable kernel parameters."""
-        if not self.pool_only and self.filler not in ("pool", "crf_pool"):
-            with torch.no_grad():
-                getattr(self, "_fill_" + self.filler.replace("crf_perturbed", "crf"))()
+        """Re-initialise the learnable kernel parameters."""
         with torch.no_grad():
             if isinstance(getattr(self, "inv_alpha", None), nn.Parameter):
                 self.inv_alpha.fill_(self.inv_alpha_init)
                 self.inv_lambda.fill_(self.inv_lambda_init)
             if isinstance(getattr(self, "smooth_kernel", None), nn.Parameter):
                 self.smooth_kernel.fill_(1.0 / self.smooth_kernel.numel())
-
-    def _fill_uniform(self) -> None:
-        n = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
-        bound = 1.0 / math.sqrt(n)
-        if self.shared_filters:  # kept from the 2019 code: the bound grows with the channel count
-            bound *= self.in_channels
-        self.weight.uniform_(-bound, bound)
-        if self.bias is not None:
-            self.bias.uniform_(-bound, bound)
-
-    def _fill_linear(self) -> None:
-        k, s = self.kernel_size, self.stride
-        if not self.transposed or self.in_channels != self.out_channels or any(k[a] < 2 * s[a] - 1 for a in range(2)):
-            raise ValueError("filler='linear' needs a transposed layer with in_channels == out_channels and "
-                             f"kernel_size >= 2 * stride - 1, got transposed={self.transposed}, channels "
-                             f"{self.in_channels}->{self.out_channels}, kernel_size={k}, stride={s}")
-        profiles = []
-        for a in range(2):
-            q = (k[a] - (2 * s[a] - 1)) // 2
-            ramp = [(t + 1) / s[a] for t in range(s[a])] + [(s[a] - t) / s[a] for t in range(1, s[a])]
-            prof = np.array([0.0] * q + ramp + [0.0] * q)
-            if self.normalize_kernel:
-                prof *= np.array([(k[a] - j - 1) // s[a] + j // s[a] + 1 for j in range(k[a])])
-            profiles.append(prof)
-        w2d = torch.from_numpy(np.outer(*profiles)).to(self.weight)
-        self.weight.zero_()
-        for ch in range(1 if self.shared_filters else self.in_channels):
-            self.weight[ch, ch] = w2d
-        if self.bias is not None:
-            self.bias.zero_()
-
-    def _fill_crf(self) -> None:
-        k = self.kernel_size
-        if k[0] != k[1] or self.in_channels != self.out_channels:
-            raise ValueError(f"filler={self.filler!r} needs a square kernel and in_channels == out_channels, got "
-                             f"kernel_size={k}, channels {self.in_channels}->{self.out_channels}")
-        g = torch.from_numpy(np_gaussian_2d(k[0]) * k[0] * k[0]).to(self.weight)
-        g[k[0] // 2, k[1] // 2] = 0
-        if self.shared_filters:
-            self.weight.copy_(g.view(1, 1, *k))
-        else:
-            compat = 1 - torch.eye(self.out_channels, dtype=g.dtype, device=g.device)
-            self.weight.copy_(compat.view(*compat.shape, 1, 1) * g)
-        if self.filler == "crf_perturbed":
-            self.weight.add_(torch.empty_like(self.weight).uniform_(-0.0005, 0.0005))
-        if self.bias is not None:
-            self.bias.zero_()
 
     def compute_kernel(self, input_for_kernel: torch.Tensor, input_mask: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -922,45 +1377,83 @@ class _PacConvNd(nn.Module):
                            smooth_kernel=getattr(self, "smooth_kernel", None),
                            inv_alpha=getattr(self, "inv_alpha", None), inv_lambda=getattr(self, "inv_lambda", None),
                            channel_wise=self.channel_wise, normalize_kernel=self.normalize_kernel,
-                           transposed=self.transposed, native_impl=self.native_impl,
-                           padding_mode=self.padding_mode)
+                           transposed=self.transposed, padding_mode=self.padding_mode,
+                           impl="taps" if self.impl == "triton" else self.impl)
 
-    def _guide_size(self, input_2d: torch.Tensor) -> Tuple[int, int]:
-        """Spatial size the guide must have: the input's, or the output's for a transposed layer."""
-        if not self.transposed:
-            return tuple(input_2d.shape[2:])
-        return _transposed_out_hw(input_2d.shape[2:], self.kernel_size, self.stride, self.padding,
-                                  self.output_padding, self.dilation)
+    def _layer(self, groups: int) -> _Layer:
+        return _Layer(self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation, self.transposed,
+                      groups, self.padding_mode)
 
-    def _kernel_for(self, input_2d, input_for_kernel, kernel, mask):
-        """Compute (or pass through) the adaptive kernel for a forward call."""
-        _check_4d("input_2d", input_2d)
-        guide_hw = self._guide_size(input_2d)
-        if not self.pool_only and input_2d.shape[1] != self.in_channels:
-            raise ValueError(f"input_2d must have in_channels={self.in_channels} channels, got {input_2d.shape[1]}")
-        if kernel is not None:
-            return kernel, None
-        if input_for_kernel is None:
+    def _check_guide(self, input: torch.Tensor, guide: Optional[torch.Tensor]) -> torch.Tensor:
+        """The guide must match the input's batch and the input size (the output size when transposed)."""
+        if guide is None:
             raise ValueError("input_for_kernel (the guide) is required when no precomputed kernel is given")
-        _check_4d("input_for_kernel", input_for_kernel)
-        if tuple(input_for_kernel.shape[2:]) != tuple(guide_hw) or input_for_kernel.shape[0] != input_2d.shape[0]:
+        _check_4d("input_for_kernel", guide)
+        guide_hw = self._layer(1).out_hw(input.shape[2:]) if self.transposed else tuple(input.shape[2:])
+        if tuple(guide.shape[2:]) != tuple(guide_hw) or guide.shape[0] != input.shape[0]:
             where = "output" if self.transposed else "input"
             raise ValueError(f"input_for_kernel must match the layer's {where} batch and size "
-                             f"({input_2d.shape[0]}, *, {guide_hw[0]}, {guide_hw[1]}), got "
-                             f"{tuple(input_for_kernel.shape)}")
-        return self.compute_kernel(input_for_kernel, mask)
+                             f"({input.shape[0]}, *, {guide_hw[0]}, {guide_hw[1]}), got {tuple(guide.shape)}")
+        return guide
+
+    def _filter(self, input: torch.Tensor, guide: Optional[torch.Tensor], kernel: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                groups: int, functional) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """One forward call: with a given kernel through ``functional``, or from the guide on the backend
+        that ``impl`` selects (the kernel computed band by band inside the 'taps' op)."""
+        if kernel is not None:
+            return functional(kernel)
+        guide = self._check_guide(input, guide)
+        triton = _pac_triton() if self.impl in ("auto", "triton") else None
+        backend = _backend(self.impl, input.device,
+                           None if triton is None else lambda: self._triton_supports(triton, input, guide, mask))
+        if backend == "unfold":
+            kernel, output_mask = self.compute_kernel(guide, mask)
+            return _with_mask(functional(kernel), output_mask)
+        if backend == "triton":
+            return self._triton_forward(triton, input, guide, mask)
+        return _with_mask(*self._fused(input, guide, mask, weight, bias, groups))
+
+    def _fused(self, input, guide, mask, weight, bias, groups):
+        """The 'taps' path from the guide: one ``pac::filter`` op computes each band's kernel itself."""
+        layer = self._layer(groups)
+        with torch.autocast(input.device.type, enabled=False):
+            smooth = getattr(self, "smooth_kernel", None) if self.smooth_kernel_type != "none" else None
+            geo = _guide_geometry(guide, layer.k, layer.s, layer.p, layer.op, layer.d, layer.transposed,
+                                  layer.padding_mode, smooth)
+            alpha, lam = _kernel_params(self.kernel_type, getattr(self, "inv_alpha", None),
+                                        getattr(self, "inv_lambda", None), geo.guide.dtype)
+        if mask is not None:
+            _check_mask(mask, input.shape[0], geo.in_hw)
+        x, weight, bias = _cast_all(_autocast_dtype(input.device.type), input, weight, bias)
+        geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, geo.out_hw, layer.transposed,
+                                    groups, self.kernel_type, self.channel_wise, self.normalize_kernel,
+                                    layer.padding_mode, kernel_given=False)
+        out, flags = torch.ops.pac.filter(layer.padded(x), weight, None, geo.guide, geo.centre, mask, alpha, lam,
+                                          geometry, options)
+        if bias is not None:
+            out = out + bias.view(1, -1, 1, 1)
+        return out, (flags if mask is not None else None)
+
+    def _triton_supports(self, triton, input, guide, mask) -> bool:
+        return triton.supports("pool" if self.pool_only else "conv_transpose" if self.transposed else "conv",
+                               input, guide, kernel_type=self.kernel_type, smooth_kernel_type=self.smooth_kernel_type,
+                               normalize_kernel=self.normalize_kernel, channel_wise=self.channel_wise,
+                               shared_filters=self.shared_filters, groups=self.groups, padding_mode=self.padding_mode,
+                               mask=mask, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                               output_padding=self.output_padding)
 
     def extra_repr(self) -> str:
         s = "kernel_size={kernel_size}, kernel_type={kernel_type}"
         if not self.pool_only:
             s = "{in_channels}, {out_channels}, " + s
-        if self.stride != (1,) * len(self.stride):
+        if self.stride != (1, 1):
             s += ", stride={stride}"
-        if self.padding != (0,) * len(self.padding):
+        if self.padding != (0, 0):
             s += ", padding={padding}"
-        if self.dilation != (1,) * len(self.dilation):
+        if self.dilation != (1, 1):
             s += ", dilation={dilation}"
-        if self.output_padding != (0,) * len(self.output_padding):
+        if self.output_padding != (0, 0):
             s += ", output_padding={output_padding}"
         if not self.pool_only and self.bias is None:
             s += ", bias=False"
@@ -976,14 +1469,80 @@ class _PacConvNd(nn.Module):
             s += ", groups={groups}"
         if self.padding_mode != "zeros":
             s += ", padding_mode={padding_mode}"
+        if self.impl != "auto":
+            s += ", impl={impl}"
         return s.format(**self.__dict__)
+
+
+class _PacConvLayer(_PacKernelLayer):
+    """The convolution part of :class:`PacConv2d` and :class:`PacConvTranspose2d`: weight, bias, fillers."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, bias: bool, shared_filters: bool, filler: str,
+                 groups: int = 1, **kernel_options):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, pool_only=False, channel_wise=False,
+                         shared_filters=shared_filters, filler=filler, groups=groups, **kernel_options)
+        self._validate_conv_options()
+        kh, kw = self.kernel_size
+        if filler in ("pool", "crf_pool"):
+            self.register_buffer("weight", torch.ones(1, 1, kh, kw))
+            if filler == "crf_pool":
+                self.weight[0, 0, kh // 2, kw // 2] = 0
+        elif shared_filters:
+            self.weight = nn.Parameter(torch.empty(1, 1, kh, kw))
+        elif self.transposed:
+            self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kh, kw))
+        else:
+            self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self._register_kernel_parameters()
+        self.reset_parameters()
+
+    def _validate_conv_options(self) -> None:
+        if self.shared_filters and self.in_channels != self.out_channels:
+            raise ValueError("when specifying shared_filters, number of channels should not change: got "
+                             f"in_channels={self.in_channels}, out_channels={self.out_channels}")
+        if not isinstance(self.groups, int) or self.groups <= 0 or self.in_channels % self.groups \
+                or self.out_channels % self.groups:
+            raise ValueError(f"groups must divide in_channels ({self.in_channels}) and out_channels "
+                             f"({self.out_channels}), got {self.groups}")
+        if self.filler not in FILLERS:
+            raise ValueError(f"Initialization method (filler={self.filler!r}) not supported: expected one of "
+                             f"{FILLERS}")
+        if self.filler in ("pool", "crf_pool") and not self.shared_filters:
+            raise ValueError(f"filler={self.filler!r} needs shared_filters=True")
+        k, s = self.kernel_size, self.stride
+        if self.filler == "linear" and (not self.transposed or self.in_channels != self.out_channels
+                                        or any(k[a] < 2 * s[a] - 1 for a in range(2))):
+            raise ValueError("filler='linear' needs a transposed layer with in_channels == out_channels and "
+                             f"kernel_size >= 2 * stride - 1, got transposed={self.transposed}, channels "
+                             f"{self.in_channels}->{self.out_channels}, kernel_size={k}, stride={s}")
+        if self.filler in ("crf", "crf_perturbed") and (k[0] != k[1] or self.in_channels != self.out_channels):
+            raise ValueError(f"filler={self.filler!r} needs a square kernel and in_channels == out_channels, got "
+                             f"kernel_size={k}, channels {self.in_channels}->{self.out_channels}")
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the weight and bias with ``filler``, and the learnable kernel parameters."""
+        with torch.no_grad():
+            if self.filler == "uniform":
+                _fill_uniform(self.weight, self.bias, self.in_channels, self.groups, self.shared_filters)
+            elif self.filler == "linear":
+                _fill_linear(self.weight, self.bias, self.stride, self.normalize_kernel,
+                             1 if self.shared_filters else self.in_channels)
+            elif self.filler in ("crf", "crf_perturbed"):
+                _fill_crf(self.weight, self.bias, self.shared_filters, self.filler == "crf_perturbed")
+        super().reset_parameters()
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        _check_4d("input_2d", input)
+        if input.shape[1] != self.in_channels:
+            raise ValueError(f"input_2d must have in_channels={self.in_channels} channels, got {input.shape[1]}")
 
 
 def _with_mask(output: torch.Tensor, output_mask: Optional[torch.Tensor]):
     return output if output_mask is None else (output, output_mask)
 
 
-class PacConv2d(_PacConvNd):
+class PacConv2d(_PacConvLayer):
     """Pixel-adaptive convolution (Su et al., CVPR 2019).
 
     Args:
@@ -994,14 +1553,11 @@ class PacConv2d(_PacConvNd):
         normalize_kernel: normalise the adaptive kernel to sum 1 over the valid taps.
         shared_filters: filter every channel on its own with one shared ``(1, 1, kh, kw)`` filter.
         filler: weight initialisation: 'uniform', 'crf', 'crf_perturbed', 'pool' or 'crf_pool'.
-        native_impl: use the plain-autograd implementation instead of the lean one.
+        native_impl: the 2019 flag, an alias of ``impl='unfold'``.
         groups, padding_mode: as in :class:`torch.nn.Conv2d` (the guide is padded the same way).
-
-    Shape:
-        - input_2d: ``(B, C_in, H, W)``; input_for_kernel (guide): ``(B, C_g, H, W)``;
-          mask (optional): ``(B, 1, H, W)``; kernel (optional, replaces the guide):
-          ``(B, 1, kh, kw, H', W')``.
-        - Output: ``(B, C_out, H', W')``, plus the output mask ``(B, 1, H', W')`` when a mask is given.
+        impl: ``'auto'`` (default: 'triton' on CUDA when it supports the options, else 'taps'), ``'taps'``
+            (registered ``pac::`` ops that compute the adaptive kernel band by band and never store it),
+            ``'unfold'`` (plain autograd through ``unfold``) or ``'triton'``.
 
     Example:
         >>> conv = PacConv2d(16, 32, kernel_size=5, padding=2)
@@ -1012,30 +1568,50 @@ class PacConv2d(_PacConvNd):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: IntPair = 0, dilation: IntPair = 1, bias: bool = True, kernel_type: str = "gaussian",
                  smooth_kernel_type: str = "none", normalize_kernel: bool = False, shared_filters: bool = False,
-                 filler: str = "uniform", native_impl: bool = False, groups: int = 1, padding_mode: str = "zeros"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, False, 0, bias,
-                         False, kernel_type, smooth_kernel_type, False, normalize_kernel, shared_filters,
-                         filler, native_impl, groups, padding_mode)
+                 filler: str = "uniform", native_impl: bool = False, groups: int = 1, padding_mode: str = "zeros",
+                 impl: str = "auto"):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, output_padding=0, transposed=False, bias=bias,
+                         kernel_type=kernel_type, smooth_kernel_type=smooth_kernel_type,
+                         normalize_kernel=normalize_kernel, shared_filters=shared_filters, filler=filler,
+                         groups=groups, padding_mode=padding_mode, impl=impl, native_impl=native_impl)
 
     def forward(self, input_2d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
-                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
-        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask)
-        output = pacconv2d(input_2d, kernel, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                           self.shared_filters, self.native_impl, self.groups, self.padding_mode)
-        return _with_mask(output, output_mask)
+                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Filter ``input_2d`` with kernels adapted to the guide ``input_for_kernel``.
+
+        Args:
+            input_2d: the input ``(B, C_in, H, W)``.
+            input_for_kernel: the guide ``(B, C_g, H, W)``; ignored (may be None) when ``kernel`` is given.
+            kernel: optional precomputed kernel ``(B, 1 or C_in, kh, kw, H', W')`` (see :meth:`compute_kernel`).
+            mask: optional validity mask ``(B or 1, 1, H, W)``: masked pixels get no weight.
+
+        Returns:
+            The output ``(B, C_out, H', W')``, or ``(output, output_mask)`` with ``output_mask``
+            ``(B, 1, H', W')`` when a mask is given.
+        """
+        self._check_input(input_2d)
+        weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, False)
+        return self._filter(
+            input_2d, input_for_kernel, kernel, mask, weight, self.bias, groups,
+            lambda k: pacconv2d(input_2d, k, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                self.shared_filters, groups=self.groups, padding_mode=self.padding_mode,
+                                impl="taps" if self.impl == "triton" else self.impl))
+
+    def _triton_forward(self, triton, input, guide, mask):
+        weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, False)
+        return triton.pac_conv2d(input, guide, weight, self.bias, self.stride, self.padding, self.dilation, groups,
+                                 self.normalize_kernel, mask=mask)
 
 
-class PacConvTranspose2d(_PacConvNd):
+class PacConvTranspose2d(_PacConvLayer):
     """Pixel-adaptive transposed convolution.
 
     The weight has the :class:`torch.nn.ConvTranspose2d` layout ``(C_in, C_out, kh, kw)`` but is applied
     without the spatial flip (see :func:`pacconv_transpose2d`). The guide has the *output* resolution.
     Other arguments as :class:`PacConv2d`, plus ``output_padding``; ``filler='linear'`` initialises a
     bilinear upsampler.
-
-    Shape:
-        - input_2d: ``(B, C_in, H, W)``; input_for_kernel: ``(B, C_g, H', W')``; mask: ``(B, 1, H, W)``.
-        - Output: ``(B, C_out, H', W')`` with ``H' = (H - 1)s - 2p + d(k - 1) + 1 + output_padding``.
 
     Example:
         >>> up = PacConvTranspose2d(8, 8, kernel_size=5, stride=2, padding=2, output_padding=1)
@@ -1046,33 +1622,52 @@ class PacConvTranspose2d(_PacConvNd):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: IntPair = 0, output_padding: IntPair = 0, dilation: IntPair = 1, bias: bool = True,
                  kernel_type: str = "gaussian", smooth_kernel_type: str = "none", normalize_kernel: bool = False,
-                 shared_filters: bool = False, filler: str = "uniform", native_impl: bool = False):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, True, output_padding,
-                         bias, False, kernel_type, smooth_kernel_type, False, normalize_kernel, shared_filters,
-                         filler, native_impl)
+                 shared_filters: bool = False, filler: str = "uniform", native_impl: bool = False,
+                 impl: str = "auto"):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, output_padding=output_padding, transposed=True,
+                         bias=bias, kernel_type=kernel_type, smooth_kernel_type=smooth_kernel_type,
+                         normalize_kernel=normalize_kernel, shared_filters=shared_filters, filler=filler,
+                         padding_mode="zeros", impl=impl, native_impl=native_impl)
 
     def forward(self, input_2d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
-                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
-        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask)
-        output = pacconv_transpose2d(input_2d, kernel, self.weight, self.bias, self.stride, self.padding,
-                                     self.output_padding, self.dilation, self.shared_filters, self.native_impl)
-        return _with_mask(output, output_mask)
+                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Upsample ``input_2d`` with kernels adapted to the output-resolution guide ``input_for_kernel``.
+
+        Args:
+            input_2d: the input ``(B, C_in, H, W)``.
+            input_for_kernel: the guide ``(B, C_g, H', W')`` at the *output* size; ignored when ``kernel`` is given.
+            kernel: optional precomputed kernel ``(B, 1 or C_in, kh, kw, H', W')``.
+            mask: optional validity mask ``(B or 1, 1, H, W)`` at the *input* size.
+
+        Returns:
+            The output ``(B, C_out, H', W')`` with ``H' = (H - 1)s - 2p + d(k - 1) + 1 + output_padding``, or
+            ``(output, output_mask)`` when a mask is given.
+        """
+        self._check_input(input_2d)
+        weight, groups = _conv_weight(self.weight, self.shared_filters, 1, self.in_channels, True)
+        return self._filter(
+            input_2d, input_for_kernel, kernel, mask, weight, self.bias, groups,
+            lambda k: pacconv_transpose2d(input_2d, k, self.weight, self.bias, self.stride, self.padding,
+                                          self.output_padding, self.dilation, self.shared_filters,
+                                          impl="taps" if self.impl == "triton" else self.impl))
+
+    def _triton_forward(self, triton, input, guide, mask):
+        return triton.pac_conv_transpose2d(input, guide, self.weight, self.bias, self.stride, self.padding,
+                                           self.output_padding, self.dilation, self.normalize_kernel, mask=mask)
 
 
-class PacPool2d(_PacConvNd):
+class PacPool2d(_PacKernelLayer):
     """Pixel-adaptive pooling: a weighted sum of every window (an average with ``normalize_kernel``).
 
     Note ``stride`` defaults to 1 (not to ``kernel_size`` as in :class:`torch.nn.AvgPool2d`).
 
     Args:
         kernel_size, stride, padding, dilation: window geometry.
-        kernel_type, smooth_kernel_type, normalize_kernel: see :class:`PacConv2d`.
+        kernel_type, smooth_kernel_type, normalize_kernel, native_impl, impl: see :class:`PacConv2d`.
         channel_wise: one adaptive kernel per channel; the guide then has as many channels as the input.
         out_channels: number of channels, needed for learnable per-channel 'inv_*' parameters.
-
-    Shape:
-        - input_2d: ``(B, C, H, W)``; input_for_kernel: ``(B, C_g, H, W)`` (``C_g = C`` when channel_wise).
-        - Output: ``(B, C, H', W')``.
 
     Example:
         >>> pool = PacPool2d(kernel_size=3, stride=2, padding=1, normalize_kernel=True)
@@ -1082,20 +1677,46 @@ class PacPool2d(_PacConvNd):
 
     def __init__(self, kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
                  kernel_type: str = "gaussian", smooth_kernel_type: str = "none", channel_wise: bool = False,
-                 normalize_kernel: bool = False, out_channels: int = -1, native_impl: bool = False):
-        super().__init__(-1, out_channels, kernel_size, stride, padding, dilation, False, 0, False, True,
-                         kernel_type, smooth_kernel_type, channel_wise, normalize_kernel, False, "uniform",
-                         native_impl)
+                 normalize_kernel: bool = False, out_channels: int = -1, native_impl: bool = False,
+                 impl: str = "auto"):
+        super().__init__(in_channels=-1, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, output_padding=0, transposed=False, pool_only=True,
+                         kernel_type=kernel_type, smooth_kernel_type=smooth_kernel_type, channel_wise=channel_wise,
+                         normalize_kernel=normalize_kernel, shared_filters=False, filler="uniform", groups=1,
+                         padding_mode="zeros", impl=impl, native_impl=native_impl)
+        self._register_kernel_parameters()
+        self.reset_parameters()
 
     def forward(self, input_2d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
-                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
-        kernel, output_mask = self._kernel_for(input_2d, input_for_kernel, kernel, mask)
+                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Pool ``input_2d`` over windows weighted by kernels adapted to the guide ``input_for_kernel``.
+
+        Args:
+            input_2d: the input ``(B, C, H, W)``.
+            input_for_kernel: the guide ``(B, C_g, H, W)`` (``C_g = C`` when channel_wise); ignored when
+                ``kernel`` is given.
+            kernel: optional precomputed kernel ``(B, 1 or C, kh, kw, H', W')``.
+            mask: optional validity mask ``(B or 1, 1, H, W)``.
+
+        Returns:
+            The output ``(B, C, H', W')``, or ``(output, output_mask)`` when a mask is given.
+        """
+        _check_4d("input_2d", input_2d)
         channels = input_2d.shape[1]
         if self.out_channels > 0 and self.out_channels != channels:
             raise ValueError(f"input_2d must have out_channels={self.out_channels} channels, got {channels}")
-        if self.channel_wise and kernel.shape[1] != channels:
-            raise ValueError("input and kernel must have the same number of channels when channel_wise=True: "
-                             f"input has {channels}, kernel {kernel.shape[1]}")
-        output = pacpool2d(input_2d, kernel, self.kernel_size, self.stride, self.padding, self.dilation,
-                           self.native_impl)
-        return _with_mask(output, output_mask)
+        if self.channel_wise:
+            source = kernel if kernel is not None else input_for_kernel
+            if isinstance(source, torch.Tensor) and source.shape[1] != channels:
+                raise ValueError("input and kernel must have the same number of channels when channel_wise=True: "
+                                 f"input has {channels}, {'kernel' if kernel is not None else 'guide'} "
+                                 f"{source.shape[1]}")
+        return self._filter(
+            input_2d, input_for_kernel, kernel, mask, None, None, 1,
+            lambda k: pacpool2d(input_2d, k, self.kernel_size, self.stride, self.padding, self.dilation,
+                                impl="taps" if self.impl == "triton" else self.impl))
+
+    def _triton_forward(self, triton, input, guide, mask):
+        return triton.pac_pool2d(input, guide, self.kernel_size, self.stride, self.padding, self.dilation,
+                                 self.normalize_kernel, mask=mask)

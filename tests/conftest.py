@@ -154,3 +154,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(params=["unfold", "taps"])
+def impl(request) -> str:
+    """Each PAC implementation in turn: 'unfold' (plain autograd) and 'taps' (the registered ops)."""
+    return request.param

@@ -8,7 +8,6 @@ import torch
 
 from pac import PacConv2d, PacConvTranspose2d, PacPool2d, packernel2d, pacconv2d, pacconv_transpose2d, pacpool2d
 
-both_impls = pytest.mark.parametrize('native_impl', [True, False], ids=['native', 'custom'])
 
 
 def raises(match: str):
@@ -106,96 +105,85 @@ def test_bad_padding_mode():
 # ---------------------------------------------------------------- forward
 
 
-@both_impls
-def test_conv_guide_must_have_the_input_size(native_impl):
-    conv = PacConv2d(2, 3, 3, padding=1, native_impl=native_impl)
+def test_conv_guide_must_have_the_input_size(impl):
+    conv = PacConv2d(2, 3, 3, padding=1, impl=impl)
     with raises('input_for_kernel|guide'):
         conv(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 7, 8))
     with raises('input_for_kernel|guide|batch'):
         conv(torch.randn(2, 2, 8, 8), torch.randn(1, 2, 8, 8))
 
 
-@both_impls
-def test_conv_transpose_guide_must_have_the_output_size(native_impl):
-    conv = PacConvTranspose2d(2, 3, 3, 2, 1, 1, native_impl=native_impl)  # 4x4 -> 8x8
+def test_conv_transpose_guide_must_have_the_output_size(impl):
+    conv = PacConvTranspose2d(2, 3, 3, 2, 1, 1, impl=impl)  # 4x4 -> 8x8
     with raises('input_for_kernel|guide'):
         conv(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4))
     with raises('input_for_kernel|guide'):
         conv(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 7, 8))
 
 
-@both_impls
-def test_pool_guide_must_have_the_input_size(native_impl):
+def test_pool_guide_must_have_the_input_size(impl):
     with raises('input_for_kernel|guide'):
-        PacPool2d(3, padding=1, native_impl=native_impl)(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 9))
+        PacPool2d(3, padding=1, impl=impl)(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 9))
 
 
-@both_impls
 @pytest.mark.parametrize('shape', [(1, 1, 3, 3, 7, 8), (1, 1, 3, 5, 8, 8), (2, 1, 3, 3, 8, 8), (1, 3, 3, 3, 8, 8),
                                    (1, 3, 3, 8, 8)],
                          ids=['out_size', 'taps', 'batch', 'channels', '5d'])
-def test_conv_precomputed_kernel_of_wrong_shape(native_impl, shape):
-    conv = PacConv2d(2, 3, 3, padding=1, native_impl=native_impl)
+def test_conv_precomputed_kernel_of_wrong_shape(impl, shape):
+    conv = PacConv2d(2, 3, 3, padding=1, impl=impl)
     with raises('kernel'):
         conv(torch.randn(1, 2, 8, 8), None, torch.rand(*shape))
 
 
-@both_impls
-def test_conv_transpose_precomputed_kernel_of_wrong_shape(native_impl):
-    conv = PacConvTranspose2d(2, 3, 3, 2, 1, 1, native_impl=native_impl)
+def test_conv_transpose_precomputed_kernel_of_wrong_shape(impl):
+    conv = PacConvTranspose2d(2, 3, 3, 2, 1, 1, impl=impl)
     with raises('kernel'):  # the input size instead of the output size
         conv(torch.randn(1, 2, 4, 4), None, torch.rand(1, 1, 3, 3, 4, 4))
 
 
-@both_impls
-def test_pool_precomputed_kernel_of_wrong_shape(native_impl):
-    pool = PacPool2d(3, padding=1, native_impl=native_impl)
+def test_pool_precomputed_kernel_of_wrong_shape(impl):
+    pool = PacPool2d(3, padding=1, impl=impl)
     with raises('kernel'):
         pool(torch.randn(1, 3, 6, 6), None, torch.rand(1, 2, 3, 3, 6, 6))
     with raises('kernel'):
         pool(torch.randn(1, 3, 6, 6), None, torch.rand(1, 1, 3, 3, 5, 6))
-    channel_wise = PacPool2d(3, padding=1, channel_wise=True, out_channels=3, native_impl=native_impl)
+    channel_wise = PacPool2d(3, padding=1, channel_wise=True, out_channels=3, impl=impl)
     with raises('kernel|channel'):
         channel_wise(torch.randn(1, 3, 6, 6), None, torch.rand(1, 1, 3, 3, 6, 6))
 
 
-@both_impls
-def test_input_channels_must_match(native_impl):
+def test_input_channels_must_match(impl):
     with raises('in_channels|input'):
-        PacConv2d(2, 3, 3, padding=1, native_impl=native_impl)(torch.randn(1, 3, 6, 6), torch.randn(1, 2, 6, 6))
+        PacConv2d(2, 3, 3, padding=1, impl=impl)(torch.randn(1, 3, 6, 6), torch.randn(1, 2, 6, 6))
     with raises('in_channels|input'):
-        PacConvTranspose2d(2, 3, 3, 2, 1, 1, native_impl=native_impl)(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 8, 8))
+        PacConvTranspose2d(2, 3, 3, 2, 1, 1, impl=impl)(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 8, 8))
     with raises('out_channels|channel'):
-        PacPool2d(3, padding=1, channel_wise=True, out_channels=3, native_impl=native_impl)(
+        PacPool2d(3, padding=1, channel_wise=True, out_channels=3, impl=impl)(
             torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6))
 
 
-@both_impls
 @pytest.mark.parametrize('shape', [(1, 1, 7, 8), (1, 2, 8, 8), (2, 1, 8, 8), (1, 8, 8)],
                          ids=['size', 'channels', 'batch', '3d'])
-def test_conv_mask_of_wrong_shape(native_impl, shape):
-    conv = PacConv2d(2, 3, 3, padding=1, native_impl=native_impl)
+def test_conv_mask_of_wrong_shape(impl, shape):
+    conv = PacConv2d(2, 3, 3, padding=1, impl=impl)
     with raises('mask'):
         conv(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8), mask=torch.ones(*shape))
 
 
-@both_impls
-def test_conv_transpose_mask_has_the_input_size(native_impl):
-    conv = PacConvTranspose2d(2, 3, 3, 2, 1, 1, native_impl=native_impl)
+def test_conv_transpose_mask_has_the_input_size(impl):
+    conv = PacConvTranspose2d(2, 3, 3, 2, 1, 1, impl=impl)
     with raises('mask'):
         conv(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 8, 8), mask=torch.ones(1, 1, 8, 8))
 
 
-@both_impls
-def test_pool_mask_of_wrong_shape(native_impl):
+def test_pool_mask_of_wrong_shape(impl):
     with raises('mask'):
-        PacPool2d(3, padding=1, native_impl=native_impl)(torch.randn(1, 2, 6, 6), torch.randn(1, 2, 6, 6),
+        PacPool2d(3, padding=1, impl=impl)(torch.randn(1, 2, 6, 6), torch.randn(1, 2, 6, 6),
                                                           mask=torch.ones(1, 1, 6, 5))
 
 
-@both_impls
-def test_non_4d_tensors(native_impl):
-    conv = PacConv2d(2, 3, 3, padding=1, native_impl=native_impl)
+def test_non_4d_tensors(impl):
+    conv = PacConv2d(2, 3, 3, padding=1, impl=impl)
     with raises('input'):
         conv(torch.randn(2, 6, 6), torch.randn(1, 2, 6, 6))
     with raises('input'):
@@ -203,58 +191,54 @@ def test_non_4d_tensors(native_impl):
     with raises('input_for_kernel|guide|input'):
         conv(torch.randn(1, 2, 6, 6), torch.randn(2, 6, 6))
     with raises('input'):
-        PacPool2d(3, native_impl=native_impl)(torch.randn(6, 6), torch.randn(1, 1, 6, 6))
+        PacPool2d(3, impl=impl)(torch.randn(6, 6), torch.randn(1, 1, 6, 6))
     with raises('input'):
-        packernel2d(torch.randn(2, 6, 6), kernel_size=3, native_impl=native_impl)
+        packernel2d(torch.randn(2, 6, 6), kernel_size=3, impl=impl)
     with raises('input'):
-        pacconv2d(torch.randn(2, 6, 6), torch.rand(1, 1, 3, 3, 4, 4), torch.randn(3, 2, 3, 3), native_impl=native_impl)
+        pacconv2d(torch.randn(2, 6, 6), torch.rand(1, 1, 3, 3, 4, 4), torch.randn(3, 2, 3, 3), impl=impl)
 
 
-@both_impls
-def test_non_tensor_input(native_impl):
+def test_non_tensor_input(impl):
     with raises('input'):
-        PacConv2d(1, 1, 3, padding=1, native_impl=native_impl)([[[[1.0]]]], torch.randn(1, 1, 1, 1))
+        PacConv2d(1, 1, 3, padding=1, impl=impl)([[[[1.0]]]], torch.randn(1, 1, 1, 1))
 
 
-@both_impls
-def test_guide_or_kernel_is_required(native_impl):
+def test_guide_or_kernel_is_required(impl):
     with raises('input_for_kernel|kernel'):
-        PacConv2d(2, 3, 3, padding=1, native_impl=native_impl)(torch.randn(1, 2, 6, 6), None)
+        PacConv2d(2, 3, 3, padding=1, impl=impl)(torch.randn(1, 2, 6, 6), None)
 
 
 # ---------------------------------------------------------------- functional forms
 
 
-@both_impls
-def test_packernel2d_arguments(native_impl):
+def test_packernel2d_arguments(impl):
     guide = torch.randn(1, 2, 6, 6)
     with raises('kernel_size'):
-        packernel2d(guide, native_impl=native_impl)  # kernel_size defaults to 0
+        packernel2d(guide, impl=impl)  # kernel_size defaults to 0
     with raises('kernel_size'):
-        packernel2d(guide, kernel_size=4, native_impl=native_impl)
+        packernel2d(guide, kernel_size=4, impl=impl)
     with raises('kernel_type'):
-        packernel2d(guide, kernel_size=3, kernel_type='box', native_impl=native_impl)
+        packernel2d(guide, kernel_size=3, kernel_type='box', impl=impl)
     with raises('smooth_kernel'):
-        packernel2d(guide, kernel_size=3, smooth_kernel_type='average_3', native_impl=native_impl)
+        packernel2d(guide, kernel_size=3, smooth_kernel_type='average_3', impl=impl)
     with raises('inv_alpha|inv_lambda'):
-        packernel2d(guide, kernel_size=3, kernel_type='inv_0.2_0.2', native_impl=native_impl)
+        packernel2d(guide, kernel_size=3, kernel_type='inv_0.2_0.2', impl=impl)
     with raises('mask'):
-        packernel2d(guide, torch.ones(1, 1, 5, 6), kernel_size=3, padding=1, native_impl=native_impl)
+        packernel2d(guide, torch.ones(1, 1, 5, 6), kernel_size=3, padding=1, impl=impl)
     with raises('input|guide|kernel_size'):  # the window does not fit in the guide
-        packernel2d(guide, kernel_size=9, native_impl=native_impl)
+        packernel2d(guide, kernel_size=9, impl=impl)
 
 
-@both_impls
-def test_functional_weight_and_bias_shapes(native_impl):
+def test_functional_weight_and_bias_shapes(impl):
     x, kernel = torch.randn(1, 2, 6, 6), torch.rand(1, 1, 3, 3, 6, 6)
     with raises('weight'):
-        pacconv2d(x, kernel, torch.randn(3, 3, 3, 3), padding=1, native_impl=native_impl)
+        pacconv2d(x, kernel, torch.randn(3, 3, 3, 3), padding=1, impl=impl)
     with raises('bias'):
-        pacconv2d(x, kernel, torch.randn(3, 2, 3, 3), torch.randn(4), padding=1, native_impl=native_impl)
+        pacconv2d(x, kernel, torch.randn(3, 2, 3, 3), torch.randn(4), padding=1, impl=impl)
     with raises('weight'):
-        pacconv2d(x, kernel, torch.randn(1, 1, 3, 3, 1), padding=1, native_impl=native_impl)
+        pacconv2d(x, kernel, torch.randn(1, 1, 3, 3, 1), padding=1, impl=impl)
     t_kernel = torch.rand(1, 1, 3, 3, 12, 12)
     with raises('weight'):
-        pacconv_transpose2d(x, t_kernel, torch.randn(3, 3, 3, 3), None, 2, 1, 1, native_impl=native_impl)
+        pacconv_transpose2d(x, t_kernel, torch.randn(3, 3, 3, 3), None, 2, 1, 1, impl=impl)
     with raises('kernel'):
-        pacpool2d(x, kernel, 5, padding=2, native_impl=native_impl)
+        pacpool2d(x, kernel, 5, padding=2, impl=impl)

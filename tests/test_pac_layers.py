@@ -1,7 +1,7 @@
 """Tests of pac.py against torch layers, the brute-force reference (pac_reference.py) and the spec.
 
-Numerics are compared in float64; both implementations (``native_impl`` True and False) are run
-wherever the option exists. Spec = /work/shared/spec/reference-behaviour.md, section 1.
+Numerics are compared in float64; both implementations (the ``impl`` fixture: 'unfold' and 'taps')
+are run wherever the option exists. Spec = /work/shared/spec/reference-behaviour.md, section 1.
 """
 import pytest
 import torch
@@ -13,7 +13,6 @@ from pac_reference import (gaussian_2d, ref_im2col, ref_kernel, ref_pacconv2d,
                            ref_pacconv_transpose2d, ref_pacpool2d, smoothing_kernel)
 
 DT = torch.float64
-both_impls = pytest.mark.parametrize('native_impl', [True, False], ids=['native', 'custom'])
 KERNEL_TYPES = ['gaussian', 'inv_0.2_0.2', 'inv_1_-1', 'inv_0.5_-0.5_asym', 'inv_0.2_0.2_asym_fixed']
 SMOOTH_TYPES = ['gaussian', 'average_3', 'average_5', 'average_7', 'full_3']
 GEOMETRIES = [(3, 1, 1, 1), (5, 2, 4, 2), (3, 2, 0, 1), (5, 1, 3, 1)]  # (k, s, p, d) of spec 1.9
@@ -80,11 +79,10 @@ def check_module_against_reference(module, x, guide, mask=None, **geometry):
 # ---------------------------------------------------------------- constant guide == torch layers
 
 
-@both_impls
 @pytest.mark.parametrize('args', [dict(kernel_size=5, stride=2, padding=4, dilation=2), dict(kernel_size=3)],
                          ids=['k5s2p4d2', 'defaults'])
-def test_conv_with_constant_guide_equals_conv2d(native_impl, args):
-    pac_conv = PacConv2d(4, 3, native_impl=native_impl, **args).double()
+def test_conv_with_constant_guide_equals_conv2d(impl, args):
+    pac_conv = PacConv2d(4, 3, impl=impl, **args).double()
     conv = nn.Conv2d(4, 3, **args).double()
     with torch.no_grad():
         conv.weight.copy_(pac_conv.weight)
@@ -94,11 +92,10 @@ def test_conv_with_constant_guide_equals_conv2d(native_impl, args):
     torch.testing.assert_close(out, conv(x))
 
 
-@both_impls
 @pytest.mark.parametrize('k,s,p,op,d', [(5, 2, 2, 1, 1), (3, 2, 1, 1, 1), (3, 1, 1, 0, 1), (5, 3, 2, 2, 2),
                                         (3, 2, 0, 0, 2), (5, 4, 1, 3, 1)])
-def test_conv_transpose_with_constant_guide_equals_flipped_conv_transpose2d(native_impl, k, s, p, op, d):
-    pac_conv = PacConvTranspose2d(3, 2, k, s, p, op, d, native_impl=native_impl).double()
+def test_conv_transpose_with_constant_guide_equals_flipped_conv_transpose2d(impl, k, s, p, op, d):
+    pac_conv = PacConvTranspose2d(3, 2, k, s, p, op, d, impl=impl).double()
     conv = nn.ConvTranspose2d(3, 2, k, s, p, op, dilation=d).double()
     with torch.no_grad():
         conv.weight.copy_(pac_conv.weight.flip(-2, -1))
@@ -110,10 +107,9 @@ def test_conv_transpose_with_constant_guide_equals_flipped_conv_transpose2d(nati
     torch.testing.assert_close(out, expected)
 
 
-@both_impls
-def test_conv_transpose_weight_is_not_flipped(native_impl):
+def test_conv_transpose_weight_is_not_flipped(impl):
     """Released weights rely on the no-flip convention: the unflipped weight must NOT match torch."""
-    pac_conv = PacConvTranspose2d(2, 2, 3, 2, 1, 1, native_impl=native_impl).double()
+    pac_conv = PacConvTranspose2d(2, 2, 3, 2, 1, 1, impl=impl).double()
     conv = nn.ConvTranspose2d(2, 2, 3, 2, 1, 1).double()
     with torch.no_grad():
         conv.weight.copy_(pac_conv.weight)
@@ -122,19 +118,17 @@ def test_conv_transpose_weight_is_not_flipped(native_impl):
     assert (pac_conv(x, torch.ones(1, 1, 8, 8, dtype=DT)) - conv(x)).abs().max() > 1e-3
 
 
-@both_impls
 @pytest.mark.parametrize('k,s,p,d', [(5, 2, 2, 1), (3, 1, 1, 1), (3, 2, 0, 1)])
-def test_pool_with_constant_guide_is_k2_times_average(native_impl, k, s, p, d):
+def test_pool_with_constant_guide_is_k2_times_average(impl, k, s, p, d):
     x = rand(2, 4, 9, 10)
-    out = PacPool2d(k, s, p, d, native_impl=native_impl)(x, torch.ones(2, 3, 9, 10, dtype=DT))
+    out = PacPool2d(k, s, p, d, impl=impl)(x, torch.ones(2, 3, 9, 10, dtype=DT))
     torch.testing.assert_close(out, k * k * nn.AvgPool2d(k, s, p, count_include_pad=True)(x))
 
 
-@both_impls
 @pytest.mark.parametrize('k,s,p', [(5, 2, 2), (3, 1, 1), (3, 2, 1)])
-def test_normalised_pool_with_constant_guide_is_average_without_padding(native_impl, k, s, p):
+def test_normalised_pool_with_constant_guide_is_average_without_padding(impl, k, s, p):
     x = rand(2, 4, 9, 10)
-    pool = PacPool2d(k, s, p, normalize_kernel=True, native_impl=native_impl)
+    pool = PacPool2d(k, s, p, normalize_kernel=True, impl=impl)
     out = pool(x, torch.ones(2, 3, 9, 10, dtype=DT))
     torch.testing.assert_close(out, nn.AvgPool2d(k, s, p, count_include_pad=False)(x))
 
@@ -146,49 +140,44 @@ def test_pool_stride_defaults_to_one():
 # ---------------------------------------------------------------- the kernel against the reference
 
 
-@both_impls
 @pytest.mark.parametrize('kernel_type', KERNEL_TYPES)
 @pytest.mark.parametrize('k', [3, 5])
-def test_conv_kernel_types_match_reference(native_impl, kernel_type, k):
-    module = PacConv2d(2, 3, k, padding=k // 2, kernel_type=kernel_type, native_impl=native_impl).double()
+def test_conv_kernel_types_match_reference(impl, kernel_type, k):
+    module = PacConv2d(2, 3, k, padding=k // 2, kernel_type=kernel_type, impl=impl).double()
     check_module_against_reference(module, rand(2, 2, 5, 6), rand(2, 3, 5, 6),
                                    kernel_size=k, padding=k // 2, kernel_type=kernel_type)
 
 
-@both_impls
 @pytest.mark.parametrize('smooth', SMOOTH_TYPES)
 @pytest.mark.parametrize('k', [3, 5])
-def test_conv_smoothing_matches_reference(native_impl, smooth, k):
-    module = PacConv2d(2, 2, k, padding=k // 2, smooth_kernel_type=smooth, native_impl=native_impl).double()
+def test_conv_smoothing_matches_reference(impl, smooth, k):
+    module = PacConv2d(2, 2, k, padding=k // 2, smooth_kernel_type=smooth, impl=impl).double()
     check_module_against_reference(module, rand(1, 2, 6, 5), rand(1, 2, 6, 5), kernel_size=k, padding=k // 2)
 
 
-@both_impls
 @pytest.mark.parametrize('smooth', ['average_3', 'full_3'])
-def test_smoothing_with_inv_kernel_and_normalisation(native_impl, smooth):
+def test_smoothing_with_inv_kernel_and_normalisation(impl, smooth):
     kernel_type = 'inv_0.5_-1_asym'
     module = PacConv2d(2, 2, 3, stride=2, padding=1, kernel_type=kernel_type, smooth_kernel_type=smooth,
-                       normalize_kernel=True, native_impl=native_impl).double()
+                       normalize_kernel=True, impl=impl).double()
     check_module_against_reference(module, rand(2, 2, 7, 6), rand(2, 3, 7, 6), kernel_size=3, stride=2,
                                    padding=1, kernel_type=kernel_type, normalize_kernel=True)
 
 
-@both_impls
 @pytest.mark.parametrize('kernel_type,smooth', [('gaussian', 'gaussian'), ('inv_1_-1', 'none'),
                                                 ('inv_0.2_0.2_asym', 'average_5'), ('gaussian', 'full_3')])
-def test_conv_transpose_kernel_types_and_smoothing_match_reference(native_impl, kernel_type, smooth):
+def test_conv_transpose_kernel_types_and_smoothing_match_reference(impl, kernel_type, smooth):
     module = PacConvTranspose2d(2, 3, 3, 2, 1, 1, kernel_type=kernel_type, smooth_kernel_type=smooth,
-                                native_impl=native_impl).double()
+                                impl=impl).double()
     check_module_against_reference(module, rand(2, 2, 3, 4), rand(2, 2, 6, 8), kernel_size=3, stride=2,
                                    padding=1, output_padding=1, transposed=True, kernel_type=kernel_type)
 
 
-@both_impls
-def test_smoothing_with_dilation_works_or_is_rejected_clearly(native_impl):
+def test_smoothing_with_dilation_works_or_is_rejected_clearly(impl):
     """The 2019 code crashed deep inside torch here; either a correct result or a clear ValueError."""
     try:
         module = PacConv2d(1, 1, 3, padding=2, dilation=2, smooth_kernel_type='average_3',
-                           native_impl=native_impl).double()
+                           impl=impl).double()
         x, guide = rand(1, 1, 6, 6), rand(1, 2, 6, 6)
         module(x, guide)
     except ValueError as error:
@@ -197,35 +186,32 @@ def test_smoothing_with_dilation_works_or_is_rejected_clearly(native_impl):
     check_module_against_reference(module, x, guide, kernel_size=3, padding=2, dilation=2)
 
 
-@both_impls
 @pytest.mark.parametrize('k,s,p,d', GEOMETRIES)
 @pytest.mark.parametrize('normalize', [False, True], ids=['raw', 'normalised'])
-def test_packernel2d_geometries_match_reference(native_impl, k, s, p, d, normalize):
+def test_packernel2d_geometries_match_reference(impl, k, s, p, d, normalize):
     guide = rand(2, 3, 9, 8)
     kernel, out_mask = packernel2d(guide, kernel_size=k, stride=s, padding=p, dilation=d,
-                                   normalize_kernel=normalize, native_impl=native_impl)
+                                   normalize_kernel=normalize, impl=impl)
     expected, _ = ref_kernel(guide, k, s, p, d, normalize_kernel=normalize)
     assert out_mask is None
     torch.testing.assert_close(kernel, expected)
 
 
-@both_impls
 @pytest.mark.parametrize('kernel_type', ['gaussian', 'inv_0.3_-1', 'inv_0.2_0.2_asym'])
-def test_packernel2d_channel_wise_matches_reference(native_impl, kernel_type):
+def test_packernel2d_channel_wise_matches_reference(impl, kernel_type):
     guide = rand(2, 3, 6, 5)
     alpha, lam = (None, None) if kernel_type == 'gaussian' else (rand(3).abs(), -rand(3).abs())
     kernel, _ = packernel2d(guide, kernel_size=3, padding=1, kernel_type=kernel_type, inv_alpha=alpha,
-                            inv_lambda=lam, channel_wise=True, native_impl=native_impl)
+                            inv_lambda=lam, channel_wise=True, impl=impl)
     expected, _ = ref_kernel(guide, 3, padding=1, kernel_type=kernel_type, inv_alpha=alpha, inv_lambda=lam,
                              channel_wise=True)
     assert kernel.shape == (2, 3, 3, 3, 6, 5)
     torch.testing.assert_close(kernel, expected)
 
 
-@both_impls
 @pytest.mark.parametrize('k,s,p,op,d', [(3, 2, 1, 1, 1), (5, 2, 2, 1, 1), (3, 3, 1, 2, 1), (3, 2, 2, 1, 2)])
 @pytest.mark.parametrize('normalize', [False, True], ids=['raw', 'normalised'])
-def test_packernel2d_transposed_matches_reference(native_impl, k, s, p, op, d, normalize):
+def test_packernel2d_transposed_matches_reference(impl, k, s, p, op, d, normalize):
     in_h, in_w = 3, 4
     out_size = [(n - 1) * s - 2 * p + d * (k - 1) + 1 + op for n in (in_h, in_w)]
     guide = rand(2, 2, *out_size)
@@ -233,7 +219,7 @@ def test_packernel2d_transposed_matches_reference(native_impl, k, s, p, op, d, n
     for m in (None, mask):
         kernel, out_mask = packernel2d(guide, m, kernel_size=k, stride=s, padding=p, output_padding=op,
                                        dilation=d, normalize_kernel=normalize, transposed=True,
-                                       native_impl=native_impl)
+                                       impl=impl)
         expected, ref_mask = ref_kernel(guide, k, s, p, d, normalize_kernel=normalize, transposed=True,
                                         output_padding=op, mask=m)
         torch.testing.assert_close(kernel, expected)
@@ -244,106 +230,94 @@ def test_packernel2d_transposed_matches_reference(native_impl, k, s, p, op, d, n
 # ---------------------------------------------------------------- module options against the reference
 
 
-@both_impls
 @pytest.mark.parametrize('k,s,p,d', MODULE_GEOMETRIES)
-def test_conv_geometries_match_reference(native_impl, k, s, p, d):
-    module = PacConv2d(2, 3, k, s, p, d, normalize_kernel=True, native_impl=native_impl).double()
+def test_conv_geometries_match_reference(impl, k, s, p, d):
+    module = PacConv2d(2, 3, k, s, p, d, normalize_kernel=True, impl=impl).double()
     check_module_against_reference(module, rand(2, 2, 8, 7), rand(2, 2, 8, 7), kernel_size=k, stride=s,
                                    padding=p, dilation=d, normalize_kernel=True)
 
 
-@both_impls
 @pytest.mark.parametrize('k,s,p,d', MODULE_GEOMETRIES)
-def test_pool_geometries_match_reference(native_impl, k, s, p, d):
-    module = PacPool2d(k, s, p, d, native_impl=native_impl)
+def test_pool_geometries_match_reference(impl, k, s, p, d):
+    module = PacPool2d(k, s, p, d, impl=impl)
     check_module_against_reference(module, rand(2, 3, 8, 7), rand(2, 2, 8, 7), kernel_size=k, stride=s,
                                    padding=p, dilation=d)
 
 
-@both_impls
 @pytest.mark.parametrize('normalize', [False, True], ids=['raw', 'normalised'])
-def test_conv_mask_and_output_mask_match_reference(native_impl, normalize):
+def test_conv_mask_and_output_mask_match_reference(impl, normalize):
     x, guide = rand(2, 2, 7, 6), rand(2, 3, 7, 6)
     mask = (torch.rand(2, 1, 7, 6) > 0.6).to(DT)
     mask[0, :, :4, :] = 0  # some output pixels see no valid input at all
-    module = PacConv2d(2, 3, 3, 1, 1, normalize_kernel=normalize, native_impl=native_impl).double()
+    module = PacConv2d(2, 3, 3, 1, 1, normalize_kernel=normalize, impl=impl).double()
     check_module_against_reference(module, x, guide, mask, kernel_size=3, padding=1, normalize_kernel=normalize)
 
 
-@both_impls
 @pytest.mark.parametrize('normalize', [False, True], ids=['raw', 'normalised'])
-def test_conv_transpose_mask_and_output_mask_match_reference(native_impl, normalize):
+def test_conv_transpose_mask_and_output_mask_match_reference(impl, normalize):
     x, guide = rand(2, 2, 3, 4), rand(2, 3, 6, 8)
     mask = (torch.rand(2, 1, 3, 4) > 0.4).to(DT)
-    module = PacConvTranspose2d(2, 3, 3, 2, 1, 1, normalize_kernel=normalize, native_impl=native_impl).double()
+    module = PacConvTranspose2d(2, 3, 3, 2, 1, 1, normalize_kernel=normalize, impl=impl).double()
     check_module_against_reference(module, x, guide, mask, kernel_size=3, stride=2, padding=1,
                                    output_padding=1, transposed=True, normalize_kernel=normalize)
 
 
-@both_impls
 @pytest.mark.parametrize('normalize', [False, True], ids=['raw', 'normalised'])
-def test_pool_mask_and_output_mask_match_reference(native_impl, normalize):
+def test_pool_mask_and_output_mask_match_reference(impl, normalize):
     x, guide = rand(2, 3, 7, 6), rand(2, 2, 7, 6)
     mask = (torch.rand(2, 1, 7, 6) > 0.5).to(DT)
-    module = PacPool2d(3, 2, 1, normalize_kernel=normalize, native_impl=native_impl)
+    module = PacPool2d(3, 2, 1, normalize_kernel=normalize, impl=impl)
     check_module_against_reference(module, x, guide, mask, kernel_size=3, stride=2, padding=1,
                                    normalize_kernel=normalize)
 
 
-@both_impls
-def test_bool_mask_is_accepted(native_impl):
+def test_bool_mask_is_accepted(impl):
     x, guide = rand(1, 2, 5, 5), rand(1, 2, 5, 5)
     mask = torch.rand(1, 1, 5, 5) > 0.5
-    module = PacConv2d(2, 2, 3, padding=1, native_impl=native_impl).double()
+    module = PacConv2d(2, 2, 3, padding=1, impl=impl).double()
     out, _ = module(x, guide, mask=mask)
     expected, _ = module(x, guide, mask=mask.to(DT))
     torch.testing.assert_close(out, expected)
 
 
-@both_impls
 @pytest.mark.parametrize('kernel_type', ['gaussian', 'inv_0.2_0.2_asym', 'inv_1_-1_fixed'])
-def test_channel_wise_pool_matches_reference(native_impl, kernel_type):
+def test_channel_wise_pool_matches_reference(impl, kernel_type):
     module = PacPool2d(3, 1, 1, kernel_type=kernel_type, channel_wise=True, out_channels=3,
-                       normalize_kernel=True, native_impl=native_impl).double()
+                       normalize_kernel=True, impl=impl).double()
     check_module_against_reference(module, rand(2, 3, 6, 5), rand(2, 3, 6, 5), kernel_size=3, padding=1,
                                    kernel_type=kernel_type, channel_wise=True, normalize_kernel=True)
 
 
-@both_impls
-def test_conv_shared_filters_match_reference(native_impl):
-    module = PacConv2d(3, 3, 3, 2, 1, shared_filters=True, native_impl=native_impl).double()
+def test_conv_shared_filters_match_reference(impl):
+    module = PacConv2d(3, 3, 3, 2, 1, shared_filters=True, impl=impl).double()
     assert module.weight.shape == (1, 1, 3, 3)
     check_module_against_reference(module, rand(2, 3, 7, 6), rand(2, 2, 7, 6), kernel_size=3, stride=2, padding=1)
 
 
-@both_impls
-def test_conv_transpose_shared_filters_match_reference(native_impl):
-    module = PacConvTranspose2d(3, 3, 5, 2, 2, 1, shared_filters=True, native_impl=native_impl).double()
+def test_conv_transpose_shared_filters_match_reference(impl):
+    module = PacConvTranspose2d(3, 3, 5, 2, 2, 1, shared_filters=True, impl=impl).double()
     check_module_against_reference(module, rand(2, 3, 3, 4), rand(2, 2, 6, 8), kernel_size=5, stride=2,
                                    padding=2, output_padding=1, transposed=True)
 
 
-@both_impls
 @pytest.mark.parametrize('in_ch,out_ch,groups', [(4, 6, 2), (3, 3, 3), (4, 2, 2)])
-def test_conv_groups_match_reference(native_impl, in_ch, out_ch, groups):
-    module = PacConv2d(in_ch, out_ch, 3, padding=1, native_impl=native_impl, groups=groups).double()
+def test_conv_groups_match_reference(impl, in_ch, out_ch, groups):
+    module = PacConv2d(in_ch, out_ch, 3, padding=1, impl=impl, groups=groups).double()
     assert module.weight.shape == (out_ch, in_ch // groups, 3, 3)
     check_module_against_reference(module, rand(2, in_ch, 5, 6), rand(2, 2, 5, 6), kernel_size=3, padding=1)
 
 
-@both_impls
 @pytest.mark.parametrize('mode', ['zeros', 'reflect', 'replicate', 'circular'])
 @pytest.mark.parametrize('normalize', [False, True], ids=['raw', 'normalised'])
-def test_conv_padding_mode_matches_reference(native_impl, mode, normalize):
-    module = PacConv2d(2, 3, 3, 2, 2, 2, normalize_kernel=normalize, native_impl=native_impl,
+def test_conv_padding_mode_matches_reference(impl, mode, normalize):
+    module = PacConv2d(2, 3, 3, 2, 2, 2, normalize_kernel=normalize, impl=impl,
                        padding_mode=mode).double()
     check_module_against_reference(module, rand(2, 2, 6, 7), rand(2, 2, 6, 7), kernel_size=3, stride=2,
                                    padding=2, dilation=2, normalize_kernel=normalize, padding_mode=mode)
 
 
-@both_impls
-def test_conv_padding_mode_with_constant_guide_equals_conv2d(native_impl):
-    pac_conv = PacConv2d(2, 3, 3, padding=1, native_impl=native_impl, padding_mode='reflect').double()
+def test_conv_padding_mode_with_constant_guide_equals_conv2d(impl):
+    pac_conv = PacConv2d(2, 3, 3, padding=1, impl=impl, padding_mode='reflect').double()
     conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode='reflect').double()
     with torch.no_grad():
         conv.weight.copy_(pac_conv.weight)
@@ -352,9 +326,8 @@ def test_conv_padding_mode_with_constant_guide_equals_conv2d(native_impl):
     torch.testing.assert_close(pac_conv(x, torch.ones(1, 1, 6, 5, dtype=DT)), conv(x))
 
 
-@both_impls
-def test_non_contiguous_and_channels_last_inputs(native_impl):
-    module = PacConv2d(3, 2, 3, 2, 1, normalize_kernel=True, native_impl=native_impl).double()
+def test_non_contiguous_and_channels_last_inputs(impl):
+    module = PacConv2d(3, 2, 3, 2, 1, normalize_kernel=True, impl=impl).double()
     x, guide = rand(2, 3, 7, 6), rand(2, 2, 7, 6)
     expected = module(x, guide)
     torch.testing.assert_close(module(x.transpose(2, 3).contiguous().transpose(2, 3),
@@ -366,50 +339,46 @@ def test_non_contiguous_and_channels_last_inputs(native_impl):
 # ---------------------------------------------------------------- precomputed kernels
 
 
-@both_impls
-def test_conv_precomputed_kernel_matches_reference(native_impl):
-    module = PacConv2d(2, 3, 3, 2, 1, native_impl=native_impl).double()
+def test_conv_precomputed_kernel_matches_reference(impl):
+    module = PacConv2d(2, 3, 3, 2, 1, impl=impl).double()
     x = rand(2, 2, 7, 6)
     kernel = torch.rand(2, 1, 3, 3, 4, 3, dtype=DT)
     out = module(x, None, kernel)
     torch.testing.assert_close(out, ref_pacconv2d(x, kernel, module.weight, module.bias, 2, 1))
 
 
-@both_impls
-def test_conv_transpose_precomputed_kernel_matches_reference(native_impl):
-    module = PacConvTranspose2d(2, 3, 3, 2, 1, 1, native_impl=native_impl).double()
+def test_conv_transpose_precomputed_kernel_matches_reference(impl):
+    module = PacConvTranspose2d(2, 3, 3, 2, 1, 1, impl=impl).double()
     x = rand(2, 2, 3, 4)
     kernel = torch.rand(2, 1, 3, 3, 6, 8, dtype=DT)
     out = module(x, None, kernel)
     torch.testing.assert_close(out, ref_pacconv_transpose2d(x, kernel, module.weight, module.bias, 2, 1, 1))
 
 
-@both_impls
 @pytest.mark.parametrize('kernel_channels', [1, 3])
-def test_pool_precomputed_kernel_matches_reference(native_impl, kernel_channels):
+def test_pool_precomputed_kernel_matches_reference(impl, kernel_channels):
     channel_wise = kernel_channels > 1
     module = PacPool2d(3, 2, 2, 2, channel_wise=channel_wise, out_channels=3 if channel_wise else -1,
-                       native_impl=native_impl)
+                       impl=impl)
     x = rand(2, 3, 8, 7)
     kernel = torch.rand(2, kernel_channels, 3, 3, 4, 4, dtype=DT)
     torch.testing.assert_close(module(x, None, kernel), ref_pacpool2d(x, kernel, 3, 2, 2, 2))
 
 
-@both_impls
-def test_functional_forms_match_reference(native_impl):
+def test_functional_forms_match_reference(impl):
     x, guide = rand(2, 2, 6, 5), rand(2, 3, 6, 5)
     weight, bias = rand(4, 2, 3, 3), rand(4)
-    kernel, _ = packernel2d(guide, kernel_size=3, padding=1, native_impl=native_impl)
+    kernel, _ = packernel2d(guide, kernel_size=3, padding=1, impl=impl)
     ref_k, _ = ref_kernel(guide, 3, padding=1)
-    torch.testing.assert_close(pacconv2d(x, kernel, weight, bias, padding=1, native_impl=native_impl),
+    torch.testing.assert_close(pacconv2d(x, kernel, weight, bias, padding=1, impl=impl),
                                ref_pacconv2d(x, ref_k, weight, bias, padding=1))
-    torch.testing.assert_close(pacpool2d(x, kernel, 3, padding=1, native_impl=native_impl),
+    torch.testing.assert_close(pacpool2d(x, kernel, 3, padding=1, impl=impl),
                                ref_pacpool2d(x, ref_k, 3, padding=1))
     t_guide = rand(2, 3, 12, 10)
     t_kernel, _ = packernel2d(t_guide, kernel_size=3, stride=2, padding=1, output_padding=1, transposed=True,
-                              native_impl=native_impl)
+                              impl=impl)
     t_weight = rand(2, 4, 3, 3)
-    out = pacconv_transpose2d(x, t_kernel, t_weight, bias, 2, 1, 1, native_impl=native_impl)
+    out = pacconv_transpose2d(x, t_kernel, t_weight, bias, 2, 1, 1, impl=impl)
     ref_t, _ = ref_kernel(t_guide, 3, 2, 1, transposed=True, output_padding=1)
     torch.testing.assert_close(out, ref_pacconv_transpose2d(x, ref_t, t_weight, bias, 2, 1, 1))
 
@@ -438,12 +407,11 @@ def gradcheck(fn, inputs, fast_mode=True):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-3, fast_mode=fast_mode)
 
 
-@both_impls
 @pytest.mark.parametrize('options', [dict(), dict(kernel_type='inv_0.5_-1_asym'), dict(smooth_kernel_type='full_3'),
                                      dict(normalize_kernel=True), dict(kernel_type='inv_0.2_0.2',
                                                                        normalize_kernel=True)],
                          ids=['gaussian', 'inv_asym', 'full_3', 'normalised', 'inv_normalised'])
-def test_conv_gradcheck_all_inputs(native_impl, options):
+def test_conv_gradcheck_all_inputs(impl, options):
     x, guide = rand(1, 2, 5, 5, grad=True), rand(1, 2, 5, 5, grad=True)
     weight, bias = rand(2, 2, 3, 3, grad=True), rand(2, grad=True)
     smooth = torch.rand(1, 1, 3, 3, dtype=DT, requires_grad=True) if 'smooth_kernel_type' in options else None
@@ -452,34 +420,31 @@ def test_conv_gradcheck_all_inputs(native_impl, options):
 
     def fn(x, guide, weight, bias, *extra):
         params = dict(zip(['smooth_kernel'] if smooth is not None else ['inv_alpha', 'inv_lambda'], extra))
-        kernel, _ = packernel2d(guide, kernel_size=3, stride=2, padding=1, native_impl=native_impl, **options,
+        kernel, _ = packernel2d(guide, kernel_size=3, stride=2, padding=1, impl=impl, **options,
                                 **params)
-        return pacconv2d(x, kernel, weight, bias, 2, 1, native_impl=native_impl)
+        return pacconv2d(x, kernel, weight, bias, 2, 1, impl=impl)
 
     extra = (smooth,) if smooth is not None else ((alpha, lam) if inv else ())
     gradcheck(fn, (x, guide, weight, bias) + extra)
 
 
-@both_impls
-def test_conv_module_gradcheck_with_mask(native_impl):
-    module = PacConv2d(2, 2, 3, padding=1, normalize_kernel=True, native_impl=native_impl).double()
+def test_conv_module_gradcheck_with_mask(impl):
+    module = PacConv2d(2, 2, 3, padding=1, normalize_kernel=True, impl=impl).double()
     mask = (torch.rand(1, 1, 5, 5) > 0.3).to(DT)
     x, guide = rand(1, 2, 5, 5, grad=True), rand(1, 2, 5, 5, grad=True)
     gradcheck(lambda x, guide: module(x, guide, mask=mask)[0], (x, guide))
 
 
-@both_impls
-def test_conv_gradcheck_precomputed_kernel(native_impl):
+def test_conv_gradcheck_precomputed_kernel(impl):
     x, kernel = rand(1, 2, 6, 6, grad=True), torch.rand(1, 1, 3, 3, 3, 3, dtype=DT, requires_grad=True)
     weight, bias = rand(3, 2, 3, 3, grad=True), rand(3, grad=True)
-    gradcheck(lambda *a: pacconv2d(*a, stride=2, padding=2, dilation=2, native_impl=native_impl),
+    gradcheck(lambda *a: pacconv2d(*a, stride=2, padding=2, dilation=2, impl=impl),
               (x, kernel, weight, bias))
 
 
-@both_impls
 @pytest.mark.parametrize('options', [dict(), dict(normalize_kernel=True), dict(kernel_type='inv_1_-1')],
                          ids=['gaussian', 'normalised', 'inv'])
-def test_conv_transpose_gradcheck_all_inputs(native_impl, options):
+def test_conv_transpose_gradcheck_all_inputs(impl, options):
     x, guide = rand(1, 2, 3, 3, grad=True), rand(1, 2, 6, 6, grad=True)
     weight, bias = rand(2, 3, 3, 3, grad=True), rand(3, grad=True)
 
@@ -487,48 +452,44 @@ def test_conv_transpose_gradcheck_all_inputs(native_impl, options):
 
     def fn(x, guide, weight, bias):
         kernel, _ = packernel2d(guide, kernel_size=3, stride=2, padding=1, output_padding=1, transposed=True,
-                                native_impl=native_impl, **options, **(inv if 'kernel_type' in options else {}))
-        return pacconv_transpose2d(x, kernel, weight, bias, 2, 1, 1, native_impl=native_impl)
+                                impl=impl, **options, **(inv if 'kernel_type' in options else {}))
+        return pacconv_transpose2d(x, kernel, weight, bias, 2, 1, 1, impl=impl)
 
     gradcheck(fn, (x, guide, weight, bias))
 
 
-@both_impls
-def test_conv_transpose_gradcheck_precomputed_kernel_shared_and_mask(native_impl):
+def test_conv_transpose_gradcheck_precomputed_kernel_shared_and_mask(impl):
     x, kernel = rand(1, 2, 3, 3, grad=True), torch.rand(1, 1, 3, 3, 6, 6, dtype=DT, requires_grad=True)
     weight, bias = rand(1, 1, 3, 3, grad=True), rand(2, grad=True)
     gradcheck(lambda *a: pacconv_transpose2d(*a, stride=2, padding=1, output_padding=1, shared_filters=True,
-                                             native_impl=native_impl), (x, kernel, weight, bias))
-    module = PacConvTranspose2d(2, 2, 3, 2, 1, 1, native_impl=native_impl).double()
+                                             impl=impl), (x, kernel, weight, bias))
+    module = PacConvTranspose2d(2, 2, 3, 2, 1, 1, impl=impl).double()
     mask = (torch.rand(1, 1, 3, 3) > 0.3).to(DT)
     guide = rand(1, 2, 6, 6, grad=True)
     gradcheck(lambda x, guide: module(x, guide, mask=mask)[0], (x, guide))
 
 
-@both_impls
 @pytest.mark.parametrize('options', [dict(), dict(normalize_kernel=True, smooth_kernel_type='average_3'),
                                      dict(channel_wise=True, kernel_type='inv_0.5_-1', out_channels=2)],
                          ids=['gaussian', 'normalised_smooth', 'channel_wise_inv'])
-def test_pool_gradcheck(native_impl, options):
-    module = PacPool2d(3, 2, 2, 2, native_impl=native_impl, **options).double()
+def test_pool_gradcheck(impl, options):
+    module = PacPool2d(3, 2, 2, 2, impl=impl, **options).double()
     x, guide = rand(1, 2, 6, 6, grad=True), rand(1, 2, 6, 6, grad=True)
     gradcheck(lambda x, guide: module(x, guide), (x, guide))
     kernel = torch.rand(1, 2 if options.get('channel_wise') else 1, 3, 3, 3, 3, dtype=DT, requires_grad=True)
     gradcheck(lambda x, kernel: module(x, None, kernel), (x, kernel))
 
 
-@both_impls
-def test_module_parameters_receive_gradients(native_impl):
+def test_module_parameters_receive_gradients(impl):
     module = PacConv2d(2, 2, 3, padding=1, kernel_type='inv_0.5_-1', smooth_kernel_type='full_3',
-                       native_impl=native_impl).double()
+                       impl=impl).double()
     module(rand(1, 2, 5, 5), rand(1, 2, 5, 5)).square().sum().backward()
     for name, param in module.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
 @pytest.mark.slow
-@both_impls
-def test_full_gradcheck_conv_transpose_and_pool(native_impl):
+def test_full_gradcheck_conv_transpose_and_pool(impl):
     """The complete (non-fast) float64 gradcheck of every differentiable input, on tiny shapes."""
     x, guide = rand(1, 2, 4, 4, grad=True), rand(1, 2, 4, 4, grad=True)
     weight, bias = rand(2, 2, 3, 3, grad=True), rand(2, grad=True)
@@ -536,24 +497,24 @@ def test_full_gradcheck_conv_transpose_and_pool(native_impl):
 
     def conv(x, guide, weight, bias, alpha, lam):
         kernel, _ = packernel2d(guide, kernel_size=3, padding=1, kernel_type='inv_0.5_-1_asym', inv_alpha=alpha,
-                                inv_lambda=lam, normalize_kernel=True, native_impl=native_impl)
-        return pacconv2d(x, kernel, weight, bias, padding=1, native_impl=native_impl)
+                                inv_lambda=lam, normalize_kernel=True, impl=impl)
+        return pacconv2d(x, kernel, weight, bias, padding=1, impl=impl)
 
     gradcheck(conv, (x, guide, weight, bias, alpha, lam), fast_mode=False)
     t_guide = rand(1, 2, 8, 8, grad=True)
 
     def conv_transpose(x, guide, weight, bias):
         kernel, _ = packernel2d(guide, kernel_size=3, stride=2, padding=1, output_padding=1, transposed=True,
-                                native_impl=native_impl)
-        return pacconv_transpose2d(x, kernel, weight, bias, 2, 1, 1, native_impl=native_impl)
+                                impl=impl)
+        return pacconv_transpose2d(x, kernel, weight, bias, 2, 1, 1, impl=impl)
 
     gradcheck(conv_transpose, (x, t_guide, weight, bias), fast_mode=False)
     smooth = torch.rand(1, 1, 3, 3, dtype=DT, requires_grad=True)
 
     def pool(x, guide, smooth):
         kernel, _ = packernel2d(guide, kernel_size=3, stride=2, padding=1, smooth_kernel_type='full_3',
-                                smooth_kernel=smooth, channel_wise=True, native_impl=native_impl)
-        return pacpool2d(x, kernel, 3, 2, 1, native_impl=native_impl)
+                                smooth_kernel=smooth, channel_wise=True, impl=impl)
+        return pacpool2d(x, kernel, 3, 2, 1, impl=impl)
 
     gradcheck(pool, (x, guide, smooth), fast_mode=False)
 
@@ -564,9 +525,9 @@ def test_full_gradcheck_conv_transpose_and_pool(native_impl):
 def run_both(make_module, inputs):
     """Outputs and input/parameter gradients of both implementations on the same float32 data."""
     results = []
-    for native_impl in (True, False):
+    for impl in ('unfold', 'taps'):
         torch.manual_seed(1)
-        module = make_module(native_impl)
+        module = make_module(impl)
         # x, guide and a precomputed kernel get gradients; a mask (4th input) does not
         leaves = [t.detach().clone().requires_grad_(position < 3) if t is not None else None
                   for position, t in enumerate(inputs)]
@@ -590,40 +551,40 @@ def assert_impls_agree(make_module, inputs):
 @pytest.mark.parametrize('options', [dict(), dict(kernel_type='inv_0.2_0.2_asym', smooth_kernel_type='full_3',
                                                   normalize_kernel=True)], ids=['gaussian', 'inv_smooth_norm'])
 def test_impls_agree_conv(options):
-    assert_impls_agree(lambda n: PacConv2d(4, 3, 3, 2, 2, 2, native_impl=n, **options),
+    assert_impls_agree(lambda n: PacConv2d(4, 3, 3, 2, 2, 2, impl=n, **options),
                        [torch.randn(2, 4, 32, 30), torch.randn(2, 3, 32, 30)])
 
 
 def test_impls_agree_conv_precomputed_kernel_and_groups():
-    assert_impls_agree(lambda n: PacConv2d(4, 6, 3, 1, 1, native_impl=n, groups=2),
+    assert_impls_agree(lambda n: PacConv2d(4, 6, 3, 1, 1, impl=n, groups=2),
                        [torch.randn(2, 4, 24, 20), None, torch.rand(2, 1, 3, 3, 24, 20)])
 
 
 @pytest.mark.parametrize('shared', [False, True])
 def test_impls_agree_conv_transpose(shared):
-    assert_impls_agree(lambda n: PacConvTranspose2d(3, 3, 5, 2, 2, 1, shared_filters=shared, native_impl=n),
+    assert_impls_agree(lambda n: PacConvTranspose2d(3, 3, 5, 2, 2, 1, shared_filters=shared, impl=n),
                        [torch.randn(2, 3, 14, 12), torch.randn(2, 2, 28, 24)])
 
 
 def test_impls_agree_conv_transpose_masked_normalised():
     mask = (torch.rand(2, 1, 14, 12) > 0.3).float()
-    assert_impls_agree(lambda n: PacConvTranspose2d(3, 2, 3, 2, 1, 1, normalize_kernel=True, native_impl=n),
+    assert_impls_agree(lambda n: PacConvTranspose2d(3, 2, 3, 2, 1, 1, normalize_kernel=True, impl=n),
                        [torch.randn(2, 3, 14, 12), torch.randn(2, 2, 28, 24), None, mask])
 
 
 @pytest.mark.parametrize('channel_wise', [False, True])
 def test_impls_agree_pool(channel_wise):
     assert_impls_agree(lambda n: PacPool2d(3, 2, 2, 2, channel_wise=channel_wise, kernel_type='inv_0.5_-0.5',
-                                           out_channels=4 if channel_wise else -1, native_impl=n),
+                                           out_channels=4 if channel_wise else -1, impl=n),
                        [torch.randn(2, 4, 32, 30), torch.randn(2, 4, 32, 30)])
 
 
 def test_impls_agree_packernel2d():
     guide = torch.randn(2, 8, 48, 40)
     results = []
-    for native_impl in (True, False):
+    for impl in ('unfold', 'taps'):
         g = guide.clone().requires_grad_()
-        kernel, _ = packernel2d(g, kernel_size=3, padding=1, native_impl=native_impl)
+        kernel, _ = packernel2d(g, kernel_size=3, padding=1, impl=impl)
         (kernel * torch.linspace(-1, 1, kernel.numel()).reshape(kernel.shape)).sum().backward()
         results.append((kernel, g.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
@@ -818,10 +779,9 @@ def test_extra_repr_matches_spec_example():
 # ---------------------------------------------------------------- autocast and torch.compile
 
 
-@both_impls
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
-def test_autocast_forward_backward(native_impl, dtype):
-    module = PacConv2d(4, 3, 3, padding=1, native_impl=native_impl)
+def test_autocast_forward_backward(impl, dtype):
+    module = PacConv2d(4, 3, 3, padding=1, impl=impl)
     x, guide = torch.randn(2, 4, 12, 10), torch.randn(2, 2, 12, 10)
     reference = module(x, guide)
     x_amp, guide_amp = x.clone().requires_grad_(), guide.clone().requires_grad_()
@@ -837,10 +797,9 @@ def test_autocast_forward_backward(native_impl, dtype):
     assert module.weight.grad.dtype == torch.float32
 
 
-@both_impls
-def test_autocast_bf16_conv_transpose_and_pool(native_impl):
-    convt = PacConvTranspose2d(3, 2, 3, 2, 1, 1, native_impl=native_impl)
-    pool = PacPool2d(3, 1, 1, normalize_kernel=True, native_impl=native_impl)
+def test_autocast_bf16_conv_transpose_and_pool(impl):
+    convt = PacConvTranspose2d(3, 2, 3, 2, 1, 1, impl=impl)
+    pool = PacPool2d(3, 1, 1, normalize_kernel=True, impl=impl)
     x, guide = torch.randn(1, 3, 6, 5), torch.randn(1, 2, 12, 10)
     x_amp = x.clone().requires_grad_()
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -850,14 +809,13 @@ def test_autocast_bf16_conv_transpose_and_pool(native_impl):
     assert torch.isfinite(x_amp.grad).all()
 
 
-@both_impls
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
-def test_low_precision_modules(native_impl, dtype):
+def test_low_precision_modules(impl, dtype):
     """Modules converted with .to(dtype) run forward and backward and stay close to float32."""
     x = torch.randn(2, 4, 8, 6)
-    for module, guide in [(PacConv2d(4, 3, 3, 1, 1, native_impl=native_impl), torch.randn(2, 2, 8, 6)),
-                          (PacConvTranspose2d(4, 3, 3, 2, 1, 1, native_impl=native_impl), torch.randn(2, 2, 16, 12)),
-                          (PacPool2d(3, 1, 1, native_impl=native_impl), torch.randn(2, 2, 8, 6))]:
+    for module, guide in [(PacConv2d(4, 3, 3, 1, 1, impl=impl), torch.randn(2, 2, 8, 6)),
+                          (PacConvTranspose2d(4, 3, 3, 2, 1, 1, impl=impl), torch.randn(2, 2, 16, 12)),
+                          (PacPool2d(3, 1, 1, impl=impl), torch.randn(2, 2, 8, 6))]:
         expected = module(x, guide)
         x_low = x.to(dtype).requires_grad_()
         out = module.to(dtype)(x_low, guide.to(dtype))
@@ -867,9 +825,8 @@ def test_low_precision_modules(native_impl, dtype):
         assert x_low.grad.dtype == dtype and torch.isfinite(x_low.grad).all()
 
 
-@both_impls
-def test_torch_compile_smoke(native_impl):
-    module = PacConv2d(2, 3, 3, padding=1, kernel_type='inv_0.5_-1', native_impl=native_impl)
+def test_torch_compile_smoke(impl):
+    module = PacConv2d(2, 3, 3, padding=1, kernel_type='inv_0.5_-1', impl=impl)
     x, guide = torch.randn(1, 2, 8, 8, requires_grad=True), torch.randn(1, 2, 8, 8)
     compiled = torch.compile(module, backend='aot_eager')
     out = compiled(x, guide)
@@ -879,9 +836,8 @@ def test_torch_compile_smoke(native_impl):
 
 
 @pytest.mark.slow
-@both_impls
-def test_torch_compile_inductor(native_impl):
-    module = PacConv2d(2, 3, 3, padding=1, native_impl=native_impl)
+def test_torch_compile_inductor(impl):
+    module = PacConv2d(2, 3, 3, padding=1, impl=impl)
     x, guide = torch.randn(1, 2, 8, 8, requires_grad=True), torch.randn(1, 2, 8, 8)
     out = torch.compile(module)(x, guide)
     torch.testing.assert_close(out, module(x, guide), rtol=1e-4, atol=1e-5)
@@ -893,10 +849,9 @@ def test_torch_compile_inductor(native_impl):
 
 
 @pytest.mark.slow
-@both_impls
-def test_large_conv_matches_reference(native_impl):
+def test_large_conv_matches_reference(impl):
     module = PacConv2d(4, 3, 5, 2, 2, kernel_type='inv_0.2_0.2_asym', smooth_kernel_type='average_5',
-                       normalize_kernel=True, native_impl=native_impl).double()
+                       normalize_kernel=True, impl=impl).double()
     mask = (torch.rand(2, 1, 20, 18) > 0.2).to(DT)
     check_module_against_reference(module, rand(2, 4, 20, 18), rand(2, 3, 20, 18), mask, kernel_size=5,
                                    stride=2, padding=2, kernel_type='inv_0.2_0.2_asym', normalize_kernel=True)
@@ -904,7 +859,7 @@ def test_large_conv_matches_reference(native_impl):
 
 @pytest.mark.slow
 def test_two_impls_agree_on_the_original_sizes():
-    assert_impls_agree(lambda n: PacConv2d(4, 2, 3, 2, 2, 2, native_impl=n),
+    assert_impls_agree(lambda n: PacConv2d(4, 2, 3, 2, 2, 2, impl=n),
                        [torch.randn(8, 4, 128, 128), torch.randn(8, 3, 128, 128)])
-    assert_impls_agree(lambda n: PacConvTranspose2d(2, 3, 3, 2, 1, 1, native_impl=n),
+    assert_impls_agree(lambda n: PacConvTranspose2d(2, 3, 3, 2, 1, 1, impl=n),
                        [torch.randn(3, 2, 64, 64), torch.randn(3, 3, 128, 128)])
