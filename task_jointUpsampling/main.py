@@ -337,7 +337,8 @@ def plan_run(args: argparse.Namespace, net: nn.Module | None = None) -> RunPlan:
     last_epoch, resume_from = _starting_point(args, exp_root, epochs)
     if resume_from is not None and epochs > last_epoch:
         _load_state(exp_root, resume_from)  # fails now, not after the first test, when the state is missing
-    if epochs == 0 and trainable and resume_from is None and not args.load_weights:
+    hand_set = getattr(net, 'hand_set', False)  # e.g. JBU: its initial weights are the model
+    if epochs == 0 and trainable and not hand_set and resume_from is None and not args.load_weights:
         raise ValueError(f'{args.model}: nothing to test: no snapshot in {exp_root} and no --load-weights '
                          '(train with --epochs N, or pass --load-weights)')
     return RunPlan(epochs, last_epoch, resume_from)

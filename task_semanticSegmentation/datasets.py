@@ -17,6 +17,7 @@ Command line (download / prepare without training)::
 import argparse
 import hashlib
 import json
+import math
 import numbers
 import random
 import re
@@ -423,8 +424,8 @@ class DeepLabInputs(_SeededTransform):
                  aug_scale: Optional[Tuple[float, float]] = None,
                  aug_color: Optional[Tuple[float, float, float, float]] = None):
         super().__init__(seed)
-        if aug_scale is not None and not (len(aug_scale) == 2 and 0 < aug_scale[0] <= aug_scale[1]):
-            raise ValueError(f'aug_scale must be (low, high) with 0 < low <= high, got {aug_scale!r}')
+        if aug_scale is not None and not (len(aug_scale) == 2 and 0 < aug_scale[0] <= aug_scale[1] < math.inf):
+            raise ValueError(f'aug_scale must be (low, high) with 0 < low <= high, finite, got {aug_scale!r}')
         if aug_color is not None and len(aug_color) != 4:
             raise ValueError(f'aug_color must be (brightness, contrast, saturation, hue), got {aug_color!r}')
         self.size = _crop_size(size)

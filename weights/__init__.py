@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, NamedTuple, Optional, Union
 from urllib.parse import unquote, urlsplit
@@ -172,6 +173,11 @@ def load_state_dict(spec: PathLike,
     path = resolve_weights(spec, cache_dir)
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: an empty file (0 bytes), not a weights file")
+    with open(path, "rb") as handle:
+        head = handle.read(1)
+    if not zipfile.is_zipfile(path) and head != b"\x80":  # torch.save writes a zip, or (before 1.6) a pickle
+        raise ValueError(f"{path}: not a readable PyTorch weights file (neither a torch zip nor a pickle; "
+                         f"it starts with {head!r})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
