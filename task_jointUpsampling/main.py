@@ -333,7 +333,8 @@ def plan_run(args: argparse.Namespace, net: nn.Module | None = None) -> RunPlan:
             net = build_model(args, 1 if DATASETS[args.dataset].kind == 'depth' else 2)
     trainable = any(p.requires_grad for p in net.parameters())
     epochs = args.epochs if trainable else 0
-    check_overwrite_keeps_weights(args, exp_root)
+    if epochs > 0:
+        check_overwrite_keeps_weights(args, exp_root)
     last_epoch, resume_from = _starting_point(args, exp_root, epochs)
     if resume_from is not None and epochs > last_epoch:
         _load_state(exp_root, resume_from)  # fails now, not after the first test, when the state is missing
@@ -370,7 +371,7 @@ def train_and_test(args: argparse.Namespace, plan: RunPlan | None = None) -> tup
 
     train_loader, test_loader = build_loaders(args, info, device, need_train=not test_only)
     label = f'{args.model} x{args.factor} {args.dataset}'
-    image_dir = exp_root / 'images'
+    image_dir = exp_root / ('images_test' if test_only else 'images')  # a test-only run keeps training's images
     if test_only:
         loss, measures = evaluate(net, test_loader, args, info, device, desc=f'test {label}',
                                   save_images=_num_images(args, test_loader), image_dir=image_dir)
@@ -423,7 +424,8 @@ def _starting_point(args: argparse.Namespace, exp_root: Path, epochs: int) -> tu
     beyond ``epochs``; a test-only run (epochs 0) tests the latest snapshot unless --load-weights is given.
     A snapshot beyond ``epochs`` (and none at ``epochs``) is an error: the run would overwrite that later
     training's logs with an earlier one."""
-    snapshots = {} if args.overwrite else find_snapshots(exp_root, SNAPSHOT_PREFIX)
+    # --overwrite starts training afresh; a test-only run deletes nothing, so it still sees the snapshots
+    snapshots = {} if args.overwrite and epochs > 0 else find_snapshots(exp_root, SNAPSHOT_PREFIX)
     if epochs == 0:
         return 0, (max(snapshots) if snapshots and not args.load_weights else None)
     later = [e for e in snapshots if e > epochs]
@@ -476,7 +478,7 @@ def _plot(exp_root: Path, measures: Sequence[str]) -> None:
 DEMO_PRESET = dict(dataset='Synthetic', factor=4, compare=['Bilinear', 'DJIF', 'PacJointUpsample'], epochs=7,
                    lr=1e-3, lr_steps=[6], loss='rmse', color_guide_init=10.0, batch_size=4, train_crop=64,
                    test_batch_size=10, num_data_worker=0, exp_root=os.path.join('exp', 'demo'),
-                   synthetic_samples=[300, 50], test_interval=7, log_interval=25, print_interval=1000)
+                   synthetic_samples=[300, 50], test_interval=7, log_interval=25, print_interval=1000, overwrite=True)
 
 
 def compare_model_args(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -567,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     add('--optimizer', type=str, default='Adam', choices=('Adam', 'SGD'))
     add('--lr', type=float, default=1e-4)
     add('--lr-steps', type=int, nargs='+', default=None, help='epochs at which lr is multiplied by 0.1')
-    add('--overwrite', action='store_true', default=False, help='ignore (and delete) existing snapshots and logs')
+    add('--overwrite', action='store_true', default=False, help='train afresh: delete existing snapshots, restart the logs (refused when --load-weights names one '
+        'of those snapshots; a test-only run deletes nothing)')
     add('--weight-decay', type=float, default=0.0)
     add('--momentum', type=float, default=0.5, help='SGD only')
     add('--seed', type=int, default=1, help='seeds Python, NumPy and torch')
@@ -580,9 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     add('--nyu-url', type=str, default='',
         help=f'NYU .mat source (URL or local file) for --download; default ${NYU_URL_ENV}, else the original URL')
     add('--save-images', type=int, nargs='?', const=-1, default=0, metavar='N',
-        help='write guide / input / prediction / ground-truth PNGs of the first N test samples (no N: all)')
+        help='write guide / input / prediction / ground-truth PNGs of the first N test samples (no N: all) to '
+             'images/ (images_test/ for a test-only run)')
     add('--compare', type=str, nargs='+', default=None, metavar='MODEL',
-        help='train/test each model in <exp-root>/<model> and print a results table')
+        help='train/test each model in <exp-root>/<model>; print a results table and write results.txt and '
+             'compare.png (results_test.txt and compare_test.png when no model trains)')
     add('--synthetic-size', type=int, default=128, help='Synthetic: scene size in pixels')
     add('--synthetic-samples', type=int, nargs=2, default=[400, 50], metavar=('TRAIN', 'TEST'),
         help='Synthetic: number of train and test scenes')

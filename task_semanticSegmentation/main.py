@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--weight-decay', type=float, default=0.0)
     p.add_argument('--momentum', type=float, default=0.5, help='SGD momentum')
     p.add_argument('--seed', type=int, default=-1, help='-1: a random seed (printed)')
-    p.add_argument('--overwrite', action='store_true', help='ignore existing snapshots and logs')
+    p.add_argument('--overwrite', action='store_true', help='train afresh: ignore existing snapshots, restart the logs (refused when '
+                        '--load-weights names a snapshot of --exp-root; a test-only run ignores it)')
     p.add_argument('--print-interval', type=int, default=10, help='batches between progress messages')
     p.add_argument('--log-interval', type=int, default=10, help='batches between train.log rows')
     p.add_argument('--test-interval', type=int, default=1, help='epochs between tests')
@@ -351,7 +352,8 @@ def find_resume_epoch(args: argparse.Namespace, exp_root: Path) -> int:
     """The snapshot epoch to resume from (0: none). Test-only runs (--epochs 0) never resume
     when --load-weights is given; otherwise they test the latest snapshot. A training run in a folder with
     snapshots beyond --epochs (and none at --epochs) is an error: it would truncate their logs."""
-    snapshots = {} if args.overwrite else find_snapshots(exp_root)
+    # --overwrite starts training afresh; a test-only run deletes nothing, so it still sees the snapshots
+    snapshots = {} if args.overwrite and args.epochs > 0 else find_snapshots(exp_root)
     if not snapshots:
         return 0
     if args.epochs == 0:
@@ -368,7 +370,7 @@ def find_resume_epoch(args: argparse.Namespace, exp_root: Path) -> int:
 
 def check_overwrite_keeps_weights(args: argparse.Namespace, exp_root: Path) -> None:
     """--overwrite rewrites the snapshots in --exp-root: refuse when --load-weights names one of them."""
-    if not (args.overwrite and args.load_weights and os.path.isfile(args.load_weights)):
+    if not (args.overwrite and args.epochs > 0 and args.load_weights and os.path.isfile(args.load_weights)):
         return
     owned = [p for p in exp_root.glob('*_epoch_*.pth') if p.is_file()] if exp_root.is_dir() else []
     if any(os.path.samefile(args.load_weights, path) for path in owned):

@@ -39,6 +39,7 @@ __all__ = [
     "file_digest",
     "check_integrity",
     "check_format",
+    "file_format_of",
     "download_url",
     "extract_archive",
     "download_and_extract",

@@ -359,8 +359,11 @@ class CsvLog:
         if formats is None:
             formats = ["{:g}"] * len(self.columns)
         fields = ["" if _is_missing(v) else fmt.format(v) for v, fmt in zip(values, formats)]
-        self._handle.write(",".join(fields) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(",".join(fields) + "\n")
+            self._handle.flush()
+        except OSError as err:
+            raise _write_error(self.path, err) from None
 
     def close(self) -> None:
         if self._handle is not None:
