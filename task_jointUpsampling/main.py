@@ -381,7 +381,7 @@ def train_and_test(args: argparse.Namespace, plan: RunPlan | None = None) -> tup
                      'trained': False}
 
     exp_root.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temp_files(exp_root):
+    for stale in remove_stale_temp_files(exp_root):  # a training run owns its folder (a test-only run may not)
         print(f'removed {stale}, left by an interrupted write')
     if args.overwrite:
         remove_snapshots(exp_root)
@@ -640,8 +640,9 @@ def check_args(args: argparse.Namespace) -> None:
                              f'got {value}')
     if not (math.isfinite(args.val_ratio) and 0 <= args.val_ratio < 1):
         raise ValueError(f'--val-ratio must be in [0, 1), got {args.val_ratio}')
-    if not 0 <= args.seed < 2 ** 32:
-        raise ValueError(f'--seed must be in [0, 2**32), got {args.seed}')
+    for name in ('seed', 'synthetic_seed'):
+        if not 0 <= getattr(args, name) < 2 ** 32:
+            raise ValueError(f'--{name.replace("_", "-")} must be in [0, 2**32), got {getattr(args, name)}')
     if any(step < 1 for step in args.lr_steps or ()):
         raise ValueError(f'--lr-steps must be epochs >= 1, got {args.lr_steps}')
     if min(args.synthetic_samples) < 1:

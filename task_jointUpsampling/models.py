@@ -114,6 +114,8 @@ def th_epe(pred: torch.Tensor, gt: torch.Tensor, small_flow: float = -1.0,
     _check_4d('pred', pred)
     if pred.shape[1] != 2:
         raise ValueError(f'th_epe expects 2 flow channels (u, v), got {pred.shape[1]}')
+    if not math.isfinite(small_flow):
+        raise ValueError(f'small_flow must be a finite number, got {small_flow!r}')
     pred_u, pred_v = pred[:, 0].reshape(-1), pred[:, 1].reshape(-1)
     gt_u, gt_v = gt[:, 0].reshape(-1), gt[:, 1].reshape(-1)
     known = (gt_u.abs() <= unknown_flow_thresh) & (gt_v.abs() <= unknown_flow_thresh)

@@ -426,8 +426,9 @@ class DeepLabInputs(_SeededTransform):
         super().__init__(seed)
         if aug_scale is not None and not (len(aug_scale) == 2 and 0 < aug_scale[0] <= aug_scale[1] < math.inf):
             raise ValueError(f'aug_scale must be (low, high) with 0 < low <= high, finite, got {aug_scale!r}')
-        if aug_color is not None and len(aug_color) != 4:
-            raise ValueError(f'aug_color must be (brightness, contrast, saturation, hue), got {aug_color!r}')
+        if aug_color is not None and (len(aug_color) != 4 or not all(math.isfinite(a) and a >= 0 for a in aug_color)):
+            raise ValueError(f'aug_color must be (brightness, contrast, saturation, hue), finite and >= 0, '
+                             f'got {aug_color!r}')
         self.size = _crop_size(size)
         self.use_bgr = use_bgr
         self.pad_label = pad_label

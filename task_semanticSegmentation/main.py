@@ -428,6 +428,8 @@ def predict(args: argparse.Namespace, model: nn.Module, test_split: str, seed: i
 def train(args: argparse.Namespace, model: nn.Module, spec, last_epoch: int, train_split: str,
           test_loader: DataLoader, seed: int, exp_root: Path, device: torch.device) -> Dict[str, float]:
     """Epochs last_epoch + 1 .. args.epochs with logs, tests and snapshots; returns the last test."""
+    for stale in remove_stale_temp_files(exp_root):  # a training run owns its folder (a test-only run may not)
+        print(f'removed {stale}, left by an interrupted write')
     loss_fn = make_loss(args.loss)
     test_model = _unwrap(model) if args.test_batch_size == 1 else model
     optimizer = make_optimizer(args, model)
@@ -480,8 +482,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f'seed {seed}, device {device}')
     exp_root = Path(args.exp_root)
     exp_root.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temp_files(exp_root):
-        print(f'removed {stale}, left by an interrupted write')
     spec = parse_model_name(args.model)
     train_split = args.train_split or ('train' if args.dataset == 'Synthetic' else 'train_aug')
     test_split = args.test_split or 'val'

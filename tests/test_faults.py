@@ -466,6 +466,27 @@ def test_models_reject_bad_values():
             build()
 
 
+def test_datasets_and_helpers_reject_bad_values(tmp_path):
+    from task_jointUpsampling.datasets import AssembleJointUpsamplingInputs
+    from task_jointUpsampling.models import th_epe
+    from task_jointUpsampling.synthetic import Synthetic as DepthScenes
+    from task_semanticSegmentation.datasets import DeepLabInputs
+    from task_semanticSegmentation.metrics import ConfusionMeter
+    from task_semanticSegmentation.synthetic import Synthetic as VocScenes
+    from tools.runtime import CsvLog
+    nan, inf = float('nan'), float('inf')
+    cases = [(lambda: DepthScenes(size=nan), 'size'), (lambda: DepthScenes(seed=-1), 'seed'),
+             (lambda: DepthScenes(seed=1.5), 'seed'), (lambda: AssembleJointUpsamplingInputs(0), 'factor'),
+             (lambda: AssembleJointUpsamplingInputs(2.5), 'factor'), (lambda: VocScenes(size_range=(8, inf)), 'size_range'),
+             (lambda: VocScenes(seed=nan), 'seed'), (lambda: DeepLabInputs(8, aug_scale=(0.5, inf)), 'aug_scale'),
+             (lambda: DeepLabInputs(8, aug_color=(nan, 0, 0, 0)), 'aug_color'), (lambda: ConfusionMeter(0), 'num_classes'),
+             (lambda: th_epe(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), small_flow=nan), 'small_flow'),
+             (lambda: CsvLog(tmp_path / 'a.log', ['epoch'], resume_epoch=nan), 'resume_epoch')]
+    for build, name in cases:
+        with pytest.raises(ValueError, match=name):
+            build()
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def test_run_cli_turns_errors_into_two_lines(capsys, monkeypatch):
     def fails(argv):
@@ -506,6 +527,12 @@ def test_task_programs_fail_with_short_messages(tmp_path):
     assert joint.returncode == 1 and 'Traceback' not in joint.stderr
     lines = joint.stderr.strip().splitlines()
     assert len(lines) == 2 and f'{text}: not a readable PyTorch weights file' in lines[0]
+
+
+@pytest.mark.slow  # another program start (about 10 s on a busy 2-core machine)
+def test_the_debug_switch_shows_the_traceback(tmp_path):
+    text = tmp_path / 'weights.pth'
+    text.write_text('not weights\n')
     seg = _run_program('task_semanticSegmentation.main', *SEG, '--model', 'tinyfcn', '--exp-root',
                        str(tmp_path / 's'), '--load-weights', str(text), env={'PACNET_DEBUG': '1'})
     assert seg.returncode == 1 and 'Traceback' in seg.stderr and 'not a readable PyTorch weights file' in seg.stderr

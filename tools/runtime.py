@@ -325,6 +325,8 @@ class CsvLog:
         self.formats = self._check_formats(formats) if formats is not None else None
         header = ",".join(columns)
         kept: list[str] = []
+        if resume_epoch is not None and not math.isfinite(resume_epoch):
+            raise ValueError(f"resume_epoch must be a finite number or None, got {resume_epoch!r}")
         if resume_epoch is not None and self.path.is_file():
             kept = self._rows_to_keep(header, float(resume_epoch))
         with atomic_open(self.path, "w") as handle:
