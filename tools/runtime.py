@@ -108,7 +108,12 @@ def seed_everything(seed: int) -> None:
 # Atomic writes and snapshots
 # --------------------------------------------------------------------------------------------------
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it: put it straight back
+    with contextlib.suppress(OSError, ValueError):  # Linux: read it without changing it (thread-safe)
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it: put it straight back
     os.umask(mask)
     return mask
 
