@@ -135,6 +135,8 @@ class AssembleJointUpsamplingInputs:
     def __init__(self, factor: int, crop: int | Sequence[int] | None = None, flip: bool = True,
                  normalize_target: bool = True, output_crop: int = 0, lowres_mode: str = 'center',
                  zero_guidance: bool = False, rng: random.Random | None = None):
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f'factor must be a positive int, got {factor!r}')
         if isinstance(crop, int):
             crop = (crop, crop)
         if crop is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import random
 import re
@@ -43,7 +44,9 @@ from task_jointUpsampling.models import (MODEL_NAMES, PacJointUpsample, create_m
                                          th_rmse)
 from task_jointUpsampling.synthetic import Synthetic
 from task_jointUpsampling.visualize import save_comparison, save_sample_images
-from tools.runtime import (CsvLog, atomic_save, find_snapshots, format_table, resolve_device, seed_everything)
+from tools.cli import DEBUG_ENV, ArgumentParser, run_cli
+from tools.runtime import (CheckpointError, CsvLog, find_snapshots, format_table, load_checkpoint_state,
+                           remove_stale_temp_files, resolve_device, save_checkpoint, seed_everything, write_bytes_atomic)
 
 SNAPSHOT_PREFIX = 'weights_epoch_'  # weights_epoch_<n>.pth: a plain state_dict, like the released weights
 STATE_PREFIX = 'state_epoch_'  # state_epoch_<n>.pth: optimizer, scheduler and RNG states for resuming
@@ -246,11 +249,12 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_snapshot(exp_root: Path, epoch: int, net: nn.Module, optimizer, scheduler) -> None:
-    """Write weights_epoch_<n>.pth (a plain CPU state_dict) and state_epoch_<n>.pth, both atomically."""
-    atomic_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, exp_root / f'{SNAPSHOT_PREFIX}{epoch}.pth')
+    """Write state_epoch_<n>.pth (optimizer, scheduler, RNG states) and then weights_epoch_<n>.pth (a plain CPU
+    state_dict): the weights file commits the snapshot (tools.runtime.save_checkpoint)."""
     state = {'epoch': epoch, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
              'rng': rng_states()}
-    atomic_save(state, exp_root / f'{STATE_PREFIX}{epoch}.pth')
+    save_checkpoint({k: v.detach().cpu() for k, v in net.state_dict().items()}, state,
+                    exp_root / f'{SNAPSHOT_PREFIX}{epoch}.pth', exp_root / f'{STATE_PREFIX}{epoch}.pth')
 
 
 def remove_snapshots(exp_root: Path) -> None:
@@ -259,9 +263,20 @@ def remove_snapshots(exp_root: Path) -> None:
             path.unlink()
 
 
-def load_weights(net: nn.Module, spec: str, info: DatasetInfo) -> None:
+def check_overwrite_keeps_weights(args: argparse.Namespace, exp_root: Path) -> None:
+    """--overwrite deletes the snapshots in --exp-root: refuse when --load-weights names one of them."""
+    if not (args.overwrite and args.load_weights and os.path.isfile(args.load_weights)):
+        return
+    doomed = [*find_snapshots(exp_root, SNAPSHOT_PREFIX).values(), *find_snapshots(exp_root, STATE_PREFIX).values()]
+    if any(os.path.samefile(args.load_weights, path) for path in doomed):
+        raise ValueError(f'--overwrite would delete {args.load_weights}, the file --load-weights names; copy it out '
+                         f'of {exp_root} first (or use another --exp-root)')
+
+
+def load_weights(net: nn.Module, spec: str, info: DatasetInfo, strict: bool = True) -> None:
     """Load ``--load-weights`` (a path, URL or registry name; a short name like ``x8_pac`` gets the dataset's
-    ``depth_``/``flow_`` prefix) strictly; missing or unexpected keys raise an error that lists them."""
+    ``depth_``/``flow_`` prefix) strictly; missing or unexpected keys raise an error that lists them. With
+    ``strict=False`` (--non-strict) the matching tensors are loaded, the rest listed; none matching is an error."""
     import weights
     if not os.path.exists(spec):
         # `x8_pac`, or the 2019 file name `weights_depth/x8_pac_weights_epoch_5000.pth`: the dataset's release.
@@ -269,8 +284,11 @@ def load_weights(net: nn.Module, spec: str, info: DatasetInfo) -> None:
         if released and (released.group(2) or spec == released.group(1)):
             spec = f'{info.kind}_{released.group(1)}'
     state_dict = weights.load_state_dict(spec)
-    weights.load_into(net, state_dict, strict=True)
-    print(f'loaded weights {spec}')
+    try:
+        weights.load_into(net, state_dict, strict=strict)
+    except ValueError as err:
+        raise ValueError(f'--load-weights {spec}: {err}') from None
+    print(f'loaded weights {spec}{"" if strict else " (non-strict)"}')
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -294,8 +312,41 @@ def run(args: argparse.Namespace) -> dict:
     return train_and_test(args)[1]
 
 
-def train_and_test(args: argparse.Namespace) -> tuple[nn.Module, dict]:
-    """:func:`run`, also returning the model."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, decided (and checked) before any work starts."""
+    epochs: int  # the epochs to reach (0 for a model without trainable parameters)
+    last_epoch: int  # the epoch the run starts from
+    resume_from: int | None  # the snapshot to load, if any
+
+    @property
+    def test_only(self) -> bool:
+        return self.epochs <= self.last_epoch
+
+
+def plan_run(args: argparse.Namespace, net: nn.Module | None = None) -> RunPlan:
+    """Check what the flags ask of ``--exp-root`` before any work: which snapshot to resume or test, that its
+    training state matches, that --overwrite spares --load-weights, and that there are weights to test."""
+    exp_root = Path(args.exp_root)
+    if net is None:
+        with torch.random.fork_rng(devices=[]):
+            net = build_model(args, 1 if DATASETS[args.dataset].kind == 'depth' else 2)
+    trainable = any(p.requires_grad for p in net.parameters())
+    epochs = args.epochs if trainable else 0
+    if epochs > 0:
+        check_overwrite_keeps_weights(args, exp_root)
+    last_epoch, resume_from = _starting_point(args, exp_root, epochs)
+    if resume_from is not None and epochs > last_epoch:
+        _load_state(exp_root, resume_from)  # fails now, not after the first test, when the state is missing
+    hand_set = getattr(net, 'hand_set', False)  # e.g. JBU: its initial weights are the model
+    if epochs == 0 and trainable and not hand_set and resume_from is None and not args.load_weights:
+        raise ValueError(f'{args.model}: nothing to test: no snapshot in {exp_root} and no --load-weights '
+                         '(train with --epochs N, or pass --load-weights)')
+    return RunPlan(epochs, last_epoch, resume_from)
+
+
+def train_and_test(args: argparse.Namespace, plan: RunPlan | None = None) -> tuple[nn.Module, dict]:
+    """:func:`run`, also returning the model; ``plan`` from :func:`plan_run` (made here when None)."""
     info = DATASETS[args.dataset]
     args.measures = tuple(args.measures or info.measures)
     device = resolve_device(args.device)
@@ -304,34 +355,34 @@ def train_and_test(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     channels = 1 if info.kind == 'depth' else 2
     net = build_model(args, channels).to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    epochs = args.epochs
-    if epochs > 0 and not trainable:
+    plan = plan or plan_run(args, net)
+    if args.epochs > 0 and not trainable:
         print(f'{args.model} has no trainable parameters: testing only')
-        epochs = 0
+    epochs, last_epoch, resume_from = plan.epochs, plan.last_epoch, plan.resume_from
 
-    last_epoch, resume_from = _starting_point(args, exp_root, epochs)
     if resume_from is not None:
         path = exp_root / f'{SNAPSHOT_PREFIX}{resume_from}.pth'
-        net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        import weights
+        weights.load_into(net, weights.load_state_dict(str(path)), strict=True, verbose=False)
         print(f'loaded snapshot {path}')
     elif args.load_weights:
-        load_weights(net, args.load_weights, info)
-    elif epochs == 0 and trainable:
-        print(f'warning: testing {args.model} with random initial weights (no snapshot in {exp_root}, '
-              'no --load-weights)')
-    test_only = epochs <= last_epoch
+        load_weights(net, args.load_weights, info, strict=not args.non_strict)
+    test_only = plan.test_only
 
     train_loader, test_loader = build_loaders(args, info, device, need_train=not test_only)
     label = f'{args.model} x{args.factor} {args.dataset}'
-    image_dir = exp_root / 'images'
+    image_dir = exp_root / ('images_test' if test_only else 'images')  # a test-only run keeps training's images
     if test_only:
         loss, measures = evaluate(net, test_loader, args, info, device, desc=f'test {label}',
                                   save_images=_num_images(args, test_loader), image_dir=image_dir)
         print(f'test {label}: loss {loss:.6f}, {format_measures(args.measures, measures, info)}')
         epoch = resume_from if resume_from is not None else last_epoch
-        return net, {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epoch, 'train_seconds': 0.0}
+        return net, {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epoch, 'train_seconds': 0.0,
+                     'trained': False}
 
     exp_root.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temp_files(exp_root):  # a training run owns its folder (a test-only run may not)
+        print(f'removed {stale}, left by an interrupted write')
     if args.overwrite:
         remove_snapshots(exp_root)
     optimizer = make_optimizer(args, trainable)
@@ -364,15 +415,24 @@ def train_and_test(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     train_log.close()
     test_log.close()
     _plot(exp_root, args.measures)
-    return net, {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epochs, 'train_seconds': train_seconds}
+    return net, {'loss': loss, **dict(zip(args.measures, measures)), 'epoch': epochs, 'train_seconds': train_seconds,
+                 'trained': True}
 
 
 def _starting_point(args: argparse.Namespace, exp_root: Path, epochs: int) -> tuple[int, int | None]:
     """(last finished epoch, snapshot epoch to load or None). Training resumes from the latest snapshot not
-    beyond ``epochs``; a test-only run (epochs 0) tests the latest snapshot unless --load-weights is given."""
-    snapshots = {} if args.overwrite else find_snapshots(exp_root, SNAPSHOT_PREFIX)
+    beyond ``epochs``; a test-only run (epochs 0) tests the latest snapshot unless --load-weights is given.
+    A snapshot beyond ``epochs`` (and none at ``epochs``) is an error: the run would overwrite that later
+    training's logs with an earlier one."""
+    # --overwrite starts training afresh; a test-only run deletes nothing, so it still sees the snapshots
+    snapshots = {} if args.overwrite and epochs > 0 else find_snapshots(exp_root, SNAPSHOT_PREFIX)
     if epochs == 0:
         return 0, (max(snapshots) if snapshots and not args.load_weights else None)
+    later = [e for e in snapshots if e > epochs]
+    if later and epochs not in snapshots:
+        raise ValueError(f'--epochs {epochs}: {exp_root} holds snapshots of later epochs ({", ".join(map(str, later))}) '
+                         f'and none of epoch {epochs}; continuing would truncate their logs. Test one with --epochs 0 '
+                         f'(the latest) or --epochs {max(later)}, or start afresh with --overwrite')
     done = [e for e in snapshots if e <= epochs]
     if not done:
         return 0, None
@@ -386,18 +446,21 @@ def _num_images(args: argparse.Namespace, loader: DataLoader) -> int:
     return len(loader.dataset) if args.save_images < 0 else args.save_images
 
 
+def _load_state(exp_root: Path, epoch: int) -> dict:
+    try:
+        return load_checkpoint_state(exp_root / f'{SNAPSHOT_PREFIX}{epoch}.pth', exp_root / f'{STATE_PREFIX}{epoch}.pth')
+    except CheckpointError as err:
+        raise ValueError(f'cannot resume: {err}. Test it with --epochs {epoch}, start from it with --load-weights '
+                         f'<a copy> --overwrite, or start afresh with --overwrite') from None
+
+
 def _resume_state(exp_root: Path, epoch: int, optimizer, scheduler) -> None:
-    path = exp_root / f'{STATE_PREFIX}{epoch}.pth'
-    if not path.is_file():
-        print(f'warning: {path} is missing: resuming epoch {epoch} with a fresh optimizer state')
-        for _ in range(epoch):
-            scheduler.step()
-        return
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = _load_state(exp_root, epoch)
     optimizer.load_state_dict(state['optimizer'])
     scheduler.load_state_dict(state['scheduler'])
     set_rng_states(state['rng'])
-    print(f'resuming after epoch {epoch} (optimizer, scheduler and random states from {path})')
+    print(f'resuming after epoch {epoch} (optimizer, scheduler and random states from '
+          f'{exp_root / f"{STATE_PREFIX}{epoch}.pth"})')
 
 
 def _plot(exp_root: Path, measures: Sequence[str]) -> None:
@@ -418,18 +481,29 @@ DEMO_PRESET = dict(dataset='Synthetic', factor=4, compare=['Bilinear', 'DJIF', '
                    synthetic_samples=[300, 50], test_interval=7, log_interval=25, print_interval=1000, overwrite=True)
 
 
-def run_compare(args: argparse.Namespace) -> list[dict]:
-    """Run every model of ``--compare`` (each in ``<exp-root>/<model>``), print a results table and draw the
-    models' predictions side by side in ``<exp-root>/compare.png``."""
-    info = DATASETS[args.dataset]
-    rows, nets = [], {}
+def compare_model_args(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The flags of each model of ``--compare``: the same, with --model and --exp-root <exp-root>/<model>."""
+    runs = []
     for name in args.compare:
         model_args = copy.copy(args)
         model_args.model, model_args.exp_root = name, str(Path(args.exp_root) / name)
-        print(f'\n=== {name} ===')
-        net, result = train_and_test(model_args)
-        nets[name] = net
-        rows.append({'model': name, 'params': sum(p.numel() for p in net.parameters()), **result})
+        runs.append(model_args)
+    return runs
+
+
+def run_compare(args: argparse.Namespace) -> list[dict]:
+    """Run every model of ``--compare`` (each in ``<exp-root>/<model>``), print a results table and draw the
+    models' predictions side by side in ``<exp-root>/compare.png``. When no model trains (a test-only run) they
+    are ``results_test.txt`` and ``compare_test.png`` instead, so that a training run's files stay."""
+    info = DATASETS[args.dataset]
+    runs = compare_model_args(args)
+    plans = [plan_run(model_args) for model_args in runs]  # every model's problems before any work
+    rows, nets = [], {}
+    for model_args, plan in zip(runs, plans):
+        print(f'\n=== {model_args.model} ===')
+        net, result = train_and_test(model_args, plan)
+        nets[model_args.model] = net
+        rows.append({'model': model_args.model, 'params': sum(p.numel() for p in net.parameters()), **result})
     measures = tuple(args.measures or info.measures)
     headers = {m: measure_label(m, info) for m in measures}
     table = format_table([{headers.get(k, k): v for k, v in row.items()} for row in rows],
@@ -437,9 +511,11 @@ def run_compare(args: argparse.Namespace) -> list[dict]:
                          formats={'train_seconds': '{:.0f}', 'params': '{:,}'})
     print(f'\nx{args.factor} joint upsampling on {args.dataset} ({args.test_split or info.test_split} split, '
           f'{args.epochs} epochs):\n{table}')
-    Path(args.exp_root).mkdir(parents=True, exist_ok=True)
-    (Path(args.exp_root) / 'results.txt').write_text(table + '\n')
-    print(f'wrote {save_compare_figure(args, info, nets, Path(args.exp_root) / "compare.png")}')
+    suffix = '' if any(row['trained'] for row in rows) else '_test'
+    results = Path(args.exp_root) / f'results{suffix}.txt'
+    write_bytes_atomic((table + '\n').encode(), results)
+    print(f'wrote {results}')
+    print(f'wrote {save_compare_figure(args, info, nets, Path(args.exp_root) / f"compare{suffix}.png")}')
     return rows
 
 
@@ -464,7 +540,8 @@ def save_compare_figure(args: argparse.Namespace, info: DatasetInfo, nets: dict[
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Joint upsampling', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog='python -m task_jointUpsampling.main', description='Joint upsampling',
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add('--factor', type=int, default=8, help='upsampling factor')
     add('--data-root', type=str, default='data', help='where data is found or downloaded')
@@ -492,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     add('--optimizer', type=str, default='Adam', choices=('Adam', 'SGD'))
     add('--lr', type=float, default=1e-4)
     add('--lr-steps', type=int, nargs='+', default=None, help='epochs at which lr is multiplied by 0.1')
-    add('--overwrite', action='store_true', default=False, help='ignore (and delete) existing snapshots and logs')
+    add('--overwrite', action='store_true', default=False, help='train afresh: delete existing snapshots, restart the logs (refused when --load-weights names one '
+        'of those snapshots; a test-only run deletes nothing)')
     add('--weight-decay', type=float, default=0.0)
     add('--momentum', type=float, default=0.5, help='SGD only')
     add('--seed', type=int, default=1, help='seeds Python, NumPy and torch')
@@ -505,9 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     add('--nyu-url', type=str, default='',
         help=f'NYU .mat source (URL or local file) for --download; default ${NYU_URL_ENV}, else the original URL')
     add('--save-images', type=int, nargs='?', const=-1, default=0, metavar='N',
-        help='write guide / input / prediction / ground-truth PNGs of the first N test samples (no N: all)')
+        help='write guide / input / prediction / ground-truth PNGs of the first N test samples (no N: all) to '
+             'images/ (images_test/ for a test-only run)')
     add('--compare', type=str, nargs='+', default=None, metavar='MODEL',
-        help='train/test each model in <exp-root>/<model> and print a results table')
+        help='train/test each model in <exp-root>/<model>; print a results table and write results.txt and '
+             'compare.png (results_test.txt and compare_test.png when no model trains)')
     add('--synthetic-size', type=int, default=128, help='Synthetic: scene size in pixels')
     add('--synthetic-samples', type=int, nargs=2, default=[400, 50], metavar=('TRAIN', 'TEST'),
         help='Synthetic: number of train and test scenes')
@@ -515,30 +595,79 @@ def build_parser() -> argparse.ArgumentParser:
     add('--color-guide-init', type=float, default=0.0, metavar='SCALE',
         help='PAC models trained from scratch: start every adaptive kernel as a colour kernel of this scale '
              '(models.init_color_guide_; 10 suits guides in [0, 1]); 0 = PyTorch default init, as in 2019')
+    add('--non-strict', action='store_true', default=False,
+        help='--load-weights: load the tensors that fit and list the rest (default: any mismatch is an error)')
+    add('--debug', action='store_true', default=False,
+        help=f'show the traceback of an error (or set {DEBUG_ENV}=1); without it an error is a short message')
     add('--demo', action='store_true', default=False,
         help='train and compare Bilinear, DJIF and PacJointUpsample on Synthetic (a few CPU minutes); '
              'explicit flags override the preset: ' + ' '.join(f'{k}={v}' for k, v in DEMO_PRESET.items()))
     return parser
 
 
+# image sizes (H, W) of the datasets: the training crop must fit (Synthetic: --synthetic-size)
+_IMAGE_SIZES = {'NYUDepthV2': (480, 640), 'Sintel': (436, 1024)}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags: every combination that can be checked before work starts is checked here."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if '--demo' in argv:
         parser.set_defaults(**DEMO_PRESET)  # the preset replaces defaults only: explicit flags still win
     args = parser.parse_args(argv)
-    for name in ('factor', 'batch_size', 'test_batch_size', 'print_interval', 'log_interval', 'test_interval'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
-    if args.color_guide_init < 0:
-        parser.error(f'--color-guide-init must be >= 0, got {args.color_guide_init}')
-    if args.epochs < 0:
-        parser.error(f'--epochs must be >= 0, got {args.epochs}')
-    if args.num_data_worker < 0:
-        parser.error(f'--num-data-worker must be >= 0, got {args.num_data_worker}')
-    if DATASETS[args.dataset].kind == 'depth' and ('epe' in (args.measures or ()) or args.loss == 'epe'):
-        parser.error(f'epe (end-point error) needs a flow dataset (Sintel*), got --dataset {args.dataset}')
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag for any bad value or combination."""
+    for name in ('factor', 'batch_size', 'test_batch_size', 'print_interval', 'log_interval', 'test_interval',
+                 'synthetic_size'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    for name in ('epochs', 'num_data_worker', 'snapshot_interval'):
+        if getattr(args, name) < 0:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
+    for name, low, strict in (('lr', 0.0, True), ('weight_decay', 0.0, False), ('momentum', 0.0, False),
+                              ('color_guide_init', 0.0, False)):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise ValueError(f'--{name.replace("_", "-")} must be a finite number {">" if strict else ">="} {low:g}, '
+                             f'got {value}')
+    if not (math.isfinite(args.val_ratio) and 0 <= args.val_ratio < 1):
+        raise ValueError(f'--val-ratio must be in [0, 1), got {args.val_ratio}')
+    for name in ('seed', 'synthetic_seed'):
+        if not 0 <= getattr(args, name) < 2 ** 32:
+            raise ValueError(f'--{name.replace("_", "-")} must be in [0, 2**32), got {getattr(args, name)}')
+    if any(step < 1 for step in args.lr_steps or ()):
+        raise ValueError(f'--lr-steps must be epochs >= 1, got {args.lr_steps}')
+    if min(args.synthetic_samples) < 1:
+        raise ValueError(f'--synthetic-samples needs >= 1 train and test scenes, got {args.synthetic_samples}')
+    if args.save_images < -1:
+        raise ValueError(f'--save-images must be >= 0 (or given without a number: all), got {args.save_images}')
+    if DATASETS[args.dataset].kind == 'depth' and ('epe' in (args.measures or ()) or args.loss == 'epe'):
+        raise ValueError(f'epe (end-point error) needs a flow dataset (Sintel*), got --dataset {args.dataset}')
+    names = args.compare or [args.model]
+    if len(set(names)) != len(names):
+        raise ValueError(f'--compare lists a model twice: {" ".join(names)}')
+    if args.compare and args.load_weights and len(names) > 1:
+        raise ValueError('--load-weights loads one model; it cannot go with --compare of several models')
+    with torch.random.fork_rng(devices=[]):  # builds each model (cheap): a bad name fails now, not after training
+        for name in names:
+            create_model(name, args.factor, channels=1 if DATASETS[args.dataset].kind == 'depth' else 2)
+    if args.epochs > 0 and args.train_crop > 0:
+        if args.train_crop % args.factor:
+            raise ValueError(f'--train-crop must be a multiple of --factor {args.factor}, got {args.train_crop}')
+        size = (args.synthetic_size,) * 2 if args.dataset == 'Synthetic' else \
+            _IMAGE_SIZES['Sintel' if args.dataset.startswith('Sintel') else args.dataset]
+        if args.train_crop > min(size):
+            hint = ' (or a larger --synthetic-size)' if args.dataset == 'Synthetic' else ''
+            raise ValueError(f'--train-crop {args.train_crop} is larger than the {args.dataset} images ({size[0]}x'
+                             f'{size[1]}); pass --train-crop <= {min(size)}{hint}, or <= 0 for whole images')
 
 
 def main(argv: Sequence[str] | None = None):
@@ -549,4 +678,4 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_cli(main, 'task_jointUpsampling.main'))

@@ -36,6 +36,21 @@ __all__ = [
 IntOrSeq = Union[int, Sequence[int]]
 
 
+# ---------------------------------------------------------------------------------------------- argument checks
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    """``value`` must be an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int, got {type(value).__name__} {value!r}')
+    if value < minimum:
+        raise ValueError(f'{name} must be >= {minimum}, got {value}')
+
+
+def _check_scale(name: str, value) -> None:
+    """``value`` must be a finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f'{name} must be a finite number > 0, got {value!r}')
+
+
 # ---------------------------------------------------------------------------------------------- channel folding
 def _check_4d(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -99,6 +114,8 @@ def th_epe(pred: torch.Tensor, gt: torch.Tensor, small_flow: float = -1.0,
     _check_4d('pred', pred)
     if pred.shape[1] != 2:
         raise ValueError(f'th_epe expects 2 flow channels (u, v), got {pred.shape[1]}')
+    if not math.isfinite(small_flow):
+        raise ValueError(f'small_flow must be a finite number, got {small_flow!r}')
     pred_u, pred_v = pred[:, 0].reshape(-1), pred[:, 1].reshape(-1)
     gt_u, gt_v = gt[:, 0].reshape(-1), gt[:, 1].reshape(-1)
     known = (gt_u.abs() <= unknown_flow_thresh) & (gt_v.abs() <= unknown_flow_thresh)
@@ -128,6 +145,7 @@ class Bilinear(nn.Module):
 
     def __init__(self, factor: int, channels: int | None = None, guide_channels: int | None = None):
         super().__init__()
+        _check_int('factor', factor)
         self.factor = factor
 
     def forward(self, target_low: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,10 +175,17 @@ class JointBilateral(nn.Module):
         scale_color: inverse colour bandwidth.
     """
 
+    hand_set = True  # its initial weights are the model (the task program tests it without weights to load)
+
     def __init__(self, factor: int, channels: int, kernel_size: int, scale_space: float, scale_color: float):
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f'kernel_size must be odd, got {kernel_size}')
+        _check_int('factor', factor)
+        _check_int('channels', channels)
+        _check_int('kernel_size', kernel_size)
+        if kernel_size % 2 != 1 or kernel_size < factor - 1:  # (a smaller kernel needs a negative padding)
+            raise ValueError(f'kernel_size must be odd and >= factor - 1 = {factor - 1}, got {kernel_size}')
+        _check_scale('scale_space', scale_space)
+        _check_scale('scale_color', scale_color)
         self.factor, self.channels = factor, channels
         self.scale_space, self.scale_color = scale_space, scale_color
         self.convt = PacConvTranspose2d(channels, channels, kernel_size, stride=factor, dilation=1,
@@ -212,6 +237,12 @@ class DJIF(nn.Module):
     def __init__(self, factor: int, channels: int = 1, guide_channels: int = 3, fs: Sequence[int] = (9, 1, 5),
                  ns_tg: Sequence[int] = (96, 48, 1), ns_f: Sequence[int] = (64, 32)):
         super().__init__()
+        _check_int('factor', factor)
+        _check_int('channels', channels)
+        _check_int('guide_channels', guide_channels)
+        for name, sizes in (('fs', fs), ('ns_tg', ns_tg), ('ns_f', ns_f)):
+            for value in sizes:
+                _check_int(name, value)
         _check_odd('fs', fs)
         if len(fs) != 3 or len(ns_tg) != 3 or len(ns_f) != 2:
             raise ValueError(f'DJIF needs 3 filter sizes, 3 ns_tg and 2 ns_f, got fs={fs}, ns_tg={ns_tg}, ns_f={ns_f}')
@@ -246,11 +277,11 @@ class DJIFWide(DJIF):
 # ---------------------------------------------------------------------------------------------- PAC models
 def _expand_filters(name: str, filters: IntOrSeq, length: int) -> tuple[int, ...]:
     """An int becomes ``length`` copies; a sequence must have exactly ``length`` entries."""
-    if isinstance(filters, int):
-        return (filters,) * length
-    filters = tuple(filters)
+    filters = (filters,) * length if isinstance(filters, int) else tuple(filters)
     if len(filters) != length:
         raise ValueError(f'{name} must have {length} entries, got {len(filters)}: {filters}')
+    for value in filters:
+        _check_int(name, value)
     return filters
 
 
@@ -298,11 +329,12 @@ class PacJointUpsample(nn.Module):
                  n_f_filters: IntOrSeq = 32, k_ch: int = 16, f_sz_1: int = 5, f_sz_2: int = 5, t_bn: bool = False,
                  g_bn: bool = False, u_bn: bool = False, f_bn: bool = False):
         super().__init__()
-        if not isinstance(factor, int) or factor < 2 or factor & (factor - 1):
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2 or factor & (factor - 1):
             raise ValueError(f'factor needs to be a power of 2 (>= 2), got {factor!r}')
-        for name, value in (('n_t_layers', n_t_layers), ('n_g_layers', n_g_layers), ('n_f_layers', n_f_layers)):
-            if value < 1:
-                raise ValueError(f'{name} must be >= 1, got {value}')
+        for name, value in (('n_t_layers', n_t_layers), ('n_g_layers', n_g_layers), ('n_f_layers', n_f_layers),
+                            ('channels', channels), ('guide_channels', guide_channels), ('k_ch', k_ch),
+                            ('f_sz_1', f_sz_1), ('f_sz_2', f_sz_2)):
+            _check_int(name, value)
         _check_odd('f_sz_1', (f_sz_1,))
         self.factor, self.channels, self.guide_channels, self.k_ch = factor, channels, guide_channels, k_ch
         self.num_ups = int(math.log2(factor))
@@ -403,8 +435,7 @@ def init_color_guide_(net: PacJointUpsample, scale: float) -> PacJointUpsample:
     """
     if not isinstance(net, PacJointUpsample):
         raise TypeError(f'net must be a PacJointUpsample, got {type(net).__name__}')
-    if not scale > 0:
-        raise ValueError(f'scale must be positive, got {scale!r}')
+    _check_scale('scale', scale)
     if any(isinstance(m, nn.BatchNorm2d) for m in net.branch_g):
         raise ValueError('init_color_guide_ needs a guide branch without batch norm (g_bn=False)')
     convs = [m for m in net.branch_g if isinstance(m, nn.Conv2d)]

@@ -126,9 +126,13 @@ class Synthetic(Dataset):
         num_samples = _DEFAULT_NUM_SAMPLES[split] if num_samples is None else num_samples
         if not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f'num_samples must be a positive int, got {num_samples!r}')
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if len(size) != 2 or min(size) < 8:
-            raise ValueError(f'size must be an int or (height, width) of at least 8 pixels, got {size}')
+        size = (size, size) if isinstance(size, int) else size
+        if not isinstance(size, (tuple, list)) or len(size) != 2 or \
+                not all(isinstance(s, int) and not isinstance(s, bool) and s >= 8 for s in size):
+            raise ValueError(f'size must be an int or (height, width) of at least 8 pixels, got {size!r}')
+        size = tuple(size)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f'seed must be an int >= 0, got {seed!r}')
         self.split, self.num_samples, self.size, self.seed = split, num_samples, size, seed
         self.transform = transform
 

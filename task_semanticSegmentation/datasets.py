@@ -17,6 +17,7 @@ Command line (download / prepare without training)::
 import argparse
 import hashlib
 import json
+import math
 import numbers
 import random
 import re
@@ -147,11 +148,21 @@ def fetch_voc11_lists(dest_dir: Union[str, Path], voc2011_tar: Optional[str] = N
     contents: Dict[str, bytes] = {}
     if from_tar:
         source = manifest['sources']['voc2011_tar']
-        if voc2011_tar and Path(voc2011_tar).is_file():  # a local copy is read in place
+        downloaded = not (voc2011_tar and Path(voc2011_tar).is_file())
+        if downloaded:  # no published checksum: download_url checks its length and that it is a whole tar
+            tar_path = download_url(voc2011_tar or source['url'], download_root or dest_dir, progress=progress,
+                                    file_format='tar')
+        else:  # a local copy is read in place
             tar_path = Path(voc2011_tar)
-        else:
-            tar_path = download_url(voc2011_tar or source['url'], download_root or dest_dir, progress=progress)
         contents.update(_read_tar_members(tar_path, {source['member_dir'] + n: n for n in from_tar}))
+        bad = [n for n in from_tar if n not in contents or _md5(contents[n]) != files[n]['md5']]
+        if bad:
+            if downloaded:  # a damaged or wrong download: do not reuse it next time
+                tar_path.unlink()
+            raise ValueError(f'{tar_path} is not the VOC2011 trainval tar: {", ".join(bad)} '
+                             f'{"is" if len(bad) == 1 else "are"} missing from it or differ'
+                             f'{" (the downloaded file was deleted; run again to download it again)" if downloaded else ""}. '
+                             + _voc11_help(dest_dir))
     if 'seg11valid.txt' in missing:
         url = seg11valid_url or manifest['sources']['seg11valid']['url']
         # Downloaded under a temporary name so that a wrong file never sits at the final path.
@@ -413,10 +424,11 @@ class DeepLabInputs(_SeededTransform):
                  aug_scale: Optional[Tuple[float, float]] = None,
                  aug_color: Optional[Tuple[float, float, float, float]] = None):
         super().__init__(seed)
-        if aug_scale is not None and not (len(aug_scale) == 2 and 0 < aug_scale[0] <= aug_scale[1]):
-            raise ValueError(f'aug_scale must be (low, high) with 0 < low <= high, got {aug_scale!r}')
-        if aug_color is not None and len(aug_color) != 4:
-            raise ValueError(f'aug_color must be (brightness, contrast, saturation, hue), got {aug_color!r}')
+        if aug_scale is not None and not (len(aug_scale) == 2 and 0 < aug_scale[0] <= aug_scale[1] < math.inf):
+            raise ValueError(f'aug_scale must be (low, high) with 0 < low <= high, finite, got {aug_scale!r}')
+        if aug_color is not None and (len(aug_color) != 4 or not all(math.isfinite(a) and a >= 0 for a in aug_color)):
+            raise ValueError(f'aug_color must be (brightness, contrast, saturation, hue), finite and >= 0, '
+                             f'got {aug_color!r}')
         self.size = _crop_size(size)
         self.use_bgr = use_bgr
         self.pad_label = pad_label

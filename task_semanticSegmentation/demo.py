@@ -14,6 +14,7 @@ Usage::
     python -m task_semanticSegmentation.demo --exp-root exp/synthetic_demo
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -22,6 +23,8 @@ import numpy as np
 from PIL import Image
 
 from tools.runtime import atomic_savefig, format_table, read_csv_log
+from tools.cli import run_cli
+
 from . import main as seg_main
 from .palette import colorize
 from .synthetic import Synthetic
@@ -103,10 +106,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--crf-images-per-epoch', type=int, default=48)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--debug', action='store_true', help='show the traceback of an error')
     args = parser.parse_args(argv)
     run_demo(args.exp_root, args.backbone_epochs, args.crf_epochs, args.crf, args.crf_images_per_epoch,
              args.seed, args.threads)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_cli(main, 'task_semanticSegmentation.demo'))

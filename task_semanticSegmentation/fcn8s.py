@@ -114,6 +114,8 @@ class FCN8s(nn.Module):
 
     def __init__(self, n_class: int = 21):
         super().__init__()
+        if isinstance(n_class, bool) or not isinstance(n_class, int) or n_class < 1:
+            raise ValueError(f'n_class must be a positive int, got {n_class!r}')
         self.n_class = n_class
         for stage in VGG16_STAGES:
             for name, cin, cout in stage:

@@ -14,7 +14,9 @@ Outputs in ``--exp-root``: ``train.log`` / ``test.log`` (CSV), ``weights_epoch_<
 ``outputs_<split>_<eval>/<id>.png|.npy``.
 """
 import argparse
+import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +28,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
-from tools.runtime import CsvLog, atomic_open, atomic_save, find_snapshots, resolve_device, seed_everything
+from tools.cli import DEBUG_ENV, ArgumentParser, run_cli
+from tools.runtime import (CheckpointError, CsvLog, atomic_open, find_snapshots, load_checkpoint_state,
+                           remove_stale_temp_files, resolve_device, save_checkpoint, seed_everything)
 from weights import load_into, load_state_dict
 from .datasets import DeepLabEvalInputs, DeepLabInputs, PascalVOC, decode_id
 from .metrics import MEASURES, ConfusionMeter, make_loss, seg_measures
@@ -49,8 +53,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Semantic segmentation', formatter_class=_HelpFormatter,
-                                epilog=GRAMMAR)
+    p = ArgumentParser(prog='python -m task_semanticSegmentation.main', description='Semantic segmentation',
+                       formatter_class=_HelpFormatter, epilog=GRAMMAR)
     p.add_argument('--data-root', type=str, default='data',
                    help="VOC root is <data-root>/VOCdevkit, SBD root <data-root>/benchmark_RELEASE; "
                         "or give 'voc_root,sbd_root'")
@@ -87,11 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--weight-decay', type=float, default=0.0)
     p.add_argument('--momentum', type=float, default=0.5, help='SGD momentum')
     p.add_argument('--seed', type=int, default=-1, help='-1: a random seed (printed)')
-    p.add_argument('--overwrite', action='store_true', help='ignore existing snapshots and logs')
+    p.add_argument('--overwrite', action='store_true', help='train afresh: ignore existing snapshots, restart the logs (refused when '
+                        '--load-weights names a snapshot of --exp-root; a test-only run ignores it)')
     p.add_argument('--print-interval', type=int, default=10, help='batches between progress messages')
     p.add_argument('--log-interval', type=int, default=10, help='batches between train.log rows')
     p.add_argument('--test-interval', type=int, default=1, help='epochs between tests')
     p.add_argument('--snapshot-interval', type=int, default=1, help='epochs between snapshots')
+    p.add_argument('--non-strict', action='store_true',
+                   help='--load-weights(-backbone): load the tensors that fit and list the rest '
+                        '(default: any mismatch is an error)')
+    p.add_argument('--debug', action='store_true',
+                   help=f'show the traceback of an error (or set {DEBUG_ENV}=1); without it an error is a short message')
     return p
 
 
@@ -112,8 +122,23 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--train-aug-scale must be in [0, 1), got {args.train_aug_scale}')
     if args.seed < -1 or args.seed >= 2 ** 32:
         raise ValueError(f'--seed must be -1 (random) or in [0, 2**32), got {args.seed}')
+    for flag in ('snapshot_interval',):
+        if getattr(args, flag) < 0:
+            raise ValueError(f'--{flag.replace("_", "-")} must be >= 0, got {getattr(args, flag)}')
+    for flag, strict in (('lr', True), ('weight_decay', False), ('momentum', False)):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            raise ValueError(f'--{flag.replace("_", "-")} must be a finite number {">" if strict else ">="} 0, '
+                             f'got {value}')
+    if any(step < 1 for step in args.lr_steps or ()):
+        raise ValueError(f'--lr-steps must be epochs >= 1, got {args.lr_steps}')
+    if args.gpu is not None and args.gpu < 0:
+        raise ValueError(f'--gpu must be a GPU index >= 0, got {args.gpu}')
     make_loss(args.loss)  # validates --loss
-    parse_model_name(args.model)  # validates --model, showing the grammar
+    spec = parse_model_name(args.model)  # validates --model, showing the grammar
+    if args.load_weights_backbone and spec.crf is None:
+        raise ValueError(f'--load-weights-backbone is for models with a CRF; {args.model!r} has none '
+                         '(use --load-weights)')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,34 +178,54 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, device: t
 # --------------------------------------------------------------------------------------------------
 # Weights, snapshots
 # --------------------------------------------------------------------------------------------------
-def load_weights(module: nn.Module, spec: str, what: str, strict: bool = True) -> None:
-    """Load ``spec`` (path, URL or registry name) into ``module``: strict first, then non-strict.
+def load_weights(module: nn.Module, spec: str, what: str, strict: bool = True,
+                 fill_backbone: bool = False) -> None:
+    """Load ``spec`` (path, URL or registry name) into ``module``, strictly unless ``strict=False``.
 
-    Missing and unexpected keys are always reported (never silently skipped). A module with
-    ``adapt_state_dict`` (e.g. a loose CRF loading a non-loose one) converts the dict first.
+    A mismatch is a ValueError naming the file and listing the keys; ``strict=False`` (--non-strict) loads what
+    fits and lists the rest (nothing fitting is still an error). A module with ``adapt_state_dict`` (e.g. a
+    loose CRF loading a non-loose one) converts the dict first. ``fill_backbone``: the backbone was loaded from
+    --load-weights-backbone, so a file without ``backbone.*`` keys (a frozen-backbone snapshot) takes them from
+    the module as it is.
     """
     state_dict = load_state_dict(spec)
     adapt = getattr(module, 'adapt_state_dict', None)
     if adapt is not None:
         state_dict = adapt(state_dict)
-    if strict:
-        try:
-            load_into(module, state_dict, strict=True, verbose=False)
-            print(f'{what}: loaded {spec} ({len(state_dict)} tensors, strict)')
-            return
-        except ValueError:
-            print(f'Warning: strict weight loading fails! ({what} from {spec}); loading non-strictly')
-    print(f'{what}: loading {spec} non-strictly')
-    load_into(module, state_dict, strict=False, verbose=True)
+    if fill_backbone and not any(k.startswith('backbone.') for k in state_dict):
+        state_dict = {**{k: v for k, v in module.state_dict().items() if k.startswith('backbone.')}, **state_dict}
+        print(f'{what}: {spec} has no backbone.* keys: the backbone stays as --load-weights-backbone loaded it')
+    try:
+        load_into(module, state_dict, strict=strict, verbose=not strict)
+    except ValueError as err:
+        hint = ''
+        if any(k.startswith('backbone.') for k in module.state_dict()) and \
+                not any(k.startswith('backbone.') for k in state_dict):
+            hint = (' (it holds no backbone.* keys: a snapshot of a frozen backbone needs the backbone it was '
+                    'trained on, via --load-weights-backbone)')
+        raise ValueError(f'{what} {spec}{hint}: {err}') from None
+    print(f'{what}: loaded {spec} ({len(state_dict)} tensors, {"strict" if strict else "non-strict"})')
 
 
 def save_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, exp_root: Path, epoch: int,
                   optimizer_name: str, frozen_backbone: bool) -> None:
-    """Write weights_epoch_<e>.pth (without backbone.* for a frozen backbone) and <opt>_epoch_<e>.pth."""
+    """Write <opt>_epoch_<e>.pth (the optimizer state) and then weights_epoch_<e>.pth (without backbone.* for a
+    frozen backbone): the weights file commits the snapshot (tools.runtime.save_checkpoint)."""
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()
              if not (frozen_backbone and k.startswith('backbone'))}
-    atomic_save(state, exp_root / f'weights_epoch_{epoch}.pth')
-    atomic_save(optimizer.state_dict(), exp_root / f'{optimizer_name.lower()}_epoch_{epoch}.pth')
+    save_checkpoint(state, {'epoch': epoch, 'optimizer': optimizer.state_dict()},
+                    exp_root / f'weights_epoch_{epoch}.pth', exp_root / f'{optimizer_name.lower()}_epoch_{epoch}.pth')
+
+
+def load_optimizer_state(exp_root: Path, epoch: int, optimizer_name: str, device: torch.device) -> dict:
+    """The optimizer state saved with snapshot ``epoch`` (a 2019-style file holds the optimizer state itself)."""
+    path = exp_root / f'{optimizer_name.lower()}_epoch_{epoch}.pth'
+    try:
+        state = load_checkpoint_state(exp_root / f'weights_epoch_{epoch}.pth', path, map_location=device)
+    except CheckpointError as err:
+        raise ValueError(f'cannot resume: {err} (was it trained with another --optimizer?). Test it with --epochs '
+                         f'{epoch}, or start afresh with --overwrite') from None
+    return state['optimizer'] if 'optimizer' in state else state
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -305,33 +350,63 @@ def resolve_run_device(args: argparse.Namespace) -> torch.device:
 
 def find_resume_epoch(args: argparse.Namespace, exp_root: Path) -> int:
     """The snapshot epoch to resume from (0: none). Test-only runs (--epochs 0) never resume
-    when --load-weights is given; otherwise they test the latest snapshot."""
-    snapshots = {} if args.overwrite else find_snapshots(exp_root)
+    when --load-weights is given; otherwise they test the latest snapshot. A training run in a folder with
+    snapshots beyond --epochs (and none at --epochs) is an error: it would truncate their logs."""
+    # --overwrite starts training afresh; a test-only run deletes nothing, so it still sees the snapshots
+    snapshots = {} if args.overwrite and args.epochs > 0 else find_snapshots(exp_root)
     if not snapshots:
         return 0
     if args.epochs == 0:
         return 0 if args.load_weights else max(snapshots)
+    later = [e for e in snapshots if e > args.epochs]
+    if later and args.epochs not in snapshots:
+        raise ValueError(f'--epochs {args.epochs}: {exp_root} holds snapshots of later epochs '
+                         f'({", ".join(map(str, later))}) and none of epoch {args.epochs}; continuing would truncate '
+                         f'their logs. Test one with --epochs 0 (the latest) or --epochs {max(later)}, or start afresh '
+                         'with --overwrite')
     usable = [e for e in snapshots if e <= args.epochs]
     return max(usable) if usable else 0
 
 
+def check_overwrite_keeps_weights(args: argparse.Namespace, exp_root: Path) -> None:
+    """--overwrite rewrites the snapshots in --exp-root: refuse when --load-weights names one of them."""
+    if not (args.overwrite and args.epochs > 0 and args.load_weights and os.path.isfile(args.load_weights)):
+        return
+    owned = [p for p in exp_root.glob('*_epoch_*.pth') if p.is_file()] if exp_root.is_dir() else []
+    if any(os.path.samefile(args.load_weights, path) for path in owned):
+        raise ValueError(f'--overwrite would replace {args.load_weights}, the file --load-weights names; copy it '
+                         f'out of {exp_root} first (or use another --exp-root)')
+
+
+def check_weights_intended(args: argparse.Namespace, spec, last_epoch: int) -> None:
+    """A model never runs with weights nobody asked for: a frozen backbone must come from a file."""
+    if spec.frozen and not args.load_weights_backbone and not (args.load_weights and last_epoch == 0):
+        raise ValueError(f'{args.model!r} has a frozen backbone, but no --load-weights-backbone: it would '
+                         'test or train a CRF on a random backbone (snapshots of frozen backbones omit it)')
+
+
 def prepare_model(args: argparse.Namespace, spec, exp_root: Path, device: torch.device) -> Tuple[nn.Module, int]:
     """Build the model, load backbone / model weights or the snapshot to resume; (model, last_epoch)."""
-    model = create_model(args.model, NUM_CLASSES)
-    if args.load_weights_backbone:
-        if spec.crf is None:
-            print('Warning: --load-weights-backbone is only used for models with a CRF; use --load-weights')
-        else:
-            load_weights(model.backbone, args.load_weights_backbone, 'backbone')
+    check_overwrite_keeps_weights(args, exp_root)
     last_epoch = find_resume_epoch(args, exp_root)
+    check_weights_intended(args, spec, last_epoch)
+    if 0 < last_epoch < args.epochs:
+        load_optimizer_state(exp_root, last_epoch, args.optimizer, torch.device('cpu'))  # fail before any work
+    model = create_model(args.model, NUM_CLASSES)
+    strict = not args.non_strict
+    if args.load_weights_backbone:
+        load_weights(model.backbone, args.load_weights_backbone, 'backbone', strict=strict)
+    fill = bool(args.load_weights_backbone)
     if last_epoch > 0:
         if args.load_weights:
             print(f'Warning: resuming from {exp_root}/weights_epoch_{last_epoch}.pth; --load-weights is ignored')
-        # snapshots of a frozen backbone hold no backbone.* keys: they come from --load-weights-backbone
         load_weights(model, str(exp_root / f'weights_epoch_{last_epoch}.pth'), f'snapshot {last_epoch}',
-                     strict=not spec.frozen)
+                     fill_backbone=fill)
     elif args.load_weights:
-        load_weights(model, args.load_weights, 'model')
+        load_weights(model, args.load_weights, 'model', strict=strict, fill_backbone=fill)
+    elif args.epochs == 0:
+        raise ValueError(f'nothing to test: no snapshot in {exp_root} and no --load-weights (train with --epochs N, '
+                         'or pass --load-weights)')
     model.to(device)
     if device.type == 'cuda' and args.gpu is None and torch.cuda.device_count() > 1:
         model = nn.DataParallel(model)
@@ -353,15 +428,16 @@ def predict(args: argparse.Namespace, model: nn.Module, test_split: str, seed: i
 def train(args: argparse.Namespace, model: nn.Module, spec, last_epoch: int, train_split: str,
           test_loader: DataLoader, seed: int, exp_root: Path, device: torch.device) -> Dict[str, float]:
     """Epochs last_epoch + 1 .. args.epochs with logs, tests and snapshots; returns the last test."""
+    for stale in remove_stale_temp_files(exp_root):  # a training run owns its folder (a test-only run may not)
+        print(f'removed {stale}, left by an interrupted write')
     loss_fn = make_loss(args.loss)
     test_model = _unwrap(model) if args.test_batch_size == 1 else model
     optimizer = make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps or [], gamma=0.1)
     advance_scheduler(scheduler, last_epoch)
-    optimizer_state = exp_root / f'{args.optimizer.lower()}_epoch_{last_epoch}.pth'
-    if last_epoch > 0 and optimizer_state.is_file():
-        optimizer.load_state_dict(torch.load(optimizer_state, map_location=device, weights_only=True))
-        print(f'optimizer state loaded from {optimizer_state}')
+    if last_epoch > 0:
+        optimizer.load_state_dict(load_optimizer_state(exp_root, last_epoch, args.optimizer, device))
+        print(f'optimizer state loaded from {exp_root / f"{args.optimizer.lower()}_epoch_{last_epoch}.pth"}')
     resume = last_epoch if last_epoch > 0 else None
     aug_scale = (1 - args.train_aug_scale, 1 + args.train_aug_scale) if args.train_aug_scale > 0 else None
     train_transform = DeepLabInputs(args.train_crop, pad_label=True, seed=seed, aug_flip=True, aug_scale=aug_scale,
@@ -430,4 +506,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_cli(main, 'task_semanticSegmentation.main'))

@@ -78,6 +78,8 @@ class ConfusionMeter:
     """Accumulates confusion matrices over batches; ``measures()`` gives the dataset-level values."""
 
     def __init__(self, num_classes: int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f'num_classes must be a positive int, got {num_classes!r}')
         self.num_classes = num_classes
         self.total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 

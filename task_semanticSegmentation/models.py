@@ -37,6 +37,17 @@ examples: fcn8s, fcn8s_crfi5p4d5641p4d5161, fcn8sfrozen_crfi5lp4d5641p4d5161, fc
 EDGE_FEATURE_SCALE = 30.0  # initial scale of the (mean-subtracted, 0-255) BGR edge features
 
 
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
+
+
+def _check_backbone(backbone) -> None:
+    if not isinstance(backbone, nn.Module) or not isinstance(getattr(backbone, 'num_classes', None), int):
+        raise TypeError(f'backbone must be an nn.Module with an int num_classes attribute, got '
+                        f'{type(backbone).__name__}')
+
+
 def _check_out_crop(out_crop: Optional[Sequence[int]], size: Sequence[int]) -> None:
     if out_crop is None:
         return
@@ -82,6 +93,7 @@ class FCN8s(_SegmentationBackbone, fcn8s.FCN8s):
     """
 
     def __init__(self, num_classes: int = 21):
+        _check_positive_int('num_classes', num_classes)
         super().__init__(num_classes)
         self.num_classes = num_classes
 
@@ -90,6 +102,7 @@ class FCN8sAltPad(_SegmentationBackbone, fcn8s.FCN8sAltPad):
     """:class:`fcn8s.FCN8sAltPad` with ``forward(x, out_crop=None)``; H, W multiples of 32."""
 
     def __init__(self, num_classes: int = 21):
+        _check_positive_int('num_classes', num_classes)
         super().__init__(num_classes)
         self.num_classes = num_classes
 
@@ -98,6 +111,7 @@ class FCN8sPac(_SegmentationBackbone, fcn8s.FCN8sPac):
     """:class:`fcn8s.FCN8sPac` (PacFCN) with ``forward(x, out_crop=None)``; H, W multiples of 32."""
 
     def __init__(self, num_classes: int = 21):
+        _check_positive_int('num_classes', num_classes)
         super().__init__(num_classes)
         self.num_classes = num_classes
 
@@ -120,6 +134,8 @@ class TinyFCN(nn.Module):
 
     def __init__(self, num_classes: int = 21, width: int = 16):
         super().__init__()
+        _check_positive_int('num_classes', num_classes)
+        _check_positive_int('width', width)
         self.num_classes = num_classes
 
         def block(cin: int, cout: int, **conv_args) -> List[nn.Module]:
@@ -264,6 +280,8 @@ class ModelWithCrf(nn.Module):
                  loose: bool = False, use_yx: bool = False, shared_scales: bool = True,
                  adaptive_init: bool = True):
         super().__init__()
+        _check_backbone(backbone)
+        _check_positive_int('num_steps', num_steps)
         if isinstance(pairwise, str):
             pairwise = [token for token in pairwise.split('p') if token]
         specs = [p if isinstance(p, PairwiseSpec) else PairwiseSpec.parse(p) for p in pairwise]
@@ -344,6 +362,7 @@ class ModelWithConvCrf(nn.Module):
     def __init__(self, backbone: nn.Module, compat: str = 'potts', kernel_size: int = 11, blur: int = 4,
                  dilation: int = 1):
         super().__init__()
+        _check_backbone(backbone)
         self.backbone = backbone
         kernel = dict(kernel_size=kernel_size, dilation=dilation, blur=blur, compat_type=compat,
                       spatial_filter=False)

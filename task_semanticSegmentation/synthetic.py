@@ -111,8 +111,11 @@ class Synthetic(Dataset):
         if base not in SPLIT_SIZES:
             raise ValueError(f'Synthetic split must be one of {tuple(SPLIT_SIZES)} (optionally with a '
                              f'_rand<N> suffix), got {split!r}')
-        if not (len(size_range) == 2 and 8 <= size_range[0] <= size_range[1]):
-            raise ValueError(f'size_range must be (min, max) with 8 <= min <= max, got {size_range!r}')
+        if not (len(size_range) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in size_range)
+                and 8 <= size_range[0] <= size_range[1]):
+            raise ValueError(f'size_range must be (min, max) ints with 8 <= min <= max, got {size_range!r}')
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f'seed must be an int >= 0, got {seed!r}')
         self.split, self.transform, self.seed, self.size_range = split, transform, seed, tuple(size_range)
         indices = list(range(SPLIT_SIZES[base]))
         if count is not None:

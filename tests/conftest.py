@@ -42,6 +42,8 @@ class LocalHttpServer:
         self._cut: dict[str, int] = {}
         self._no_range: set[str] = set()
         self._status: dict[str, int] = {}
+        self._no_length: set[str] = set()
+        self._content_type: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._make_handler())
         self._server.daemon_threads = True
@@ -65,6 +67,14 @@ class LocalHttpServer:
     def ignore_range(self, name: str) -> None:
         """Answer every request for ``name`` with 200 and the whole file, ignoring Range."""
         self._no_range.add(name)
+
+    def omit_length(self, name: str) -> None:
+        """Send ``name`` without a Content-Length header (the body ends when the connection closes)."""
+        self._no_length.add(name)
+
+    def content_type(self, name: str, value: str) -> None:
+        """Announce ``name`` with this Content-Type (default application/octet-stream)."""
+        self._content_type[name] = value
 
     def respond_with(self, name: str, status: int) -> None:
         """Answer every request for ``name`` with the given HTTP error status."""
@@ -115,8 +125,12 @@ class LocalHttpServer:
                 else:
                     self.send_response(HTTPStatus.OK)
                 body = data[start:end + 1]
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Content-Type", "application/octet-stream")
+                if name in server._no_length:
+                    cut = len(body) if cut is None else cut
+                else:
+                    self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type",
+                                 server._content_type.get(name, "application/octet-stream"))
                 if cut is not None:
                     self.send_header("Connection", "close")
                     self.close_connection = True

@@ -67,7 +67,7 @@ def test_test_only_runs_in_a_folder_with_snapshots(trained, capsys):
     assert result['epoch'] == 2 and result['rmse'] == pytest.approx(straight['rmse'], rel=1e-6)
     assert 'rmse (cm)' in capsys.readouterr().out
     assert (exp / 'test.log').read_text() == before  # a test-only run leaves the training logs alone
-    names = sorted(p.name for p in (exp / 'images').iterdir())
+    names = sorted(p.name for p in (exp / 'images_test').iterdir())  # next to, not over, training's images
     assert names == ['0000_gt.png', '0000_guide.png', '0000_input.png', '0000_pred.png']
 
 
@@ -119,8 +119,10 @@ def test_bad_flags_are_rejected(capsys):
                  ['--measures', 'epe'], ['--epochs', '-1'], ['--color-guide-init', '-1']):
         with pytest.raises(SystemExit):
             joint_main.parse_args(argv)
-    with pytest.raises(ValueError, match='unknown'):
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # checked before any work
         joint_main.main(TINY + ['--model', 'Transformer'])
+    assert "model 'Transformer' is unknown" in capsys.readouterr().err
 
 
 def test_demo_preset_keeps_explicit_flags():
@@ -166,7 +168,7 @@ def test_sintel_flow_evaluation_with_resized_guide(http_server, monkeypatch, tmp
                               str(tmp_path / 'exp'), '--save-images', '1', '--test-batch-size', '7'])
     # every flow field is constant (u = pair index, v = -1), so bilinear upsampling is exact
     assert result['epe'] == pytest.approx(0.0, abs=1e-4)
-    assert (tmp_path / 'exp' / 'images' / '0000_pred.png').is_file()
+    assert (tmp_path / 'exp' / 'images_test' / '0000_pred.png').is_file()
 
 
 @pytest.mark.slow  # the README's demo as it runs (about 3 minutes)

@@ -284,7 +284,7 @@ def test_bad_arguments_raise_clear_errors():
         th_epe(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))
     with pytest.raises(TypeError, match='PacJointUpsample, got DJIF'):
         init_color_guide_(DJIF(4), 10.0)
-    with pytest.raises(ValueError, match='scale must be positive'):
+    with pytest.raises(ValueError, match='scale must be a finite number > 0'):
         init_color_guide_(PacJointUpsample(4), 0.0)
     with pytest.raises(ValueError, match='batch norm'):
         init_color_guide_(PacJointUpsample(4, g_bn=True), 10.0)

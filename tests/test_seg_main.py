@@ -88,10 +88,13 @@ def test_frozen_crf_stage_and_loose_stage_two(tmp_path, capsys):
     run(tmp_path, '--model', 'tinyfcn_crfi2lp4d311', '--load-weights-backbone', backbone,
         '--load-weights', tmp_path / 'stage1' / 'weights_epoch_1.pth', '--test-split', 'val_rand2', exp='stage2')
     out = capsys.readouterr().out
-    assert 'Warning: strict weight loading fails!' in out and 'missing keys' in out
+    assert 'has no backbone.* keys: the backbone stays as --load-weights-backbone loaded it' in out
+    assert 'non-strict' not in out  # the loose CRF takes the stage-1 CRF strictly (adapt_state_dict)
 
     model = create_model('tinyfcn_crfi2lp4d311', 21)
-    seg.load_weights(model, str(tmp_path / 'stage1' / 'weights_epoch_1.pth'), 'model')
+    with pytest.raises(ValueError, match='frozen backbone needs the backbone it was trained on'):
+        seg.load_weights(model, str(tmp_path / 'stage1' / 'weights_epoch_1.pth'), 'model')
+    seg.load_weights(model, str(tmp_path / 'stage1' / 'weights_epoch_1.pth'), 'model', fill_backbone=True)
     for step in model.crf.steps:
         torch.testing.assert_close(step.messengers[0].weight, snapshot['crf.messengers.0.weight'])
 

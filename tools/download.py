@@ -1,9 +1,12 @@
 """Checksum-verified, resumable, atomic downloads and safe archive extraction.
 
 ``download_url`` writes to ``<file>.part``, resumes an interrupted ``.part`` with an HTTP Range
-request, verifies md5/sha256 and only then renames the file into place, so a file that exists under
-its final name is always complete. ``extract_archive`` refuses archives with members that would
-land outside the target folder.
+request, verifies it and only then renames the file into place, so a file that exists under its
+final name is always complete. Verified means: the md5/sha256 when one is given; otherwise the
+announced length (Content-Length / Content-Range) and a format check (a torch file, tar, zip or
+.mat that opens, see :func:`check_format`). A cached file is checked the same way before it is
+used, and downloaded again when it fails. ``extract_archive`` refuses archives with members that
+would land outside the target folder.
 
 Example:
     >>> path = download_url("https://example.org/data.tgz", "data", md5="0123...")
@@ -12,12 +15,14 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import re
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Optional, Union
@@ -29,9 +34,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "ChecksumError",
+    "FormatError",
     "DownloadError",
     "file_digest",
     "check_integrity",
+    "check_format",
+    "file_format_of",
     "download_url",
     "extract_archive",
     "download_and_extract",
@@ -53,6 +61,10 @@ class ChecksumError(ValueError):
 
 class DownloadError(OSError):
     """The server answered with an error status or the transfer broke off."""
+
+
+class FormatError(ValueError):
+    """A file without a known checksum is not a complete file of its format."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,6 +104,109 @@ def check_integrity(path: PathLike, md5: Optional[str] = None,
 
 
 # --------------------------------------------------------------------------------------------------
+# Format checks (for files without a published checksum)
+# --------------------------------------------------------------------------------------------------
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt")
+
+
+def file_format_of(filename: str) -> Optional[str]:
+    """The format a file name announces: 'torch', 'tar', 'zip', 'mat' or None (unknown)."""
+    name = filename.lower()
+    if name.endswith(_TORCH_SUFFIXES):
+        return "torch"
+    if name.endswith(_TAR_SUFFIXES):
+        return "tar"
+    if name.endswith(".zip"):
+        return "zip"
+    if name.endswith(".mat"):
+        return "mat"
+    return None
+
+
+def _check_torch(path: Path) -> None:
+    if zipfile.is_zipfile(path):  # torch >= 1.6 format: the central directory is at the very end
+        with zipfile.ZipFile(path) as zf:
+            if not any(n.endswith("data.pkl") for n in zf.namelist()):
+                raise FormatError("a zip archive without data.pkl, not a torch.save file")
+        return
+    import torch  # the legacy (pickle) format has no index: only a full load shows it is complete
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch raises many types on garbage)
+        text = str(err).strip().splitlines()
+        raise FormatError(f"torch.load fails ({type(err).__name__}"
+                          f"{': ' + text[0][:120] if text else ''})") from None
+
+
+def _check_tar(path: Path) -> None:
+    with open(path, "rb") as handle:
+        compressed = handle.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = tar.getmembers()
+            if compressed:  # a cut compressed stream raises EOFError once read to its end
+                while tar.fileobj.read(_CHUNK):
+                    pass
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
+        raise FormatError(f"not a complete tar archive ({err})") from None
+    if not members:
+        raise FormatError("an empty tar archive")
+    # tarfile stops silently at a missing header: check that every member's data is in the file
+    end = max(m.offset_data + m.size for m in members)
+    if not compressed and end > path.stat().st_size:
+        raise FormatError(f"truncated tar archive: its members need {end} bytes, the file has "
+                          f"{path.stat().st_size}")
+
+
+def _check_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise FormatError(f"not a complete zip archive ({err})") from None
+
+
+def _check_mat(path: Path) -> None:
+    with open(path, "rb") as handle:
+        header = handle.read(128)
+    if not header.startswith(b"MATLAB"):
+        raise FormatError("not a MATLAB .mat file (no 'MATLAB' header)")
+    if b"MATLAB 7.3" in header:  # an HDF5 file: HDF5 compares its stored end of file on open
+        import h5py
+
+        try:
+            h5py.File(path, "r").close()
+        except OSError as err:
+            raise FormatError(f"not a complete MATLAB 7.3 (HDF5) file ({err})") from None
+
+
+_CHECKS = {"torch": _check_torch, "tar": _check_tar, "zip": _check_zip, "mat": _check_mat}
+
+
+def check_format(path: PathLike, kind: Optional[str] = None) -> None:
+    """Raise :class:`FormatError` unless ``path`` is a complete, readable file of its format.
+
+    Args:
+        path: the file.
+        kind: 'torch' (a ``torch.save`` file: zip index present, or a legacy pickle that
+            ``torch.load(weights_only=True)`` reads), 'tar' (every member's data is present,
+            compressed streams end properly), 'zip' (the central directory opens), 'mat' (a MATLAB
+            header; HDF5-based 7.3 files open); None: from the file name (unknown suffixes pass).
+    """
+    path = Path(path)
+    kind = kind or file_format_of(path.name)
+    if kind is None:
+        return
+    if kind not in _CHECKS:
+        raise ValueError(f"kind: unknown file format {kind!r}, expected one of {sorted(_CHECKS)}")
+    if path.stat().st_size == 0:
+        raise FormatError("an empty file (0 bytes)")
+    _CHECKS[kind](path)
+
+
+# --------------------------------------------------------------------------------------------------
 # Downloads
 # --------------------------------------------------------------------------------------------------
 def _local_source(url: str) -> Optional[Path]:
@@ -125,8 +240,10 @@ def _copy_local(source: Path, part: Path, progress: bool) -> None:
         _copy_stream(src, dst, bar)
 
 
-def _fetch_http(url: str, part: Path, progress: bool, timeout: float) -> None:
-    """Download ``url`` into ``part``, resuming from its current size when the server allows it."""
+def _fetch_http(url: str, part: Path, progress: bool, timeout: float) -> Optional[int]:
+    """Download ``url`` into ``part``, resuming from its current size when the server allows it.
+
+    Returns the file's full length as the server announced it (None when it did not)."""
     offset = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": _USER_AGENT}
     if offset:
@@ -137,7 +254,7 @@ def _fetch_http(url: str, part: Path, progress: bool, timeout: float) -> None:
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:  # nothing left after our offset
             if err.headers.get("Content-Range", "") == f"bytes */{offset}":
-                return None  # the .part is already complete (the checksum still decides)
+                return offset  # the .part is already complete (the checks still decide)
             part.unlink()  # the .part is longer than the file: it is not ours, start over
             return _fetch_http(url, part, progress, timeout)
         raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
@@ -146,6 +263,11 @@ def _fetch_http(url: str, part: Path, progress: bool, timeout: float) -> None:
         raise DownloadError(f"download of {url} failed: {reason}") from None
 
     with response:
+        content_type = response.headers.get("Content-Type", "")
+        if content_type.startswith("text/html") and not part.name.lower().endswith(
+                (".html.part", ".htm.part")):
+            raise DownloadError(f"download of {url} failed: the server sent an HTML page (an error "
+                                "or login page?) instead of the file")
         length = response.headers.get("Content-Length")
         remaining = int(length) if length is not None else None
         if response.status == 206:
@@ -169,17 +291,48 @@ def _fetch_http(url: str, part: Path, progress: bool, timeout: float) -> None:
     if remaining is not None and received < remaining:
         raise DownloadError(f"download of {url} broke off after {offset + received} of "
                             f"{total} bytes; the partial file {part} is kept, run again to resume")
+    if response.status == 206:
+        announced = match.group(3)
+        return int(announced) if announced != "*" else None
+    return total
+
+
+def _verify(path: Path, name: str, md5: Optional[str], sha256: Optional[str],
+            file_format: Optional[str], length: Optional[int] = None) -> None:
+    """Raise unless ``path`` (to become ``name``) is the expected file.
+
+    With a checksum the checksum decides (ChecksumError); without one, the announced length and
+    the format do (FormatError).
+    """
+    mismatch = _first_mismatch(path, md5, sha256)
+    if mismatch is not None:
+        raise ChecksumError(path, *mismatch)
+    if md5 or sha256:
+        return
+    size = path.stat().st_size
+    if length is not None and size != length:
+        raise FormatError(f"{size} bytes, the server announced {length}")
+    check_format(path, file_format or file_format_of(name))
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, ChecksumError):
+        return f"{err.algorithm} {err.got}, expected {err.expected}"
+    return str(err)
 
 
 def download_url(url: str, root: PathLike, filename: Optional[str] = None,
                  md5: Optional[str] = None, sha256: Optional[str] = None,
-                 progress: bool = True, timeout: float = 60.0) -> Path:
+                 progress: bool = True, timeout: float = 60.0,
+                 file_format: Optional[str] = None) -> Path:
     """Download ``url`` to ``root/filename``: verified, resumable and atomic.
 
-    An existing file that verifies is not downloaded again (without checksums, existing is
-    enough). Otherwise the data goes to ``<file>.part`` (resumed with an HTTP Range request when a
-    ``.part`` exists; a server that ignores Range gets a full download), is verified, and is then
-    renamed into place. ``file://`` URLs and plain local paths are copied the same way.
+    The data goes to ``<file>.part`` (resumed with an HTTP Range request when a ``.part`` exists;
+    a server that ignores Range gets a full download), is verified, and only then renamed into
+    place. Verified means: the md5/sha256 when given; otherwise the length the server announced
+    and :func:`check_format` (a torch file, tar, zip or .mat that opens completely). An existing
+    file is checked the same way (checksum, or format) and downloaded again, with a message naming
+    it, when it fails. ``file://`` URLs and plain local paths are copied the same way.
 
     Args:
         url: ``http(s)://`` or ``file://`` URL, or a local path.
@@ -188,12 +341,15 @@ def download_url(url: str, root: PathLike, filename: Optional[str] = None,
         md5, sha256: expected hex digests (either, both or none).
         progress: show a tqdm progress bar.
         timeout: socket timeout in seconds.
+        file_format: the format to check without a checksum ('torch', 'tar', 'zip', 'mat');
+            default: from the file name's suffix (an unknown suffix is checked by length only).
 
     Returns:
         The path of the verified file.
 
     Raises:
         ChecksumError: the digest differs (the ``.part`` file is deleted).
+        FormatError: no checksum, and the file is incomplete or not of its format (deleted).
         DownloadError: HTTP error status or broken transfer (the ``.part`` file is kept).
         FileNotFoundError: a local source does not exist.
     """
@@ -203,25 +359,37 @@ def download_url(url: str, root: PathLike, filename: Optional[str] = None,
             raise ValueError(f"filename: cannot derive a file name from url {url!r}; pass one")
     if PurePosixPath(filename).name != filename or filename in (".", ".."):
         raise ValueError(f"filename: expected a bare file name, got {filename!r}")
+    if file_format is not None and file_format not in _CHECKS:
+        raise ValueError(f"file_format: expected one of {sorted(_CHECKS)} or None, "
+                         f"got {file_format!r}")
     root = Path(root)
     target = root / filename
     if target.is_file():
-        if _first_mismatch(target, md5, sha256) is None:
+        try:
+            _verify(target, filename, md5, sha256, file_format)
             return target
-        print(f"{target} exists but fails its checksum: downloading it again")
+        except (ChecksumError, FormatError) as err:
+            print(f"{target} exists but is damaged ({_reason(err)}): downloading it again")
+            target.unlink()
     root.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
 
     source = _local_source(url)
     if source is not None:
         _copy_local(source, part, progress)
+        length = source.stat().st_size
     else:
-        _fetch_http(url, part, progress, timeout)
+        length = _fetch_http(url, part, progress, timeout)
 
-    mismatch = _first_mismatch(part, md5, sha256)
-    if mismatch is not None:
+    try:
+        _verify(part, filename, md5, sha256, file_format, length)
+    except ChecksumError as err:
         part.unlink()
-        raise ChecksumError(target, *mismatch)
+        raise ChecksumError(target, err.algorithm, err.expected, err.got) from None
+    except FormatError as err:
+        part.unlink()
+        raise FormatError(f"download of {url} is not a valid file ({err}); nothing was kept as "
+                          f"{target}, run again to retry") from None
     os.replace(part, target)
     return target
 

@@ -12,6 +12,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import io
 import math
 import os
 import random
@@ -31,6 +34,11 @@ __all__ = [
     "atomic_open",
     "atomic_save",
     "atomic_savefig",
+    "write_bytes_atomic",
+    "remove_stale_temp_files",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint_state",
     "find_snapshots",
     "CsvLog",
     "read_csv_log",
@@ -99,12 +107,25 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Atomic writes and snapshots
 # --------------------------------------------------------------------------------------------------
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):  # Linux: read it without changing it (thread-safe)
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
 
     Readers never see a half-written file: they see the old content or the new one. If the
-    ``with`` body raises, the temporary file is removed and ``path`` is left untouched.
+    ``with`` body raises, the temporary file is removed and ``path`` is left untouched. The file
+    gets the permissions of a plain ``open`` (0666 minus the umask), not mkstemp's 0600. A failed
+    write (full disk, read-only folder) raises OSError naming ``path``.
 
     Example:
         >>> with atomic_open("results.txt", "w") as f:
@@ -113,28 +134,120 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _write_error(path, err) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(err, OSError) and not isinstance(err, _WriteError):
+            raise _write_error(path, err) from None
         raise
+
+
+class _WriteError(OSError):
+    """An OSError whose message already names the file."""
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    reason = err.strerror or str(err)
+    hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+    return _WriteError(err.errno, f"cannot write {path}: {reason}{hint}")
+
+
+def remove_stale_temp_files(folder: PathLike) -> list[Path]:
+    """Delete the temporary files that an interrupted :func:`atomic_open` left in ``folder``.
+
+    Call it only where no other process writes at the same time (e.g. at the start of a run in
+    its own experiment folder). Returns the deleted paths.
+    """
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` that never leaves a truncated checkpoint behind (temp file + fsync + rename).
 
+    The object is serialised in memory first, so a full disk is a plain OSError naming ``path``.
+
     Example:
         >>> atomic_save(model.state_dict(), "exp/weights_epoch_10.pth")
     """
+    write_bytes_atomic(_serialize(obj), path)
+
+
+def _serialize(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_bytes_atomic(data: bytes, path: PathLike) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "wb") as handle:
-        torch.save(obj, handle)
+        handle.write(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: weights + training state as one unit
+# --------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A snapshot's weights have no matching training state (an interrupted or foreign write)."""
+
+
+def save_checkpoint(weights: Mapping[str, torch.Tensor], state: Mapping[str, Any],
+                    weights_path: PathLike, state_path: PathLike) -> None:
+    """Save a snapshot as one unit: the training state first, the weights file last.
+
+    The weights file (a plain state_dict, the released-weights format) is the commit marker: it
+    appears only after its state is on disk, and the state records the sha256 of the weights
+    bytes, so :func:`load_checkpoint_state` accepts only the state written with these weights.
+    A kill between the two writes leaves a state without weights, which no resume picks up.
+    """
+    data = _serialize(dict(weights))
+    state = {**state, "weights_sha256": hashlib.sha256(data).hexdigest()}
+    atomic_save(state, state_path)
+    write_bytes_atomic(data, weights_path)
+
+
+def load_checkpoint_state(weights_path: PathLike, state_path: PathLike,
+                          map_location: Any = "cpu") -> dict[str, Any]:
+    """The training state saved with ``weights_path`` by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: the state file is missing, unreadable, or was written with other weights.
+    """
+    weights_path, state_path = Path(weights_path), Path(state_path)
+    if not state_path.is_file():
+        raise CheckpointError(f"{weights_path} has no training state {state_path.name} beside it, "
+                              "so it cannot be resumed exactly")
+    try:
+        state = torch.load(state_path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 (a damaged file raises many types)
+        raise CheckpointError(f"{state_path} is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_path} is not a training state (a {type(state).__name__})")
+    recorded = state.get("weights_sha256")
+    if recorded is not None:
+        with open(weights_path, "rb") as handle:
+            actual = hashlib.sha256(handle.read()).hexdigest()
+        if actual != recorded:
+            raise CheckpointError(f"{state_path} was written with other weights than {weights_path} "
+                                  "(an interrupted or mixed snapshot)")
+    return state
 
 
 def atomic_savefig(figure: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
@@ -146,8 +259,9 @@ def atomic_savefig(figure: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
         >>> atomic_savefig(figure, "exp/curves.png", dpi=100)
     """
     path = Path(path)
-    with atomic_open(path, "wb") as handle:
-        figure.savefig(handle, format=path.suffix[1:].lower() or "png", **savefig_kwargs)
+    buffer = io.BytesIO()  # rendered in memory: a full disk is then a plain OSError naming the file
+    figure.savefig(buffer, format=path.suffix[1:].lower() or "png", **savefig_kwargs)
+    write_bytes_atomic(buffer.getvalue(), path)
     return path
 
 
@@ -216,6 +330,8 @@ class CsvLog:
         self.formats = self._check_formats(formats) if formats is not None else None
         header = ",".join(columns)
         kept: list[str] = []
+        if resume_epoch is not None and not math.isfinite(resume_epoch):
+            raise ValueError(f"resume_epoch must be a finite number or None, got {resume_epoch!r}")
         if resume_epoch is not None and self.path.is_file():
             kept = self._rows_to_keep(header, float(resume_epoch))
         with atomic_open(self.path, "w") as handle:
@@ -250,8 +366,11 @@ class CsvLog:
         if formats is None:
             formats = ["{:g}"] * len(self.columns)
         fields = ["" if _is_missing(v) else fmt.format(v) for v, fmt in zip(values, formats)]
-        self._handle.write(",".join(fields) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(",".join(fields) + "\n")
+            self._handle.flush()
+        except OSError as err:
+            raise _write_error(self.path, err) from None
 
     def close(self) -> None:
         if self._handle is not None:

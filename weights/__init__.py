@@ -2,7 +2,8 @@
 
 Every ``--load-weights`` style argument goes through :func:`resolve_weights`, which accepts a local
 file, an ``http(s)://`` or ``file://`` URL, or one of the registry names below (downloaded once
-into the cache and checksum-verified where a checksum is published).
+into the cache; md5-verified where a checksum is published, otherwise checked for its announced
+length and for being a complete file that ``torch.load`` reads).
 
 Environment:
     PACNET_WEIGHTS_URL: base URL of a mirror of the weights (default: the authors' server).
@@ -18,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, NamedTuple, Optional, Union
 from urllib.parse import unquote, urlsplit
 
 import torch
 
-from tools.download import download_url, file_digest
+from tools.download import download_url
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -129,16 +131,13 @@ def resolve_weights(spec: PathLike, cache_dir: Optional[PathLike] = None) -> Pat
     if scheme in ("http", "https", "file"):
         folder = cache / "urls" / hashlib.sha256(spec.encode()).hexdigest()[:16]
         name = PurePosixPath(unquote(urlsplit(spec).path)).name or "weights.pth"
-        return download_url(spec, folder, filename=name)
+        return download_url(spec, folder, filename=name, file_format="torch")
     if spec in REGISTRY:
         entry = REGISTRY[spec]
         relative = PurePosixPath(entry.path)
-        target = download_url(weights_url(spec), cache.joinpath(*relative.parent.parts),
-                              filename=relative.name, md5=entry.md5)
-        if entry.md5 is None:
-            print(f"{spec}: no published checksum; sha256 of {target} is "
-                  f"{file_digest(target, 'sha256')}")
-        return target
+        # without a published checksum, download_url checks the length and that torch can read it
+        return download_url(weights_url(spec), cache.joinpath(*relative.parent.parts),
+                            filename=relative.name, md5=entry.md5, file_format="torch")
     if _looks_like_path(spec):
         same_file = [n for n, e in REGISTRY.items()
                      if PurePosixPath(e.path).name == PurePosixPath(spec).name]
@@ -172,13 +171,27 @@ def load_state_dict(spec: PathLike,
     is refused. ``{"state_dict": ...}`` and ``{"model": ...}`` containers are unwrapped.
     """
     path = resolve_weights(spec, cache_dir)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: an empty file (0 bytes), not a weights file")
+    with open(path, "rb") as handle:
+        head = handle.read(1)
+    if not zipfile.is_zipfile(path) and head != b"\x80":  # torch.save writes a zip, or (before 1.6) a pickle
+        raise ValueError(f"{path}: not a readable PyTorch weights file (neither a torch zip nor a pickle; "
+                         f"it starts with {head!r})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"{path}: refused to load: it is not a plain weights file "
-                         f"(torch.load with weights_only=True failed: {first_line})") from err
+                         f"(torch.load with weights_only=True failed: {_first_line(err)})") from err
+    except Exception as err:  # noqa: BLE001 (a text or truncated file raises IndexError, EOFError, ...)
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(err).__name__}: "
+                         f"{_first_line(err)})") from err
     return _unwrap(obj, path)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no message"
 
 
 class _Mismatch(NamedTuple):
@@ -210,6 +223,11 @@ def _report(module: torch.nn.Module, loaded: int, mismatch: _Mismatch) -> str:
     return "\n".join(lines)
 
 
+def _summary(mismatch: _Mismatch) -> str:
+    return (f"{len(mismatch.missing)} missing, {len(mismatch.unexpected)} unexpected, "
+            f"{len(mismatch.shapes)} shape-mismatched keys")
+
+
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
               strict: bool = True, verbose: bool = True) -> tuple[list[str], list[str]]:
     """Load ``state_dict`` into ``module`` and report what did not match.
@@ -219,7 +237,7 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         state_dict: tensors by key, e.g. from :func:`load_state_dict`.
         strict: raise ValueError, before changing anything, when any key is missing or
             unexpected or any shape differs. With ``strict=False`` the matching tensors are
-            loaded and the rest is reported.
+            loaded and the rest is reported; when no tensor matches, ValueError all the same.
         verbose: print the report (always printed when something mismatches).
 
     Returns:
@@ -235,7 +253,11 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     usable = {k: v for k, v in state_dict.items() if k not in skipped}
     anything_wrong = any(mismatch)
     if strict and anything_wrong:
-        raise ValueError("strict weight loading failed, nothing was loaded.\n"
+        raise ValueError(f"strict weight loading failed ({_summary(mismatch)}), nothing was "
+                         f"loaded.\n" + _report(module, 0, mismatch))
+    if not usable and module.state_dict():
+        raise ValueError(f"none of the {len(state_dict)} tensors fits {type(module).__name__} "
+                         f"({_summary(mismatch)}): weights of another model or task?\n"
                          + _report(module, 0, mismatch))
     module.load_state_dict(usable, strict=False)
     if verbose or anything_wrong:
