@@ -478,8 +478,8 @@ class _OpArgs(NamedTuple):
 
     @staticmethod
     def decode(geometry: Sequence[int], options: Sequence[int]) -> "_OpArgs":
-        kh, kw, sh, sw, ph, pw, oph, opw, dh, dw, oh, ow = (int(v) for v in geometry)
-        transposed, groups, kind, asym, channel_wise, normalize, mode = (int(v) for v in options)
+        kh, kw, sh, sw, ph, pw, oph, opw, dh, dw, oh, ow = geometry  # the output size is symbolic under export
+        transposed, groups, kind, asym, channel_wise, normalize, mode = options
         spec = None if kind == _GIVEN else _KernelSpec(kind, bool(asym), bool(channel_wise), bool(normalize))
         return _OpArgs((kh, kw), (sh, sw), (ph, pw), (oph, opw), (dh, dw), (oh, ow), bool(transposed), groups,
                        spec, PADDING_MODES[mode])
@@ -769,7 +769,7 @@ def _filter_setup_context(ctx, inputs, output):
 
 def _filter_autograd(ctx, grad_out, grad_flags):
     needs = [int(ctx.needs_input_grad[i]) for i in (0, 1, 2, 3, 4, 6, 7)]
-    grads = torch.ops.pac.filter_backward(grad_out, *ctx.saved_tensors, ctx.geometry, ctx.options, needs)
+    grads = _FilterBackwardFn.apply(grad_out, *ctx.saved_tensors, ctx.geometry, ctx.options, needs)
     gx, gw, gk, gguide, gcentre, galpha, glam = (g if n else None for g, n in zip(grads, needs))
     return gx, gw, gk, gguide, gcentre, None, galpha, glam, None, None
 
@@ -818,12 +818,84 @@ def _kernel_setup_context(ctx, inputs, output):
 
 def _kernel_autograd(ctx, grad_kernel, grad_flags):
     needs = [int(ctx.needs_input_grad[i]) for i in (0, 1, 3, 4)]
-    grads = torch.ops.pac.kernel_backward(grad_kernel, *ctx.saved_tensors, ctx.geometry, ctx.options, needs)
+    grads = _KernelBackwardFn.apply(grad_kernel, *ctx.saved_tensors, ctx.geometry, ctx.options, needs)
     gguide, gcentre, galpha, glam = (g if n else None for g, n in zip(grads, needs))
     return gguide, gcentre, None, galpha, glam, None, None
 
 
 _kernel_op.register_autograd(_kernel_autograd, setup_context=_kernel_setup_context)
+
+
+def _first_order_only(op):
+    """An autograd.Function running backward op ``op`` (vmap rule generated for ``torch.func``);
+    differentiating it again is an error, not a silent zero."""
+
+    class FirstOrderOnly(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return tuple(op(*args))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise NotImplementedError(f"{op} cannot be differentiated: the 'taps' path of the PAC layers has first "
+                                      "derivatives only; use impl='unfold' for higher-order derivatives")
+
+    return FirstOrderOnly
+
+
+_FilterBackwardFn = _first_order_only(torch.ops.pac.filter_backward.default)
+_KernelBackwardFn = _first_order_only(torch.ops.pac.kernel_backward.default)
+
+
+class _FilterFn(torch.autograd.Function):
+    """``pac::filter`` for callers: an autograd.Function with ``setup_context`` and a generated vmap rule,
+    so that ``torch.func`` transforms (grad, vjp, jacrev, per-sample gradients) compose with the op, which
+    they cannot do through ``register_autograd`` alone."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.pac.filter(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _filter_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    backward = staticmethod(_filter_autograd)
+
+
+class _KernelFn(torch.autograd.Function):
+    """``pac::kernel`` for callers (see :class:`_FilterFn`)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.pac.kernel(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _kernel_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    backward = staticmethod(_kernel_autograd)
+
+
+def _filter(*args):
+    """``pac::filter``: the registered op itself while torch.compile / torch.export trace (they use its
+    ``register_autograd``), the autograd.Function in eager mode (so torch.func transforms work too)."""
+    return torch.ops.pac.filter(*args) if torch.compiler.is_compiling() else _FilterFn.apply(*args)
+
+
+def _kernel(*args):
+    """``pac::kernel``, called like :func:`_filter`."""
+    return torch.ops.pac.kernel(*args) if torch.compiler.is_compiling() else _KernelFn.apply(*args)
 
 
 def _vmap_by_loop(op):
@@ -832,9 +904,11 @@ def _vmap_by_loop(op):
     def rule(info, in_dims, *args):
         samples = []
         for i in range(info.batch_size):
-            samples.append(op(*(arg.select(dim, i) if dim is not None else arg for arg, dim in zip(args, in_dims))))
+            samples.append(op(*(arg.select(dim, i) if isinstance(dim, int) else arg for arg, dim in zip(args, in_dims))))
         outputs = [torch.stack(list(parts)) for parts in zip(*samples)]
-        return (outputs if isinstance(samples[0], list) else tuple(outputs)), [0] * len(outputs)
+        if isinstance(samples[0], list):
+            return outputs, [0] * len(outputs)
+        return tuple(outputs), (0,) * len(outputs)
     return rule
 
 
@@ -990,7 +1064,7 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
                                   transposed, padding_mode)
         geometry, options = _encode(k, s, p, op, d, geo.out_hw, transposed, 1, kernel_type, channel_wise,
                                     normalize_kernel, padding_mode, kernel_given=False)
-        kernel, flags = torch.ops.pac.kernel(geo.guide, geo.centre, mask, alpha, lam, geometry, options)
+        kernel, flags = _kernel(geo.guide, geo.centre, mask, alpha, lam, geometry, options)
     return kernel, (flags if mask is not None else None)
 
 
@@ -1111,7 +1185,7 @@ def _filter_with_kernel(layer: _Layer, x, kernel, weight, bias, impl: str) -> to
     geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, tuple(kernel.shape[-2:]),
                                 layer.transposed, layer.groups, "gaussian", False, False, layer.padding_mode,
                                 kernel_given=True)
-    out, _ = torch.ops.pac.filter(x, weight, kernel, None, None, None, None, None, geometry, options)
+    out, _ = _filter(x, weight, kernel, None, None, None, None, None, geometry, options)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
@@ -1429,7 +1503,7 @@ class _PacKernelLayer(nn.Module):
         geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, geo.out_hw, layer.transposed,
                                     groups, self.kernel_type, self.channel_wise, self.normalize_kernel,
                                     layer.padding_mode, kernel_given=False)
-        out, flags = torch.ops.pac.filter(layer.padded(x), weight, None, geo.guide, geo.centre, mask, alpha, lam,
+        out, flags = _filter(layer.padded(x), weight, None, geo.guide, geo.centre, mask, alpha, lam,
                                           geometry, options)
         if bias is not None:
             out = out + bias.view(1, -1, 1, 1)
