@@ -32,6 +32,7 @@ All implementations support every option, agree to float rounding, and run under
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -335,9 +336,10 @@ def _phases(transposed: bool, k, s, p, d, out_hw, before=(0, 0)) -> Tuple[List[_
     return tuple(_conv_phases(k[a], s[a], d[a], out_hw[a]) for a in range(2))
 
 
-def _window(t: torch.Tensor, rows: _Phase, cols: _Phase, t0: int, t1: int, guide: bool = False) -> torch.Tensor:
+def _window(t: torch.Tensor, band: "_Band", guide: bool = False) -> torch.Tensor:
     """View ``(B, C, taps_rows, taps_cols, t1 - t0, count_cols)`` of what every tap reads for output
     phase rows ``[t0, t1)``: from the padded input, or from the padded guide when ``guide``."""
+    rows, cols, t0, t1 = band
     fields = ("g_start", "g_step", "g_dil") if guide else ("x_start", "x_step", "x_dil")
     ny, nx = t1 - t0, cols.count
     (r0, rs, rd), (c0, cs, cd) = ([getattr(ph, f) for f in fields] for ph in (rows, cols))
@@ -348,9 +350,9 @@ def _window(t: torch.Tensor, rows: _Phase, cols: _Phase, t0: int, t1: int, guide
     return v.permute(0, 1, 4, 5, 2, 3)
 
 
-def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, rows: _Phase, cols: _Phase, t0: int, t1: int,
-               guide: bool = False) -> None:
+def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, band: "_Band", guide: bool = False) -> None:
     """``target[window] += grad_window``, summing overlapping taps (the adjoint of :func:`_window`)."""
+    rows, cols, t0, _ = band
     fields = ("g_start", "g_step", "g_dil") if guide else ("x_start", "x_step", "x_dil")
     b, c, tr, tc, ny, nx = grad_window.shape
     (r0, rs, rd), (c0, cs, cd) = ([getattr(ph, f) for f in fields] for ph in (rows, cols))
@@ -360,15 +362,53 @@ def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, rows: _Phase, co
     target[:, :, r0:r0 + size[0], c0:c0 + size[1]] += folded
 
 
-def _row_bands(count: int, row_bytes: int, device: torch.device):
-    """Bands ``(t0, t1)`` of output rows whose largest temporary is about ``_band_bytes(device)``."""
-    rows = max(1, min(count, _band_bytes(device) // max(row_bytes, 1)))
-    for t0 in range(0, count, rows):
-        yield t0, min(count, t0 + rows)
+class _Band(NamedTuple):
+    rows: _Phase
+    cols: _Phase
+    t0: int
+    t1: int
+
+
+def _bands(rows: _Phase, cols: _Phase, row_bytes: int, device: torch.device, guide: bool) -> List[_Band]:
+    """Bands of output rows whose largest temporary is about ``_band_bytes(device)``. Each band is at least
+    as tall as its input (and guide) window, so bands two apart never read the same rows: the backward
+    folds the bands of one parity in parallel."""
+    spans = [((rows.taps - 1) * rows.x_dil + 1, rows.x_step)]
+    if guide:
+        spans.append(((rows.taps - 1) * rows.g_dil + 1, rows.g_step))
+    min_rows = max(-(-span // step) for span, step in spans)
+    size = max(1, min(rows.count, max(min_rows, _band_bytes(device) // max(row_bytes, 1))))
+    return [_Band(rows, cols, t0, min(rows.count, t0 + size)) for t0 in range(0, rows.count, size)]
 
 
 def _band_bytes(device: torch.device) -> int:
     return _CPU_BAND_BYTES if device.type == "cpu" else _GPU_BAND_BYTES
+
+
+_executors: dict = {}
+
+
+def _map_bands(fn, bands: List[_Band], device: torch.device) -> list:
+    """``[fn(band) for band in bands]``; on a CPU with several torch threads, the bands run on that many
+    worker threads, each running single-threaded torch ops. A band is a few large operations, and every
+    multi-threaded operation would wait for its slowest thread: next to other busy processes that wait
+    dominates, while here a descheduled worker delays only its own band."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or len(bands) <= 1:
+        return [fn(band) for band in bands]
+    if threads not in _executors:
+        _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pac-band")
+
+    def run(band: _Band):
+        # Grad mode and autocast are per thread: a worker starts with both at their defaults.
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            return fn(band)
+
+    torch.set_num_threads(1)
+    try:
+        return list(_executors[threads].map(run, bands))
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,6 +427,19 @@ _GIVEN, _GAUSSIAN, _INV = 0, 1, 2
 _INV_EPS = 1e-4
 
 
+def _contiguous_mul(window: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``window * other`` written in the contiguous ``(B, C, taps_r, taps_c, ny, nx)`` layout: left to
+    itself, torch would follow the strides of the window view and make every later reshape a copy."""
+    shape = torch.broadcast_shapes(window.shape, other.shape)
+    return torch.mul(window, other, out=window.new_empty(shape, dtype=torch.promote_types(window.dtype, other.dtype)))
+
+
+def _guide_differences(guide_win: torch.Tensor, centre: torch.Tensor, asym: bool) -> torch.Tensor:
+    """``phi(tap - centre)`` of one band, contiguous; phi is ReLU for asymmetric kernels."""
+    diff = torch.sub(guide_win, centre[:, :, None, None], out=guide_win.new_empty(guide_win.shape))
+    return diff.relu_() if asym else diff
+
+
 def _band_kernel(spec: _KernelSpec, guide_win, centre, valid_win, pattern_win, alpha, lam):
     """Adaptive kernel ``(B, 1 or C, taps_r, taps_c, ny, nx)`` of one band, and the output mask flags.
 
@@ -394,9 +447,7 @@ def _band_kernel(spec: _KernelSpec, guide_win, centre, valid_win, pattern_win, a
     ``(B, C, ny, nx)``; ``valid_win`` the window of the layer's mask (or of the real-pixel pattern when
     only normalising), ``pattern_win`` the real-pixel pattern (used with a mask and no normalisation).
     """
-    diff = guide_win - centre[:, :, None, None]
-    if spec.asym:
-        diff.relu_()
+    diff = _guide_differences(guide_win, centre, spec.asym)
     dist = diff.square_() if spec.channel_wise else diff.square_().sum(1, keepdim=True)
     if spec.kind == _GAUSSIAN:
         kernel = dist.mul_(-0.5).exp_()
@@ -428,9 +479,7 @@ def _restrict(spec: _KernelSpec, kernel, valid_win, pattern_win):
 
 def _band_kernel_backward(spec: _KernelSpec, grad_kernel, guide_win, centre, valid_win, pattern_win, alpha, lam):
     """Gradients of one band's kernel with respect to the guide window, the centre and alpha/lambda."""
-    diff = guide_win - centre[:, :, None, None]
-    if spec.asym:
-        diff.relu_()
+    diff = _guide_differences(guide_win, centre, spec.asym)
     dist = diff.square() if spec.channel_wise else diff.square().sum(1, keepdim=True)
     if spec.kind == _GAUSSIAN:
         base = dist.mul(-0.5).exp_()
@@ -545,22 +594,23 @@ def _prepare_filter(x, mask, a: _OpArgs, kernel_dtype) -> _Prepared:
     return _Prepared(x, rows, cols, valid, pattern, (slice(None), slice(None)))
 
 
-def _band_of(t: Optional[torch.Tensor], rows: _Phase, cols: _Phase, t0: int, t1: int):
-    return None if t is None else _window(t, rows, cols, t0, t1)
+def _band_of(t: Optional[torch.Tensor], band: _Band):
+    return None if t is None else _window(t, band)
 
 
-def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, lam, rows, cols, t0, t1):
+def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, lam, band: _Band):
     """The kernel of one band: a slice of the given kernel, or computed from the guide."""
+    rows, cols, t0, t1 = band
     out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
     if a.spec is None:
         return kernel[:, :, rows.tap_slice(), cols.tap_slice(), out_r, out_c], None
-    kernel, _, flags = _band_kernel(a.spec, _window(guide, rows, cols, t0, t1, guide=True), centre[:, :, out_r, out_c],
-                                    _band_of(prep.valid, rows, cols, t0, t1), _band_of(prep.pattern, rows, cols, t0, t1),
-                                    alpha, lam)
+    kernel, _, flags = _band_kernel(a.spec, _window(guide, band, guide=True), centre[:, :, out_r, out_c],
+                                    _band_of(prep.valid, band), _band_of(prep.pattern, band), alpha, lam)
     return kernel, flags
 
 
 def _band_rows_bytes(x, guide, rows: _Phase, cols: _Phase) -> int:
+    """Bytes of one output row's largest temporary: the modulated input, or the guide differences."""
     channels = max(x.shape[1], 0 if guide is None else guide.shape[1])
     return x.shape[0] * channels * rows.taps * cols.taps * cols.count * max(x.element_size(), 4)
 
@@ -576,21 +626,24 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
     kernel_dtype = (kernel if a.spec is None else guide).dtype
     prep = _prepare_filter(x, mask, a, kernel_dtype)
     b, c = x.shape[:2]
-    o = c if weight is None else weight.shape[0]
-    out = x.new_zeros(b, o, *a.out_hw)
+    out = x.new_zeros(b, c if weight is None else weight.shape[0], *a.out_hw)
     flags_out = None
     if mask is not None and a.spec is not None:
         flags_out = x.new_zeros(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_hw, dtype=kernel_dtype)
     for rows in prep.rows:
         for cols in prep.cols:
             w = _phase_weight(weight, a.groups, rows, cols)
-            for t0, t1 in _row_bands(rows.count, _band_rows_bytes(x, guide, rows, cols), x.device):
-                out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
-                kb, flags = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, rows, cols, t0, t1)
+
+            def run(band: _Band) -> None:
+                out_r, out_c = rows.out_slice(band.t0, band.t1), cols.out_slice(0, cols.count)
+                kb, flags = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
                 if flags_out is not None:
                     flags_out[:, :, out_r, out_c] = flags.to(kernel_dtype)
-                modulated = _window(prep.x, rows, cols, t0, t1) * kb.to(x.dtype)
+                modulated = _contiguous_mul(_window(prep.x, band), kb.to(x.dtype))
                 out[:, :, out_r, out_c] = _apply_weight(modulated, w, a.groups)
+
+            _map_bands(run, _bands(rows, cols, _band_rows_bytes(x, guide, rows, cols), x.device, guide is not None),
+                       x.device)
     return out, (x.new_zeros(0) if flags_out is None else flags_out)
 
 
@@ -614,20 +667,20 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     gk = torch.zeros_like(kernel) if need_k else None
     gguide = torch.zeros_like(guide) if need_guide or need_centre else None
     gcentre = torch.zeros_like(centre) if need_guide or need_centre else None
-    galpha = torch.zeros_like(alpha) if need_alpha else None
-    glam = torch.zeros_like(lam) if need_lam else None
     need_kernel_grad = need_k or gguide is not None or need_alpha or need_lam
+    params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_out = grad_out.to(x.dtype)
     for rows in prep.rows:
         for cols in prep.cols:
             w = _phase_weight(weight, a.groups, rows, cols)
-            gw_phase = None
-            for t0, t1 in _row_bands(rows.count, _band_rows_bytes(x, guide, rows, cols), x.device):
-                out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
-                ny, nx = t1 - t0, cols.count
-                kb, _ = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, rows, cols, t0, t1)
+
+            def run(band: _Band):
+                """Fold this band's input and guide gradients in; return its weight and parameter gradients."""
+                ny, nx = band.t1 - band.t0, cols.count
+                out_r, out_c = rows.out_slice(band.t0, band.t1), cols.out_slice(0, nx)
+                kb, _ = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
                 kbx = kb.to(x.dtype)
-                xw = _window(prep.x, rows, cols, t0, t1)
+                xw = _window(prep.x, band)
                 go = grad_out[:, :, out_r, out_c]
                 if w is None:  # pooling: every tap of a channel gets the channel's output gradient
                     g_mod = go[:, :, None, None]
@@ -635,43 +688,67 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
                     go = go.reshape(b, a.groups, -1, ny * nx)
                     g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, rows.taps, cols.taps, ny, nx)
                 if gx is not None:
-                    _fold_into(gx, g_mod * kbx, rows, cols, t0, t1)
+                    _fold_into(gx, _contiguous_mul(g_mod, kbx), band)
+                g_weight = g_params = None
                 if gw is not None:
-                    modulated = (xw * kbx).reshape(b, a.groups, -1, ny * nx)
-                    g = torch.matmul(go, modulated.transpose(2, 3)).sum(0, dtype=acc)
-                    gw_phase = g if gw_phase is None else gw_phase.add_(g)
+                    modulated = _contiguous_mul(xw, kbx).view(b, a.groups, -1, ny * nx)
+                    g_weight = torch.matmul(go, modulated.transpose(2, 3)).sum(0, dtype=acc)
                 if need_kernel_grad:
-                    gkb = g_mod * xw
+                    gkb = _contiguous_mul(xw, g_mod)
                     gkb = gkb.sum(1, keepdim=True, dtype=kernel_dtype) if kb.shape[1] == 1 else gkb.to(kernel_dtype)
                     if gk is not None:
                         gk[:, :, rows.tap_slice(), cols.tap_slice(), out_r, out_c] = gkb
-                    if gguide is not None or galpha is not None:
-                        _kernel_band_backward_into(a.spec, gkb, guide, centre, prep.valid, prep.pattern, alpha, lam,
-                                                   rows, cols, t0, t1, gguide, gcentre, galpha, glam)
-            if gw_phase is not None:
-                gw[:, :, rows.tap_slice(), cols.tap_slice()] += gw_phase.view(gw.shape[0], gw.shape[1], rows.taps,
-                                                                              cols.taps)
+                    if gguide is not None or params.needed:
+                        g_params = _kernel_band_backward_into(a.spec, gkb, guide, centre, prep.valid, prep.pattern,
+                                                              alpha, lam, band, gguide, gcentre)
+                return g_weight, g_params
+
+            bands = _bands(rows, cols, _band_rows_bytes(x, guide, rows, cols), x.device, guide is not None)
+            for parity in (bands[0::2], bands[1::2]):
+                for g_weight, g_params in _map_bands(run, parity, x.device):
+                    if g_weight is not None:
+                        gw[:, :, rows.tap_slice(), cols.tap_slice()] += g_weight.view(
+                            gw.shape[0], gw.shape[1], rows.taps, cols.taps)
+                    params.add(g_params)
     if gx is not None:
         gx = gx[:, :, prep.unpad[0], prep.unpad[1]].to(x.dtype)
     if gw is not None:
         gw = gw.to(weight.dtype)
-    return gx, gw, gk, gguide, gcentre, galpha, glam
+    return (gx, gw, gk, gguide, gcentre) + params.result()
 
 
-def _kernel_band_backward_into(spec, gkb, guide, centre, valid, pattern, alpha, lam, rows, cols, t0, t1,
-                               gguide, gcentre, galpha, glam):
-    """Backpropagate one band's kernel gradient into the guide, centre and kernel parameters."""
+class _ParamGrads:
+    """Sums the per-band gradients of inv_alpha and inv_lambda (None when not needed)."""
+
+    def __init__(self, alpha, lam):
+        self.grads = [None if alpha is None else torch.zeros_like(alpha), None if lam is None else torch.zeros_like(lam)]
+
+    @property
+    def needed(self) -> bool:
+        return any(g is not None for g in self.grads)
+
+    def add(self, band_grads) -> None:
+        if band_grads is not None:
+            for total, g in zip(self.grads, band_grads):
+                if total is not None:
+                    total += g
+
+    def result(self):
+        return tuple(self.grads)
+
+
+def _kernel_band_backward_into(spec, gkb, guide, centre, valid, pattern, alpha, lam, band: _Band, gguide, gcentre):
+    """Backpropagate one band's kernel gradient into the guide and centre; return the band's
+    ``(grad alpha, grad lambda)`` (None for a gaussian kernel)."""
+    rows, cols, t0, t1 = band
     out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
     grad_win, grad_centre, ga, gl = _band_kernel_backward(
-        spec, gkb, _window(guide, rows, cols, t0, t1, guide=True), centre[:, :, out_r, out_c],
-        _band_of(valid, rows, cols, t0, t1), _band_of(pattern, rows, cols, t0, t1), alpha, lam)
+        spec, gkb, _window(guide, band, guide=True), centre[:, :, out_r, out_c], _band_of(valid, band),
+        _band_of(pattern, band), alpha, lam)
     if gguide is not None:
-        _fold_into(gguide, grad_win, rows, cols, t0, t1, guide=True)
+        _fold_into(gguide, grad_win, band, guide=True)
         gcentre[:, :, out_r, out_c] += grad_centre
-    if galpha is not None:
-        galpha += ga
-    if glam is not None:
-        glam += gl
+    return None if ga is None else (ga, gl)
 
 
 def _kernel_phases(guide, a: _OpArgs):
@@ -692,13 +769,16 @@ def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
     b = guide.shape[0]
     kernel = guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.k, *a.out_hw)
     flags_out = None if mask is None else guide.new_zeros(b, kernel.shape[1], *a.out_hw)
-    for t0, t1 in _row_bands(rows.count, _band_rows_bytes(guide, None, rows, cols), guide.device):
-        kb, _, flags = _band_kernel(a.spec, _window(guide, rows, cols, t0, t1, guide=True), centre[:, :, t0:t1],
-                                    _band_of(valid, rows, cols, t0, t1), _band_of(pattern, rows, cols, t0, t1),
-                                    alpha, lam)
+
+    def run(band: _Band) -> None:
+        t0, t1 = band.t0, band.t1
+        kb, _, flags = _band_kernel(a.spec, _window(guide, band, guide=True), centre[:, :, t0:t1],
+                                    _band_of(valid, band), _band_of(pattern, band), alpha, lam)
         kernel[..., t0:t1, :] = kb
         if flags_out is not None:
             flags_out[:, :, t0:t1] = flags.to(guide.dtype)
+
+    _map_bands(run, _bands(rows, cols, _band_rows_bytes(guide, None, rows, cols), guide.device, True), guide.device)
     return kernel, (guide.new_zeros(0) if flags_out is None else flags_out)
 
 
@@ -707,13 +787,18 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
     rows, cols, in_hw = _kernel_phases(guide, a)
     valid, pattern = _validity(mask, a, in_hw, guide.dtype, guide.device)
     gguide, gcentre = torch.zeros_like(guide), torch.zeros_like(centre)
-    galpha = torch.zeros_like(alpha) if need_alpha else None
-    glam = torch.zeros_like(lam) if need_lam else None
+    params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_kernel = grad_kernel.to(guide.dtype)
-    for t0, t1 in _row_bands(rows.count, _band_rows_bytes(guide, None, rows, cols), guide.device):
-        _kernel_band_backward_into(a.spec, grad_kernel[..., t0:t1, :], guide, centre, valid, pattern, alpha, lam,
-                                   rows, cols, t0, t1, gguide, gcentre, galpha, glam)
-    return gguide, gcentre, galpha, glam
+
+    def run(band: _Band):
+        return _kernel_band_backward_into(a.spec, grad_kernel[..., band.t0:band.t1, :], guide, centre, valid, pattern,
+                                          alpha, lam, band, gguide, gcentre)
+
+    bands = _bands(rows, cols, _band_rows_bytes(guide, None, rows, cols), guide.device, True)
+    for parity in (bands[0::2], bands[1::2]):
+        for g_params in _map_bands(run, parity, guide.device):
+            params.add(g_params)
+    return (gguide, gcentre) + params.result()
 
 
 # Registration. The ops take the layer geometry and options as integer lists (see _encode); optional
