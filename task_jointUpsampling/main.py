@@ -245,9 +245,10 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states['cuda'])
 
 
-def save_snapshot(exp_root: Path, epoch: int, net: nn.Module, optimizer, scheduler) -> None:
-    """Write weights_epoch_<n>.pth (a plain CPU state_dict) and state_epoch_<n>.pth, both atomically."""
-    atomic_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, exp_root / f'{SNAPSHOT_PREFIX}{epoch}.pth')
+def save_snapshot(exp_root: Path, epoch: int, net: nn.Module, optimizer, scheduler, save_format: str = 'pth') -> None:
+    """Write weights_epoch_<n>.<save_format> (a plain CPU state_dict) and state_epoch_<n>.pth, both atomically."""
+    import weights
+    weights.save_state_dict(net.state_dict(), exp_root / f'{SNAPSHOT_PREFIX}{epoch}.{save_format}')
     state = {'epoch': epoch, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
              'rng': rng_states()}
     atomic_save(state, exp_root / f'{STATE_PREFIX}{epoch}.pth')
@@ -311,8 +312,9 @@ def train_and_test(args: argparse.Namespace) -> tuple[nn.Module, dict]:
 
     last_epoch, resume_from = _starting_point(args, exp_root, epochs)
     if resume_from is not None:
-        path = exp_root / f'{SNAPSHOT_PREFIX}{resume_from}.pth'
-        net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        import weights
+        path = find_snapshots(exp_root, SNAPSHOT_PREFIX)[resume_from]
+        net.load_state_dict(weights.load_state_dict(path))
         print(f'loaded snapshot {path}')
     elif args.load_weights:
         load_weights(net, args.load_weights, info)
@@ -359,7 +361,7 @@ def train_and_test(args: argparse.Namespace) -> tuple[nn.Module, dict]:
             write_row(test_log, epoch, optimizer.param_groups[0]['lr'], loss, measures)
             tqdm.write(f'epoch {epoch} test {label}: loss {loss:.6f}, {format_measures(args.measures, measures, info)}')
         if (args.snapshot_interval > 0 and epoch % args.snapshot_interval == 0) or epoch == epochs:
-            save_snapshot(exp_root, epoch, net, optimizer, scheduler)
+            save_snapshot(exp_root, epoch, net, optimizer, scheduler, args.save_format)
     train_seconds = time.perf_counter() - start
     train_log.close()
     test_log.close()
@@ -515,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     add('--color-guide-init', type=float, default=0.0, metavar='SCALE',
         help='PAC models trained from scratch: start every adaptive kernel as a colour kernel of this scale '
              '(models.init_color_guide_; 10 suits guides in [0, 1]); 0 = PyTorch default init, as in 2019')
+    add('--save-format', type=str, default='pth', choices=('pth', 'safetensors'),
+        help='format of the weights_epoch_<n> snapshots (pth: torch.save, as in 2019; safetensors needs '
+             'the safetensors package); both load with --load-weights and resume')
     add('--demo', action='store_true', default=False,
         help='train and compare Bilinear, DJIF and PacJointUpsample on Synthetic (a few CPU minutes); '
              'explicit flags override the preset: ' + ' '.join(f'{k}={v}' for k, v in DEMO_PRESET.items()))
@@ -534,6 +539,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f'--color-guide-init must be >= 0, got {args.color_guide_init}')
     if args.epochs < 0:
         parser.error(f'--epochs must be >= 0, got {args.epochs}')
+    try:
+        import weights
+        weights.check_save_format(args.save_format)
+    except ImportError as err:
+        parser.error(f'--save-format: {err}')
     if args.num_data_worker < 0:
         parser.error(f'--num-data-worker must be >= 0, got {args.num_data_worker}')
     if DATASETS[args.dataset].kind == 'depth' and ('epe' in (args.measures or ()) or args.loss == 'epe'):

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from tools.runtime import CsvLog, atomic_open, atomic_save, find_snapshots, resolve_device, seed_everything
-from weights import load_into, load_state_dict
+from weights import check_save_format, load_into, load_state_dict, save_state_dict
 from .datasets import DeepLabEvalInputs, DeepLabInputs, PascalVOC, decode_id
 from .metrics import MEASURES, ConfusionMeter, make_loss, seg_measures
 from .models import GRAMMAR, create_model, parse_model_name, trainable_parameters
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--log-interval', type=int, default=10, help='batches between train.log rows')
     p.add_argument('--test-interval', type=int, default=1, help='epochs between tests')
     p.add_argument('--snapshot-interval', type=int, default=1, help='epochs between snapshots')
+    p.add_argument('--save-format', type=str, default='pth', choices=['pth', 'safetensors'],
+                   help='format of the weights_epoch_<e> snapshots (pth: torch.save, as in 2019; safetensors '
+                        'needs the safetensors package); both load with --load-weights and resume')
     return p
 
 
@@ -114,6 +117,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--seed must be -1 (random) or in [0, 2**32), got {args.seed}')
     make_loss(args.loss)  # validates --loss
     parse_model_name(args.model)  # validates --model, showing the grammar
+    try:
+        check_save_format(args.save_format)
+    except ImportError as err:
+        raise ValueError(f'--save-format: {err}') from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,11 +182,11 @@ def load_weights(module: nn.Module, spec: str, what: str, strict: bool = True) -
 
 
 def save_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, exp_root: Path, epoch: int,
-                  optimizer_name: str, frozen_backbone: bool) -> None:
-    """Write weights_epoch_<e>.pth (without backbone.* for a frozen backbone) and <opt>_epoch_<e>.pth."""
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()
+                  optimizer_name: str, frozen_backbone: bool, save_format: str = 'pth') -> None:
+    """Write weights_epoch_<e>.<save_format> (without backbone.* for a frozen backbone) and <opt>_epoch_<e>.pth."""
+    state = {k: v for k, v in _unwrap(model).state_dict().items()
              if not (frozen_backbone and k.startswith('backbone'))}
-    atomic_save(state, exp_root / f'weights_epoch_{epoch}.pth')
+    save_state_dict(state, exp_root / f'weights_epoch_{epoch}.{save_format}')
     atomic_save(optimizer.state_dict(), exp_root / f'{optimizer_name.lower()}_epoch_{epoch}.pth')
 
 
@@ -325,10 +332,11 @@ def prepare_model(args: argparse.Namespace, spec, exp_root: Path, device: torch.
             load_weights(model.backbone, args.load_weights_backbone, 'backbone')
     last_epoch = find_resume_epoch(args, exp_root)
     if last_epoch > 0:
+        snapshot = find_snapshots(exp_root)[last_epoch]
         if args.load_weights:
-            print(f'Warning: resuming from {exp_root}/weights_epoch_{last_epoch}.pth; --load-weights is ignored')
+            print(f'Warning: resuming from {snapshot}; --load-weights is ignored')
         # snapshots of a frozen backbone hold no backbone.* keys: they come from --load-weights-backbone
-        load_weights(model, str(exp_root / f'weights_epoch_{last_epoch}.pth'), f'snapshot {last_epoch}',
+        load_weights(model, str(snapshot), f'snapshot {last_epoch}',
                      strict=not spec.frozen)
     elif args.load_weights:
         load_weights(model, args.load_weights, 'model')
@@ -390,7 +398,7 @@ def train(args: argparse.Namespace, model: nn.Module, spec, last_epoch: int, tra
             if epoch % args.test_interval == 0 or epoch == args.epochs:
                 values = run_test(epoch, log_it=True)
             if (args.snapshot_interval > 0 and epoch % args.snapshot_interval == 0) or epoch == args.epochs:
-                save_snapshot(model, optimizer, exp_root, epoch, args.optimizer, spec.frozen)
+                save_snapshot(model, optimizer, exp_root, epoch, args.optimizer, spec.frozen, args.save_format)
     return values
 
 

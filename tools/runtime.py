@@ -152,10 +152,11 @@ def atomic_savefig(figure: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
 
 
 def find_snapshots(exp_root: PathLike, prefix: str = "weights_epoch_") -> dict[int, Path]:
-    """Find ``<prefix><epoch>.pth`` files in ``exp_root``.
+    """Find ``<prefix><epoch>.pth`` and ``<prefix><epoch>.safetensors`` files in ``exp_root``.
 
     Returns:
-        ``{epoch: path}`` sorted by epoch; empty when the folder does not exist.
+        ``{epoch: path}`` sorted by epoch; empty when the folder does not exist. When an epoch
+        has both formats, the more recently written file is returned.
 
     Example:
         >>> find_snapshots("exp/nyu")            # doctest: +SKIP
@@ -164,12 +165,14 @@ def find_snapshots(exp_root: PathLike, prefix: str = "weights_epoch_") -> dict[i
     exp_root = Path(exp_root)
     if not exp_root.is_dir():
         return {}
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.pth")
-    found = {}
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(?:pth|safetensors)")
+    found: dict[int, Path] = {}
     for entry in exp_root.iterdir():
         match = pattern.fullmatch(entry.name)
         if match and entry.is_file():
-            found[int(match.group(1))] = entry
+            epoch = int(match.group(1))
+            if epoch not in found or entry.stat().st_mtime_ns > found[epoch].stat().st_mtime_ns:
+                found[epoch] = entry
     return dict(sorted(found.items()))
 
 
