@@ -466,10 +466,12 @@ def test_crf_refine_chunks_and_batches_agree():
 def test_dense_crf_preset_structure():
     crf = DenseCRF(5, appearance_weight=2.5, smoothness_weight=1.5, kernel_size=9, dilation=2, blur=2,
                    smoothness_kernel_size=5, position_scale=40.0, color_scale=10.0, smoothness_scale=2.0)
-    assert crf.pairwise_repr == ['0d_9_2_2', '0d_5_1_1']
+    assert crf.crf.pairwise_repr == ['0d_9_2_2', '0d_5_1_1']
     # weights are per neighbour: w / (k^2 - 1), negated for Potts
-    assert [p.item() for p in crf.pairwise_weights] == [-2.5 / 80, -1.5 / 24]
-    assert crf._use_pairwise_weights == [True, True]
+    assert [p.item() for p in crf.crf.pairwise_weights] == [-2.5 / 80, -1.5 / 24]
+    assert crf.crf._use_pairwise_weights == [True, True]
+    assert list(crf.state_dict()) == ['crf.unary_weight', 'crf.messengers.0.weight', 'crf.messengers.1.weight',
+                                      'crf.pairwise_weights.0', 'crf.pairwise_weights.1']
     image = torch.rand(1, 3, 6, 7, dtype=DT) * 255
     appearance, smoothness = crf.edge_features(image)
     torch.testing.assert_close(appearance, create_YXRGB(image, 40.0, 10.0))
@@ -478,7 +480,7 @@ def test_dense_crf_preset_structure():
            dict(kernel_size=5, dilation=1, blur=1, compat_type='potts', pairwise_weight=1.5 / 24)]
     crf = crf.to(DT)
     unary = torch.randn(1, 5, 6, 7, dtype=DT)
-    expected = mean_field(unary, [appearance, smoothness], reference_kernels(crf, cfg), 5)
+    expected = mean_field(unary, [appearance, smoothness], reference_kernels(crf.crf, cfg), 5)
     torch.testing.assert_close(crf(unary, image), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -553,3 +555,60 @@ def test_error_crf_refine_inputs():
         DenseCRF(3, color_scale=0.0)
     with pytest.raises(ValueError, match='smoothness_kernel_size'):
         DenseCRF(3, smoothness_kernel_size=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# State_dict layout (released weights depend on it) and per-kernel specs
+# ------------------------------------------------------------------------------------------------
+
+ALL_KERNEL_TYPES = [dict(kernel_size=3, compat_type='4d'), dict(kernel_size=5, dilation=2, blur=2, compat_type='2d'),
+                    dict(kernel_size=3, compat_type='potts', spatial_filter=False), dict(kernel_size=3, compat_type='potts'),
+                    dict(kernel_size=3, compat_type='na'), dict(kernel_size=3, compat_type='2d', spatial_filter=False)]
+
+
+def test_state_dict_keys_and_shapes_keep_the_2019_layout():
+    crf = PacCRF(4, 2, pairwise_kernels=ALL_KERNEL_TYPES)
+    assert {k: tuple(v.shape) for k, v in crf.state_dict().items()} == {
+        'unary_weight': (), 'messengers.0.weight': (4, 4, 3, 3), 'messengers.1.weight': (1, 1, 5, 5),
+        'messengers.2.weight': (1, 1, 3, 3), 'messengers.3.weight': (1, 1, 3, 3),
+        'messengers.4.weight': (4, 4, 3, 3), 'messengers.5.weight': (1, 1, 3, 3),
+        'compat.1.weight': (4, 4, 1, 1), 'compat.5.weight': (4, 4, 1, 1), 'pairwise_weights.0': (),
+        'pairwise_weights.1': (), 'pairwise_weights.2': (), 'pairwise_weights.3': (), 'pairwise_weights.4': (),
+        'pairwise_weights.5': ()}
+    assert list(crf.state_dict())[:3] == ['unary_weight', 'messengers.0.weight', 'messengers.1.weight']
+    loose = PacCRFLoose(4, 2, pairwise_kernels=[ALL_KERNEL_TYPES[1], ALL_KERNEL_TYPES[4]])
+    assert list(loose.state_dict()) == [
+        f'steps.{s}.{k}' for s in range(2) for k in ('unary_weight', 'messengers.0.weight', 'messengers.1.weight',
+                                                      'compat.0.weight', 'pairwise_weights.0', 'pairwise_weights.1')]
+
+
+def test_kernel_specs_and_the_2019_attribute_views():
+    crf = PacCRF(4, 2, pairwise_kernels=ALL_KERNEL_TYPES)
+    assert [str(spec) for spec in crf.kernel_specs] == crf.pairwise_repr == [
+        '4ds_3_1_1', '2ds_5_2_2', '0d_3_1_1', '0ds_3_1_1', 'nas_3_1_1', '2d_3_1_1']
+    assert crf.blur == [1, 2, 1, 1, 1, 1]
+    assert crf.init_pairwise_weights == [1.0, 1.0, -1.0, -1.0, 1.0, 1.0]
+    assert crf._use_pairwise_weights == [False, False, True, False, False, False]
+    assert [spec.adaptive for spec in crf.kernel_specs] == [True, True, True, True, False, True]
+    assert len(crf.kernel_specs) == len(crf.messengers) == len(crf.compat) == len(crf.pairwise_weights) == 6
+    assert PacCRF(4, 1, fixed_weighting=True, pairwise_kernels=ALL_KERNEL_TYPES)._use_pairwise_weights == [False] * 6
+    crf.add_pairwise_kernel(kernel_size=7, compat_type='potts', spatial_filter=False, pairwise_weight=0.5)
+    assert crf.kernel_specs[-1] == (7, 1, 1, 'potts', False, -0.5, True)
+
+
+def test_error_dense_crf_and_feature_inputs():
+    crf = DenseCRF(3)
+    with pytest.raises(TypeError, match='image'):  # pac._check_4d's style: TypeError for a non-tensor
+        crf(torch.randn(1, 3, 8, 8), [[0.0]])
+    with pytest.raises(ValueError, match='image'):  # and ValueError for a wrong number of dims
+        crf(torch.randn(1, 3, 8, 8), torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match=r'image: expected shape \(1, F, 8, 8\) to match the unary, got \(1, 3, 8, 9\)'):
+        crf(torch.randn(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+    with pytest.raises(ValueError, match=r'unary: expected shape \(B, 3, H, W\)'):
+        crf(torch.randn(1, 4, 8, 8), torch.rand(1, 3, 8, 8))
+    with pytest.raises(TypeError, match='logits'):
+        crf_refine(np.zeros((1, 3, 8, 8)), torch.rand(1, 3, 8, 8))
+    with pytest.raises(TypeError, match='img: expected a tensor'):
+        create_YXRGB(np.zeros((1, 3, 8, 8)))
+    with pytest.raises(ValueError, match=r'img: expected a tensor of shape \(..., C, H, W\), got shape \(8, 8\)'):
+        create_YXRGB(torch.zeros(8, 8))
