@@ -100,22 +100,25 @@ def test_reference_blur_round_trip_of_a_constant():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('shared_feat', [True, False], ids=['one-feature', 'feature-per-kernel'])
-def test_mixed_kernels_match_reference(shared_feat):
+def test_mixed_kernels_match_reference(shared_feat, device):
     crf = PacCRF(3, 2, pairwise_kernels=MIXED_KERNELS).to(DT)
     randomize_(crf)
     unary, feat = inputs()
     feats = [feat] * len(MIXED_KERNELS) if shared_feat else [feat * (i + 1) / 3 for i in range(len(MIXED_KERNELS))]
     expected = mean_field(unary, feats, reference_kernels(crf, MIXED_KERNELS), 2, unary_weight_value(crf))
-    out = crf(unary, feat if shared_feat else feats)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    crf, unary, feats = crf.to(device), unary.to(device), [f.to(device) for f in feats]
+    out = crf(unary, feats[0] if shared_feat else feats)
+    assert out.device.type == device.type
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_native_impl_gives_the_same_values_and_gradients():
+def test_native_impl_gives_the_same_values_and_gradients(device):
     lean = PacCRF(3, 2, pairwise_kernels=MIXED_KERNELS).to(DT)
     randomize_(lean)
     native = PacCRF(3, 2, native_impl=True, pairwise_kernels=MIXED_KERNELS).to(DT)
     native.load_state_dict(lean.state_dict())
-    unary, feat = inputs()
+    lean, native = lean.to(device), native.to(device)
+    unary, feat = (t.to(device) for t in inputs())
     grads = []
     for crf in (lean, native):
         f = feat.clone().requires_grad_()
@@ -452,12 +455,13 @@ def test_crf_refine_raises_accuracy_on_noisy_logits():
     assert bar_iou(probs, labels) > bar_iou(smoothed_only, labels) + 0.2  # measured: 0.72 vs 0.42
 
 
-def test_crf_refine_chunks_and_batches_agree():
+def test_crf_refine_chunks_and_batches_agree(device):
     scenes = [piecewise_scene(seed) for seed in (1, 2, 3)]
-    images = torch.cat([s[0] for s in scenes])
-    logits = torch.cat([s[1] for s in scenes])
-    crf = DenseCRF(3, final_output='log_Q')
+    images = torch.cat([s[0] for s in scenes]).to(device)
+    logits = torch.cat([s[1] for s in scenes]).to(device)
+    crf = DenseCRF(3, final_output='log_Q').to(device)
     whole = crf_refine(logits, images, crf, chunk_size=3)
+    assert whole.device.type == device.type
     torch.testing.assert_close(crf_refine(logits, images, crf, chunk_size=2), whole)
     torch.testing.assert_close(whole[1:2], crf(logits[1:2], images[1:2]))
     assert not whole.requires_grad
