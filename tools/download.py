@@ -5,9 +5,14 @@ request, verifies md5/sha256 and only then renames the file into place, so a fil
 its final name is always complete. ``extract_archive`` refuses archives with members that would
 land outside the target folder.
 
-Example:
-    >>> path = download_url("https://example.org/data.tgz", "data", md5="0123...")
-    >>> extract_archive(path, "data")
+Example (an ``http(s)://`` URL works the same way as this local archive):
+    >>> import tarfile
+    >>> with tarfile.open("notes.tgz", "w:gz") as tar:
+    ...     tar.add(__file__, arcname="notes/download.py")
+    >>> url, md5 = Path("notes.tgz").resolve().as_uri(), file_digest("notes.tgz")
+    >>> path = download_url(url, "data", md5=md5, progress=False)
+    >>> sorted(p.name for p in extract_archive(path, "data", progress=False).iterdir())
+    ['notes', 'notes.tgz']
 """
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
 
     Example:
         >>> with atomic_open("results.txt", "w") as f:
-        ...     f.write("done\\n")
+        ...     _ = f.write("done\\n")
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
@@ -131,7 +131,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` that never leaves a truncated checkpoint behind (temp file + fsync + rename).
 
     Example:
-        >>> atomic_save(model.state_dict(), "exp/weights_epoch_10.pth")
+        >>> atomic_save(torch.nn.Linear(3, 2).state_dict(), "exp/weights_epoch_10.pth")
     """
     with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
@@ -143,7 +143,11 @@ def atomic_savefig(figure: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
     The format comes from the suffix of ``path`` (PNG when there is none).
 
     Example:
+        >>> from matplotlib.figure import Figure
+        >>> figure = Figure()
+        >>> _ = figure.add_subplot().plot([1, 2, 3])
         >>> atomic_savefig(figure, "exp/curves.png", dpi=100)
+        PosixPath('exp/curves.png')
     """
     path = Path(path)
     with atomic_open(path, "wb") as handle:
@@ -159,8 +163,9 @@ def find_snapshots(exp_root: PathLike, prefix: str = "weights_epoch_") -> dict[i
         has both formats, the more recently written file is returned.
 
     Example:
-        >>> find_snapshots("exp/nyu")            # doctest: +SKIP
-        {100: PosixPath('exp/nyu/weights_epoch_100.pth'), 200: ...}
+        >>> atomic_save({}, "exp/nyu/weights_epoch_100.pth")
+        >>> find_snapshots("exp/nyu")
+        {100: PosixPath('exp/nyu/weights_epoch_100.pth')}
     """
     exp_root = Path(exp_root)
     if not exp_root.is_dir():
