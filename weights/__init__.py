@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 from pathlib import Path, PurePosixPath
@@ -34,13 +35,13 @@ from urllib.parse import unquote, urlsplit
 import torch
 
 from tools.download import download_url, file_digest
-from tools.runtime import atomic_open, atomic_save
+from tools.runtime import atomic_open
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["DEFAULT_BASE_URL", "REGISTRY", "WeightsEntry", "list_weights", "weights_url",
            "default_cache_dir", "resolve_weights", "load_state_dict", "load_into",
-           "SAVE_FORMATS", "check_save_format", "save_state_dict"]
+           "SAVE_FORMATS", "check_save_format", "state_dict_bytes", "save_state_dict"]
 
 DEFAULT_BASE_URL = "http://maxwell.cs.umass.edu/pacnet-data/pretrained_weights/"
 
@@ -234,26 +235,35 @@ def check_save_format(save_format: str) -> None:
         _safetensors_torch("save_format 'safetensors'")
 
 
+def state_dict_bytes(state_dict: Mapping[str, torch.Tensor], save_format: str = "pth") -> bytes:
+    """The content of a weights file holding ``state_dict`` (moved to the CPU).
+
+    ``save_format`` is ``'pth'`` (``torch.save``, the format of the released weights) or
+    ``'safetensors'``. Both load with :func:`load_state_dict`.
+    """
+    check_save_format(save_format)
+    if save_format == "safetensors":
+        # private contiguous copies: safetensors refuses views and tensors that share memory
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+        return _safetensors_torch("save_format 'safetensors'").save(tensors)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+    return buffer.getvalue()
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike) -> Path:
     """Write ``state_dict`` (moved to the CPU) atomically; the suffix of ``path`` picks the format.
 
-    ``.safetensors`` writes a safetensors file, any other suffix a ``torch.save`` file.
-    Both load with :func:`load_state_dict`.
+    ``.safetensors`` writes a safetensors file, any other suffix a ``torch.save`` file (see
+    :func:`state_dict_bytes`). Both load with :func:`load_state_dict`.
 
     Example:
-        >>> import torch, tempfile, pathlib
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> path = save_state_dict(torch.nn.Linear(3, 2).state_dict(), folder / "weights_epoch_1.pth")
+        >>> path = save_state_dict(torch.nn.Linear(3, 2).state_dict(), "exp/weights_epoch_1.pth")
         >>> sorted(load_state_dict(path))
         ['bias', 'weight']
     """
     path = Path(path)
-    if path.suffix != ".safetensors":
-        atomic_save({k: v.detach().cpu() for k, v in state_dict.items()}, path)
-        return path
-    # private contiguous copies: safetensors refuses views and tensors that share memory
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    data = _safetensors_torch(f"{path}").save(tensors)
+    data = state_dict_bytes(state_dict, "safetensors" if path.suffix == ".safetensors" else "pth")
     with atomic_open(path, "wb") as handle:
         handle.write(data)
     return path
