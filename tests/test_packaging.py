@@ -45,7 +45,7 @@ def test_requirements_files_match_the_extras():
 def _copy_sources(target: Path) -> Path:
     """The repository without build outputs, data or caches (building writes into the source tree)."""
     ignore = shutil.ignore_patterns(".git", "data", "exp", "build", "dist", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", "*.pyc")
+                                    ".pytest_cache", "*.pyc", ".venv", "venv", ".mypy_cache", ".ruff_cache")
     return Path(shutil.copytree(ROOT, target, ignore=ignore))
 
 
