@@ -37,7 +37,7 @@ bilinearly by b and cropped back to (H, W).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from pac import PacConv2d
+from pac import PacConv2d, _check_4d
 
 __all__ = ['PacCRF', 'PacCRFLoose', 'DenseCRF', 'crf_refine', 'create_position_feats', 'create_YXRGB']
 
@@ -118,9 +118,10 @@ def create_YXRGB(img: Tensor, yx_scale: Any = None, rgb_scale: Any = None, scale
         >>> feats.shape
         torch.Size([1, 5, 64, 64])
     """
-    if not isinstance(img, Tensor) or img.dim() < 3:
-        raise TypeError(f'img: expected a tensor of shape (..., C, H, W), got '
-                        f'{tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__}')
+    if not isinstance(img, Tensor):
+        raise TypeError(f'img: expected a tensor of shape (..., C, H, W), got {type(img).__name__}')
+    if img.dim() < 3:
+        raise ValueError(f'img: expected a tensor of shape (..., C, H, W), got shape {tuple(img.shape)}')
     if scales is not None:
         if yx_scale is not None or rgb_scale is not None:
             raise ValueError('scales: give either scales or yx_scale/rgb_scale, not both')
@@ -188,20 +189,19 @@ def _check_final_output(final_output: Any) -> None:
 
 
 def _check_unary(unary: Any, channels: int) -> None:
-    if not isinstance(unary, Tensor):
-        raise TypeError(f'unary: expected a Tensor of shape (B, {channels}, H, W), got {type(unary).__name__}')
-    if unary.dim() != 4 or unary.shape[1] != channels:
+    _check_4d('unary', unary)
+    if unary.shape[1] != channels:
         raise ValueError(f'unary: expected shape (B, {channels}, H, W) for a CRF with {channels} classes, '
                          f'got {tuple(unary.shape)}')
 
 
-def _check_edge_feat(name: str, feat: Any, unary: Tensor) -> None:
-    if not isinstance(feat, Tensor):
-        raise TypeError(f'{name}: expected a Tensor of shape (B, F, H, W), got {type(feat).__name__}')
-    expected = (unary.shape[0], unary.shape[2], unary.shape[3])
-    if feat.dim() != 4 or (feat.shape[0], feat.shape[2], feat.shape[3]) != expected:
+def _check_guide(name: str, guide: Any, like: Tensor, what: str = 'the unary') -> None:
+    """A 4-D guide (edge features, an image) with the batch size and spatial size of ``like``."""
+    _check_4d(name, guide)
+    expected = (like.shape[0], like.shape[2], like.shape[3])
+    if (guide.shape[0], guide.shape[2], guide.shape[3]) != expected:
         raise ValueError(f'{name}: expected shape ({expected[0]}, F, {expected[1]}, {expected[2]}) to match '
-                         f'the unary, got {tuple(feat.shape)}')
+                         f'{what}, got {tuple(guide.shape)}')
 
 
 def _init_settings(crf: nn.Module, channels: int, num_steps: int, final_output: str, perturbed_init: bool,
@@ -250,6 +250,31 @@ def _crf_extra_repr(channels: int, num_steps: int, final_output: str, perturbed_
 # CRFs
 # ------------------------------------------------------------------------------------------------
 
+class PairwiseKernelSpec(NamedTuple):
+    """What a :class:`PacCRF` keeps about one pairwise kernel besides its modules.
+
+    The kernel's modules live in ``messengers[i]``, ``compat[i]`` and ``pairwise_weights[i]`` (the
+    2019 state_dict layout); everything else about kernel ``i`` is ``kernel_specs[i]``.
+    """
+
+    kernel_size: int
+    dilation: int
+    blur: int
+    compat_type: str
+    spatial_filter: bool
+    init_weight: float  # the stored pairwise weight at init (negated for 'potts')
+    learn_weight: bool  # forward uses the parameter pairwise_weights[i] instead of init_weight
+
+    @property
+    def adaptive(self) -> bool:
+        """True when the message is a PacConv2d guided by edge features ('na' is a plain convolution)."""
+        return self.compat_type != 'na'
+
+    def __str__(self) -> str:
+        type_repr = '0d' if self.compat_type == 'potts' else self.compat_type
+        return f'{type_repr}{"s" if self.spatial_filter else ""}_{self.kernel_size}_{self.dilation}_{self.blur}'
+
+
 class PacCRF(nn.Module):
     r"""Mean-field CRF with pixel-adaptive messages; all steps share their parameters.
 
@@ -294,15 +319,30 @@ class PacCRF(nn.Module):
             self.unary_weight = self.init_unary_weight
         else:
             self.unary_weight = nn.Parameter(torch.tensor(self.init_unary_weight))
+        # modules of kernel i (registered in this order: the 2019 state_dict layout), then its spec
         self.messengers = nn.ModuleList()
         self.compat = nn.ModuleList()
         self.pairwise_weights = nn.ParameterList()
-        self.init_pairwise_weights: List[float] = []
-        self._use_pairwise_weights: List[bool] = []
-        self.blur: List[int] = []
-        self.pairwise_repr: List[str] = []
+        self.kernel_specs: List[PairwiseKernelSpec] = []
         for kernel_args in _as_kernel_list(pairwise_kernels):
             self.add_pairwise_kernel(**kernel_args)
+
+    # Read-only views kept for code written against the 2019 attributes.
+    @property
+    def blur(self) -> List[int]:
+        return [spec.blur for spec in self.kernel_specs]
+
+    @property
+    def pairwise_repr(self) -> List[str]:
+        return [str(spec) for spec in self.kernel_specs]
+
+    @property
+    def init_pairwise_weights(self) -> List[float]:
+        return [spec.init_weight for spec in self.kernel_specs]
+
+    @property
+    def _use_pairwise_weights(self) -> List[bool]:
+        return [spec.learn_weight for spec in self.kernel_specs]
 
     def add_pairwise_kernel(self, kernel_size: int = 3, dilation: int = 1, blur: int = 1,
                             compat_type: str = '4d', spatial_filter: bool = True,
@@ -334,16 +374,15 @@ class PacCRF(nn.Module):
                 ('crf_perturbed' if self.perturbed_init else 'crf')
             messenger = PacConv2d(channels, channels, kernel_size, padding=padding, dilation=dilation, bias=False,
                                   shared_filters=shared, filler=filler, native_impl=self.native_impl)
+        weight = _as_weight('pairwise_weight', pairwise_weight)
+        spec = PairwiseKernelSpec(
+            kernel_size, dilation, blur, compat_type, spatial_filter,
+            init_weight=-weight if compat_type == 'potts' else weight,
+            learn_weight=compat_type == 'potts' and not spatial_filter and not self.fixed_weighting)
         self.messengers.append(messenger)
         self.compat.append(nn.Conv2d(channels, channels, 1, bias=False) if compat_type == '2d' else None)
-        weight = _as_weight('pairwise_weight', pairwise_weight)
-        init_weight = -weight if compat_type == 'potts' else weight
-        self.init_pairwise_weights.append(init_weight)
-        self.pairwise_weights.append(nn.Parameter(torch.tensor(init_weight)))
-        self._use_pairwise_weights.append(compat_type == 'potts' and not spatial_filter and not self.fixed_weighting)
-        self.blur.append(blur)
-        type_repr = '0d' if compat_type == 'potts' else compat_type
-        self.pairwise_repr.append(f'{type_repr}{"s" if spatial_filter else ""}_{kernel_size}_{dilation}_{blur}')
+        self.pairwise_weights.append(nn.Parameter(torch.tensor(spec.init_weight)))
+        self.kernel_specs.append(spec)
         self.reset_parameters(pairwise_idx=-1)
 
     def num_pairwise_kernels(self) -> int:
@@ -367,21 +406,25 @@ class PacCRF(nn.Module):
                     weight[:, :, 0, 0] = 1 - torch.eye(self.channels, dtype=weight.dtype, device=weight.device)
                     if self.perturbed_init:
                         weight.add_(torch.empty_like(weight).uniform_(-_COMPAT_PERTURBATION, _COMPAT_PERTURBATION))
-                self.pairwise_weights[i].fill_(self.init_pairwise_weights[i])
+                self.pairwise_weights[i].fill_(self.kernel_specs[i].init_weight)
 
     def extra_repr(self) -> str:
         return _crf_extra_repr(self.channels, self.num_steps, self.final_output, self.perturbed_init,
                                self.fixed_weighting, self.pairwise_repr, self.checkpoint_steps)
 
-    def _is_adaptive(self, i: int) -> bool:
-        return isinstance(self.messengers[i], PacConv2d)
-
     def compute_edge_kernels(self, unary: Tensor, edge_feat: EdgeFeat,
                              edge_kernel: EdgeKernel = None) -> List[Optional[Tensor]]:
-        """Adaptive kernels K_i of every kernel (None for 'na'), from features or checked if given.
+        """Adaptive kernels K_i of every kernel (None for 'na'), from the guide or checked if given.
 
-        ``edge_kernel`` may be one tensor reused by every kernel or a sequence with one per kernel; when it
-        is None, K_i is computed from ``edge_feat`` (one tensor shared by all kernels, or one per kernel).
+        The guide of the messengers is ``edge_feat``: one tensor shared by all kernels, or a sequence with
+        one per kernel. ``edge_kernel`` (one tensor reused by every kernel or a sequence with one per kernel)
+        replaces it when given.
+
+        Shape:
+            - unary: (B, C, H, W).
+            - edge_feat: (B, F, H, W), or a sequence of those (None for 'na').
+            - edge_kernel: (B, 1, k, k, H_b, W_b) with H_b = ceil(H / blur), or a sequence of those.
+            - Output: a list with one (B, 1, k, k, H_b, W_b) kernel per pairwise kernel (None for 'na').
         """
         _check_unary(unary, self.channels)
         n = self.num_pairwise_kernels()
@@ -392,56 +435,56 @@ class PacCRF(nn.Module):
             kernels = [edge_kernel] * n if isinstance(edge_kernel, Tensor) else list(edge_kernel)
             if len(kernels) != n:
                 raise ValueError(f'edge_kernel: expected {n} kernels (one per pairwise kernel), got {len(kernels)}')
-            for i in range(n):
-                kernels[i] = self._check_edge_kernel(i, kernels[i], unary) if self._is_adaptive(i) else None
-            return kernels
-        shared = isinstance(edge_feat, Tensor)
+            return [self._check_edge_kernel(i, kernel, unary) if spec.adaptive else None
+                    for i, (spec, kernel) in enumerate(zip(self.kernel_specs, kernels))]
+        guide = edge_feat
+        shared = isinstance(guide, Tensor)
         if shared:
-            _check_edge_feat('edge_feat', edge_feat, unary)
-        elif isinstance(edge_feat, (list, tuple)):
-            if len(edge_feat) != n:
+            _check_guide('edge_feat', guide, unary)
+        elif isinstance(guide, (list, tuple)):
+            if len(guide) != n:
                 raise ValueError(f'edge_feat: expected {n} feature tensors (one per pairwise kernel), '
-                                 f'got {len(edge_feat)}')
-        elif any(self._is_adaptive(i) for i in range(n)):
+                                 f'got {len(guide)}')
+        elif any(spec.adaptive for spec in self.kernel_specs):
             raise TypeError(f'edge_feat: expected a Tensor (B, F, H, W) or a list of {n}, '
-                            f'got {type(edge_feat).__name__}')
-        pooled_cache: Dict[int, Tensor] = {}
-        kernels = []
-        for i in range(n):
-            if not self._is_adaptive(i):
+                            f'got {type(guide).__name__}')
+        pooled_guides: Dict[int, Tensor] = {}
+        kernels: List[Optional[Tensor]] = []
+        for i, (spec, messenger) in enumerate(zip(self.kernel_specs, self.messengers)):
+            if not spec.adaptive:
                 kernels.append(None)
                 continue
-            blur = self.blur[i]
             if shared:
-                if blur not in pooled_cache:
-                    pooled_cache[blur] = _blur_down(edge_feat, blur)
-                feat = pooled_cache[blur]
+                if spec.blur not in pooled_guides:
+                    pooled_guides[spec.blur] = _blur_down(guide, spec.blur)
+                kernel_guide = pooled_guides[spec.blur]
             else:
-                _check_edge_feat(f'edge_feat[{i}]', edge_feat[i], unary)
-                feat = _blur_down(edge_feat[i], blur)
-            kernels.append(self.messengers[i].compute_kernel(feat)[0])
+                _check_guide(f'edge_feat[{i}]', guide[i], unary)
+                kernel_guide = _blur_down(guide[i], spec.blur)
+            kernels.append(messenger.compute_kernel(kernel_guide)[0])
         return kernels
 
     def _check_edge_kernel(self, i: int, kernel: Any, unary: Tensor) -> Tensor:
-        k = self.messengers[i].kernel_size
-        size = _blurred_size(unary.shape[-2:], self.blur[i])
-        expected = (unary.shape[0], 1, *k, *size)
+        spec = self.kernel_specs[i]
+        size = _blurred_size(unary.shape[-2:], spec.blur)
+        expected = (unary.shape[0], 1, spec.kernel_size, spec.kernel_size, *size)
         if not isinstance(kernel, Tensor) or tuple(kernel.shape) != expected:
             got = tuple(kernel.shape) if isinstance(kernel, Tensor) else type(kernel).__name__
             raise ValueError(f'edge_kernel[{i}]: expected shape {expected} (B, 1, kh, kw, H_b, W_b) for kernel '
-                             f'{self.pairwise_repr[i]}, got {got}')
+                             f'{spec}, got {got}')
         return kernel
 
     def _pairwise_weight(self, i: int) -> Union[Tensor, float]:
-        return self.pairwise_weights[i] if self._use_pairwise_weights[i] else self.init_pairwise_weights[i]
+        spec = self.kernel_specs[i]
+        return self.pairwise_weights[i] if spec.learn_weight else spec.init_weight
 
     def _mean_field_step(self, unary: Tensor, logQ: Tensor, kernels: List[Optional[Tensor]]) -> Tensor:
         """One mean-field update: the new logits from the unary and the messages of softmax(logQ)."""
         Q = F.softmax(logQ, dim=1)
         new_logQ = unary * self.unary_weight
         pooled_Q: Dict[int, Tensor] = {}
-        for i, messenger in enumerate(self.messengers):
-            blur = self.blur[i]
+        for i, (spec, messenger) in enumerate(zip(self.kernel_specs, self.messengers)):
+            blur = spec.blur
             if blur not in pooled_Q:
                 pooled_Q[blur] = _blur_down(Q, blur)
             msg = messenger(pooled_Q[blur], None, kernels[i]) if kernels[i] is not None else messenger(pooled_Q[blur])
@@ -458,7 +501,23 @@ class PacCRF(nn.Module):
 
     def forward(self, unary: Tensor, edge_feat: EdgeFeat, edge_kernel: EdgeKernel = None,
                 logQ: Optional[Tensor] = None) -> Tensor:
-        """Run ``num_steps`` mean-field steps from ``logQ`` (default: the unary)."""
+        """Run ``num_steps`` mean-field steps from ``logQ`` (default: the unary).
+
+        Args:
+            unary: the class scores (logits).
+            edge_feat: the guide of the adaptive messages (edge features, e.g. from :func:`create_YXRGB`):
+                one tensor for all kernels, or a sequence with one per kernel (None for 'na').
+            edge_kernel: precomputed adaptive kernels used instead of ``edge_feat`` (pass ``edge_feat=None``):
+                one tensor for all kernels, or a sequence with one per kernel.
+            logQ: the logits the iterations start from.
+
+        Shape:
+            - unary: (B, C, H, W).
+            - edge_feat: (B, F, H, W), or a sequence of those.
+            - edge_kernel: (B, 1, k, k, H_b, W_b) with H_b = ceil(H / blur), or a sequence of those.
+            - logQ: (B, C, H, W).
+            - Output: (B, C, H, W), ``final_output`` of the last step.
+        """
         _check_final_output(self.final_output)
         kernels = self.compute_edge_kernels(unary, edge_feat, edge_kernel)
         if logQ is None:
@@ -514,7 +573,16 @@ class PacCRFLoose(nn.Module):
                                self.fixed_weighting, self.steps[0].pairwise_repr, self.checkpoint_steps)
 
     def forward(self, unary: Tensor, edge_feat: EdgeFeat, edge_kernel: EdgeKernel = None) -> Tensor:
-        """Kernels are computed once (with step 0's messenger geometry), then each step runs once."""
+        """Run each step once, from the unary; the kernels are computed once, with step 0's messengers.
+
+        Args and Shape as :meth:`PacCRF.forward` (without ``logQ``):
+
+        Shape:
+            - unary: (B, C, H, W).
+            - edge_feat: (B, F, H, W), or a sequence with one per kernel.
+            - edge_kernel: (B, 1, k, k, H_b, W_b), or a sequence with one per kernel.
+            - Output: (B, C, H, W).
+        """
         _check_final_output(self.final_output)
         kernels = self.steps[0].compute_edge_kernels(unary, edge_feat, edge_kernel)
         logQ = unary
@@ -523,7 +591,7 @@ class PacCRFLoose(nn.Module):
         return _apply_final_output(logQ, self.final_output)
 
 
-class DenseCRF(PacCRF):
+class DenseCRF(nn.Module):
     r"""Preset mirroring the fully-connected DenseCRF of Kraehenbuehl & Koltun (2011), on a window.
 
     Two Potts kernels with fixed windows (``spatial_filter=False``, learnable weights):
@@ -534,7 +602,8 @@ class DenseCRF(PacCRF):
     - smoothness: ``w_s * exp(-|p_i - p_j|^2 / (2 theta_gamma^2))`` on position features, in a
       ``smoothness_kernel_size`` window at full resolution.
 
-    Weights are the logit bonus a pixel receives when every tap of the window agrees with it and K = 1:
+    It holds a :class:`PacCRF` as ``crf`` (state_dict keys ``crf.*``), and feeds it the edge features of
+    the image. Weights are the logit bonus a pixel receives when every tap of the window agrees with it and K = 1:
     the stored Potts weight is ``-w / (k^2 - 1)`` (the message is a sum over the k^2 - 1 neighbours), so
     the same ``w`` means the same strength for any window. ``image`` is expected on the 0-255 scale for
     the default ``color_scale`` (theta_beta = 13). The defaults were chosen on synthetic scenes (flat
@@ -579,33 +648,43 @@ class DenseCRF(PacCRF):
             _check_positive_int(name, value, odd=True)
             if value == 1:
                 raise ValueError(f'{name}: expected an odd int >= 3 (a 1x1 window has no neighbours), got 1')
-        super().__init__(num_classes, num_steps, final_output, perturbed_init=False, native_impl=native_impl,
-                         unary_weight=unary_weight, checkpoint_steps=checkpoint_steps, pairwise_kernels=[
-                             dict(kernel_size=kernel_size, dilation=dilation, blur=blur, compat_type='potts',
-                                  spatial_filter=False, pairwise_weight=appearance_weight / (kernel_size ** 2 - 1)),
-                             dict(kernel_size=smoothness_kernel_size, dilation=1, blur=1, compat_type='potts',
-                                  spatial_filter=False,
-                                  pairwise_weight=smoothness_weight / (smoothness_kernel_size ** 2 - 1))])
+        super().__init__()
+        self.crf = PacCRF(num_classes, num_steps, final_output, perturbed_init=False, native_impl=native_impl,
+                          unary_weight=unary_weight, checkpoint_steps=checkpoint_steps, pairwise_kernels=[
+                              dict(kernel_size=kernel_size, dilation=dilation, blur=blur, compat_type='potts',
+                                   spatial_filter=False, pairwise_weight=appearance_weight / (kernel_size ** 2 - 1)),
+                              dict(kernel_size=smoothness_kernel_size, dilation=1, blur=1, compat_type='potts',
+                                   spatial_filter=False,
+                                   pairwise_weight=smoothness_weight / (smoothness_kernel_size ** 2 - 1))])
         self.position_scale = float(position_scale)
         self.color_scale = float(color_scale)
         self.smoothness_scale = float(smoothness_scale)
 
     def edge_features(self, image: Tensor) -> List[Tensor]:
         """[appearance features (B, 2 + C, H, W), smoothness features (B, 2, H, W)] of ``image``."""
-        if not isinstance(image, Tensor) or image.dim() != 4:
-            raise ValueError(f'image: expected a tensor of shape (B, C, H, W), got '
-                             f'{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}')
+        _check_4d('image', image)
         appearance = create_YXRGB(image, yx_scale=self.position_scale, rgb_scale=self.color_scale)
         smoothness = create_position_feats(image.shape[-2:], self.smoothness_scale, image.shape[0],
                                            image.device).to(image.dtype)
         return [appearance, smoothness]
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f', position_scale={self.position_scale}, '
-                f'color_scale={self.color_scale}, smoothness_scale={self.smoothness_scale}')
+        return (f'position_scale={self.position_scale}, color_scale={self.color_scale}, '
+                f'smoothness_scale={self.smoothness_scale}')
 
-    def forward(self, unary: Tensor, image: Tensor, logQ: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
-        return super().forward(unary, self.edge_features(image), None, logQ)
+    def forward(self, unary: Tensor, image: Tensor, logQ: Optional[Tensor] = None) -> Tensor:
+        """Run the CRF on ``unary`` with the edge features of ``image``.
+
+        Shape:
+            - unary: (B, C, H, W) logits.
+            - image: (B, 3, H, W) (any channel count works), on the 0-255 scale for the default
+              ``color_scale``.
+            - logQ: (B, C, H, W), the logits the iterations start from (default: the unary).
+            - Output: (B, C, H, W), the CRF's ``final_output``.
+        """
+        _check_unary(unary, self.crf.channels)
+        _check_guide('image', image, unary)
+        return self.crf(unary, self.edge_features(image), None, logQ)
 
 
 @torch.no_grad()
@@ -631,14 +710,8 @@ def crf_refine(logits: Tensor, images: Tensor, crf: Optional[DenseCRF] = None, c
         >>> probs = crf_refine(torch.randn(2, 21, 64, 64), torch.rand(2, 3, 64, 64) * 255)
         >>> labels = probs.argmax(1)
     """
-    if not isinstance(logits, Tensor) or logits.dim() != 4:
-        raise ValueError(f'logits: expected a tensor of shape (B, C, H, W), got '
-                         f'{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}')
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != logits.shape[0] \
-            or images.shape[-2:] != logits.shape[-2:]:
-        raise ValueError(f'images: expected shape ({logits.shape[0]}, 3, {logits.shape[2]}, {logits.shape[3]}) '
-                         f'to match the logits, got '
-                         f'{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}')
+    _check_4d('logits', logits)
+    _check_guide('images', images, logits, what='the logits')
     _check_positive_int('chunk_size', chunk_size)
     if crf is None:
         dense_crf_kwargs.setdefault('final_output', 'softmax')

@@ -248,27 +248,32 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states['cuda'])
 
 
-def save_snapshot(exp_root: Path, epoch: int, net: nn.Module, optimizer, scheduler) -> None:
-    """Write state_epoch_<n>.pth (optimizer, scheduler, RNG states) and then weights_epoch_<n>.pth (a plain CPU
-    state_dict): the weights file commits the snapshot (tools.runtime.save_checkpoint)."""
+def save_snapshot(exp_root: Path, epoch: int, net: nn.Module, optimizer, scheduler, save_format: str = 'pth') -> None:
+    """Write state_epoch_<n>.pth (optimizer, scheduler, RNG states) and then weights_epoch_<n>.<save_format> (a plain
+    CPU state_dict): the weights file commits the snapshot (tools.runtime.save_checkpoint)."""
     state = {'epoch': epoch, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
              'rng': rng_states()}
-    save_checkpoint({k: v.detach().cpu() for k, v in net.state_dict().items()}, state,
-                    exp_root / f'{SNAPSHOT_PREFIX}{epoch}.pth', exp_root / f'{STATE_PREFIX}{epoch}.pth')
+    save_checkpoint(net.state_dict(), state,
+                    exp_root / f'{SNAPSHOT_PREFIX}{epoch}.{save_format}', exp_root / f'{STATE_PREFIX}{epoch}.pth')
+
+
+def snapshot_files(exp_root: Path) -> list[Path]:
+    """The weights and state files of every snapshot in ``exp_root`` (weights in either --save-format)."""
+    found = [*find_snapshots(exp_root, SNAPSHOT_PREFIX).values(), *find_snapshots(exp_root, STATE_PREFIX).values()]
+    return [same_epoch for path in found for same_epoch in (path.with_suffix('.pth'), path.with_suffix('.safetensors'))
+            if same_epoch.is_file()]
 
 
 def remove_snapshots(exp_root: Path) -> None:
-    for prefix in (SNAPSHOT_PREFIX, STATE_PREFIX):
-        for path in find_snapshots(exp_root, prefix).values():
-            path.unlink()
+    for path in snapshot_files(exp_root):
+        path.unlink()
 
 
 def check_overwrite_keeps_weights(args: argparse.Namespace, exp_root: Path) -> None:
     """--overwrite deletes the snapshots in --exp-root: refuse when --load-weights names one of them."""
     if not (args.overwrite and args.load_weights and os.path.isfile(args.load_weights)):
         return
-    doomed = [*find_snapshots(exp_root, SNAPSHOT_PREFIX).values(), *find_snapshots(exp_root, STATE_PREFIX).values()]
-    if any(os.path.samefile(args.load_weights, path) for path in doomed):
+    if any(os.path.samefile(args.load_weights, path) for path in snapshot_files(exp_root)):
         raise ValueError(f'--overwrite would delete {args.load_weights}, the file --load-weights names; copy it out '
                          f'of {exp_root} first (or use another --exp-root)')
 
@@ -361,7 +366,7 @@ def train_and_test(args: argparse.Namespace, plan: RunPlan | None = None) -> tup
     epochs, last_epoch, resume_from = plan.epochs, plan.last_epoch, plan.resume_from
 
     if resume_from is not None:
-        path = exp_root / f'{SNAPSHOT_PREFIX}{resume_from}.pth'
+        path = find_snapshots(exp_root, SNAPSHOT_PREFIX)[resume_from]  # .pth or .safetensors (--save-format)
         import weights
         weights.load_into(net, weights.load_state_dict(str(path)), strict=True, verbose=False)
         print(f'loaded snapshot {path}')
@@ -410,7 +415,7 @@ def train_and_test(args: argparse.Namespace, plan: RunPlan | None = None) -> tup
             write_row(test_log, epoch, optimizer.param_groups[0]['lr'], loss, measures)
             tqdm.write(f'epoch {epoch} test {label}: loss {loss:.6f}, {format_measures(args.measures, measures, info)}')
         if (args.snapshot_interval > 0 and epoch % args.snapshot_interval == 0) or epoch == epochs:
-            save_snapshot(exp_root, epoch, net, optimizer, scheduler)
+            save_snapshot(exp_root, epoch, net, optimizer, scheduler, args.save_format)
     train_seconds = time.perf_counter() - start
     train_log.close()
     test_log.close()
@@ -448,7 +453,8 @@ def _num_images(args: argparse.Namespace, loader: DataLoader) -> int:
 
 def _load_state(exp_root: Path, epoch: int) -> dict:
     try:
-        return load_checkpoint_state(exp_root / f'{SNAPSHOT_PREFIX}{epoch}.pth', exp_root / f'{STATE_PREFIX}{epoch}.pth')
+        return load_checkpoint_state(find_snapshots(exp_root, SNAPSHOT_PREFIX)[epoch],
+                                     exp_root / f'{STATE_PREFIX}{epoch}.pth')
     except CheckpointError as err:
         raise ValueError(f'cannot resume: {err}. Test it with --epochs {epoch}, start from it with --load-weights '
                          f'<a copy> --overwrite, or start afresh with --overwrite') from None
@@ -599,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='--load-weights: load the tensors that fit and list the rest (default: any mismatch is an error)')
     add('--debug', action='store_true', default=False,
         help=f'show the traceback of an error (or set {DEBUG_ENV}=1); without it an error is a short message')
+    add('--save-format', type=str, default='pth', choices=('pth', 'safetensors'),
+        help='format of the weights_epoch_<n> snapshots (pth: torch.save, as in 2019; safetensors needs '
+             'the safetensors package); both load with --load-weights and resume')
     add('--demo', action='store_true', default=False,
         help='train and compare Bilinear, DJIF and PacJointUpsample on Synthetic (a few CPU minutes); '
              'explicit flags override the preset: ' + ' '.join(f'{k}={v}' for k, v in DEMO_PRESET.items()))
@@ -651,6 +660,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--save-images must be >= 0 (or given without a number: all), got {args.save_images}')
     if DATASETS[args.dataset].kind == 'depth' and ('epe' in (args.measures or ()) or args.loss == 'epe'):
         raise ValueError(f'epe (end-point error) needs a flow dataset (Sintel*), got --dataset {args.dataset}')
+    try:
+        import weights
+        weights.check_save_format(args.save_format)
+    except ImportError as err:
+        raise ValueError(f'--save-format: {err}') from None
     names = args.compare or [args.model]
     if len(set(names)) != len(names):
         raise ValueError(f'--compare lists a model twice: {" ".join(names)}')

@@ -9,9 +9,9 @@ Examples (the README commands of the PAC paper)::
     # run on a CPU without any download
     python -m task_semanticSegmentation.main --dataset Synthetic --model tinyfcn --epochs 2 --device cpu
 
-Outputs in ``--exp-root``: ``train.log`` / ``test.log`` (CSV), ``weights_epoch_<e>.pth`` and
-``<optimizer>_epoch_<e>.pth`` snapshots (training resumes from them), and with ``--eval pred|raw``
-``outputs_<split>_<eval>/<id>.png|.npy``.
+Outputs in ``--exp-root``: ``train.log`` / ``test.log`` (CSV), ``weights_epoch_<e>.pth`` (``.safetensors``
+with ``--save-format safetensors``) and ``<optimizer>_epoch_<e>.pth`` snapshots (training resumes from them), and
+with ``--eval pred|raw`` ``outputs_<split>_<eval>/<id>.png|.npy``.
 """
 import argparse
 import math
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from tools.cli import DEBUG_ENV, ArgumentParser, run_cli
 from tools.runtime import (CheckpointError, CsvLog, atomic_open, find_snapshots, load_checkpoint_state,
                            remove_stale_temp_files, resolve_device, save_checkpoint, seed_everything)
-from weights import load_into, load_state_dict
+from weights import check_save_format, load_into, load_state_dict
 from .datasets import DeepLabEvalInputs, DeepLabInputs, PascalVOC, decode_id
 from .metrics import MEASURES, ConfusionMeter, make_loss, seg_measures
 from .models import GRAMMAR, create_model, parse_model_name, trainable_parameters
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '(default: any mismatch is an error)')
     p.add_argument('--debug', action='store_true',
                    help=f'show the traceback of an error (or set {DEBUG_ENV}=1); without it an error is a short message')
+    p.add_argument('--save-format', type=str, default='pth', choices=['pth', 'safetensors'],
+                   help='format of the weights_epoch_<e> snapshots (pth: torch.save, as in 2019; safetensors '
+                        'needs the safetensors package); both load with --load-weights and resume')
     return p
 
 
@@ -139,6 +142,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.load_weights_backbone and spec.crf is None:
         raise ValueError(f'--load-weights-backbone is for models with a CRF; {args.model!r} has none '
                          '(use --load-weights)')
+    try:
+        check_save_format(args.save_format)
+    except ImportError as err:
+        raise ValueError(f'--save-format: {err}') from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,20 +215,21 @@ def load_weights(module: nn.Module, spec: str, what: str, strict: bool = True,
 
 
 def save_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, exp_root: Path, epoch: int,
-                  optimizer_name: str, frozen_backbone: bool) -> None:
-    """Write <opt>_epoch_<e>.pth (the optimizer state) and then weights_epoch_<e>.pth (without backbone.* for a
-    frozen backbone): the weights file commits the snapshot (tools.runtime.save_checkpoint)."""
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()
+                  optimizer_name: str, frozen_backbone: bool, save_format: str = 'pth') -> None:
+    """Write <opt>_epoch_<e>.pth (the optimizer state) and then weights_epoch_<e>.<save_format> (without backbone.*
+    for a frozen backbone): the weights file commits the snapshot (tools.runtime.save_checkpoint)."""
+    state = {k: v for k, v in _unwrap(model).state_dict().items()
              if not (frozen_backbone and k.startswith('backbone'))}
     save_checkpoint(state, {'epoch': epoch, 'optimizer': optimizer.state_dict()},
-                    exp_root / f'weights_epoch_{epoch}.pth', exp_root / f'{optimizer_name.lower()}_epoch_{epoch}.pth')
+                    exp_root / f'weights_epoch_{epoch}.{save_format}',
+                    exp_root / f'{optimizer_name.lower()}_epoch_{epoch}.pth')
 
 
 def load_optimizer_state(exp_root: Path, epoch: int, optimizer_name: str, device: torch.device) -> dict:
     """The optimizer state saved with snapshot ``epoch`` (a 2019-style file holds the optimizer state itself)."""
     path = exp_root / f'{optimizer_name.lower()}_epoch_{epoch}.pth'
     try:
-        state = load_checkpoint_state(exp_root / f'weights_epoch_{epoch}.pth', path, map_location=device)
+        state = load_checkpoint_state(find_snapshots(exp_root)[epoch], path, map_location=device)
     except CheckpointError as err:
         raise ValueError(f'cannot resume: {err} (was it trained with another --optimizer?). Test it with --epochs '
                          f'{epoch}, or start afresh with --overwrite') from None
@@ -372,7 +380,8 @@ def check_overwrite_keeps_weights(args: argparse.Namespace, exp_root: Path) -> N
     """--overwrite rewrites the snapshots in --exp-root: refuse when --load-weights names one of them."""
     if not (args.overwrite and args.epochs > 0 and args.load_weights and os.path.isfile(args.load_weights)):
         return
-    owned = [p for p in exp_root.glob('*_epoch_*.pth') if p.is_file()] if exp_root.is_dir() else []
+    owned = [p for p in exp_root.glob('*_epoch_*') if p.suffix in ('.pth', '.safetensors') and p.is_file()] \
+        if exp_root.is_dir() else []
     if any(os.path.samefile(args.load_weights, path) for path in owned):
         raise ValueError(f'--overwrite would replace {args.load_weights}, the file --load-weights names; copy it '
                          f'out of {exp_root} first (or use another --exp-root)')
@@ -398,10 +407,10 @@ def prepare_model(args: argparse.Namespace, spec, exp_root: Path, device: torch.
         load_weights(model.backbone, args.load_weights_backbone, 'backbone', strict=strict)
     fill = bool(args.load_weights_backbone)
     if last_epoch > 0:
+        snapshot = find_snapshots(exp_root)[last_epoch]
         if args.load_weights:
-            print(f'Warning: resuming from {exp_root}/weights_epoch_{last_epoch}.pth; --load-weights is ignored')
-        load_weights(model, str(exp_root / f'weights_epoch_{last_epoch}.pth'), f'snapshot {last_epoch}',
-                     fill_backbone=fill)
+            print(f'Warning: resuming from {snapshot}; --load-weights is ignored')
+        load_weights(model, str(snapshot), f'snapshot {last_epoch}', fill_backbone=fill)
     elif args.load_weights:
         load_weights(model, args.load_weights, 'model', strict=strict, fill_backbone=fill)
     elif args.epochs == 0:
@@ -466,7 +475,7 @@ def train(args: argparse.Namespace, model: nn.Module, spec, last_epoch: int, tra
             if epoch % args.test_interval == 0 or epoch == args.epochs:
                 values = run_test(epoch, log_it=True)
             if (args.snapshot_interval > 0 and epoch % args.snapshot_interval == 0) or epoch == args.epochs:
-                save_snapshot(model, optimizer, exp_root, epoch, args.optimizer, spec.frozen)
+                save_snapshot(model, optimizer, exp_root, epoch, args.optimizer, spec.frozen, args.save_format)
     return values
 
 

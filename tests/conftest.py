@@ -3,6 +3,8 @@
 ``http_server``: a local HTTP file server on 127.0.0.1 (never the internet) that supports Range
 requests, records what it was asked, and can simulate broken or non-resumable servers.
 
+``device``: runs a test on the CPU, and again on CUDA when a GPU is present (skipped otherwise).
+
 Example:
     def test_download(http_server, tmp_path):
         (http_server.root / "a.bin").write_bytes(b"payload")
@@ -20,6 +22,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -159,11 +162,16 @@ def http_server(tmp_path: Path):
         server.stop()
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def device(request) -> torch.device:
+    """``torch.device('cpu')``, then ``torch.device('cuda')`` when a GPU is present."""
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one torch thread avoids OpenMP oversubscription when the machine is busy."""
-    import torch
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -217,9 +217,10 @@ def test_extract_rejects_hostile_tar(tmp_path, case):
     assert list(dest.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["../evil.txt", "a/../../evil.txt", "/tmp/evil_zip_abs.txt",
+@pytest.mark.parametrize("name", ["../evil.txt", "a/../../evil.txt", "{tmp_path}/evil_zip_abs.txt",
                                   "C:/evil.txt", "..\\evil.txt"])
 def test_extract_rejects_hostile_zip(tmp_path, name):
+    name = name.format(tmp_path=tmp_path.as_posix())  # an absolute member name
     archive = tmp_path / "bad.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("first.txt", "first")
@@ -229,7 +230,6 @@ def test_extract_rejects_hostile_zip(tmp_path, name):
         extract_archive(archive, dest, progress=False)
     assert list(dest.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", "dest"]
-    assert not os.path.exists("/tmp/evil_zip_abs.txt")
 
 
 def test_extract_unsupported_type(tmp_path):

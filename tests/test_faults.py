@@ -93,6 +93,18 @@ def test_a_truncated_mirror_file_is_refused(http_server, tmp_path):
     assert not (tmp_path / 'dl' / 'data.tar').exists()
 
 
+
+def test_a_truncated_safetensors_download_is_refused(http_server, tmp_path):
+    safetensors_torch = pytest.importorskip('safetensors.torch')
+    data = safetensors_torch.save({'w': torch.arange(5000.0)})
+    (http_server.root / 'w.safetensors').write_bytes(data[:-100])  # the server's length matches its short file
+    cache = tmp_path / 'cache'
+    with pytest.raises(FormatError, match='truncated safetensors file'):
+        weights.resolve_weights(http_server.url('w.safetensors'), cache)
+    assert not [p for p in cache.rglob('*') if p.is_file()]  # nothing cached, no .part either
+    (http_server.root / 'w.safetensors').write_bytes(data)
+    assert torch.equal(weights.load_state_dict(http_server.url('w.safetensors'), cache)['w'], torch.arange(5000.0))
+
 def test_a_bad_cached_file_is_named_and_downloaded_again(http_server, tmp_path, capsys):
     (http_server.root / 'w.pth').write_bytes(WEIGHTS)
     cached = tmp_path / 'dl' / 'w.pth'
@@ -154,6 +166,20 @@ def test_check_format_other_kinds(tmp_path):
         check_format(legacy, 'png')
 
 
+
+def test_check_format_safetensors(tmp_path):
+    safetensors_torch = pytest.importorskip('safetensors.torch')
+    data = safetensors_torch.save({'a': torch.ones(3, 4), 'b': torch.arange(7)}, metadata={'note': 'x'})
+    path = tmp_path / 'w.safetensors'
+    path.write_bytes(data)
+    check_format(path)  # the kind comes from the suffix
+    for bad, message in ((data[:-1], 'truncated'), (data + b'\0', 'truncated'), (data[:20], 'header'),
+                         (b'<html>not found</html>', 'header'), (b'\x04\0\0\0\0\0\0\0[1] ', 'JSON object'),
+                         (b'\x02\0\0\0\0\0\0\0{]', 'not JSON')):
+        path.write_bytes(bad)
+        with pytest.raises(FormatError, match=message):
+            check_format(path, 'safetensors')
+
 def test_a_wrong_voc2011_tar_is_named_and_deleted(http_server, tmp_path, monkeypatch):
     import json
 
@@ -180,6 +206,17 @@ def test_text_and_empty_files_as_weights_get_clear_messages(tmp_path):
     with pytest.raises(ValueError, match=f'{empty}: an empty file'):
         weights.load_state_dict(str(empty))
 
+
+
+def test_a_damaged_safetensors_file_gets_a_clear_message(tmp_path):
+    safetensors_torch = pytest.importorskip('safetensors.torch')
+    path = tmp_path / 'w.safetensors'
+    path.write_bytes(safetensors_torch.save({'w': torch.ones(100)})[:-10])
+    with pytest.raises(ValueError, match=f'{path}: not a readable safetensors weights file'):
+        weights.load_state_dict(str(path))
+    path.write_bytes(b'')
+    with pytest.raises(ValueError, match=f'{path}: an empty file'):
+        weights.load_state_dict(str(path))
 
 def test_weights_of_the_wrong_task_are_an_error_even_non_strict(tmp_path):
     seg_file = tmp_path / 'seg.pth'
@@ -343,6 +380,42 @@ def test_save_checkpoint_writes_the_state_first_and_checks_the_pair(tmp_path):
     with pytest.raises(CheckpointError, match='other weights'):
         load_checkpoint_state(weights_path, state_path)
 
+
+
+def test_save_checkpoint_hashes_the_safetensors_bytes_it_writes(tmp_path):
+    safetensors_torch = pytest.importorskip('safetensors.torch')
+    weights_path, state_path = tmp_path / 'weights_epoch_1.safetensors', tmp_path / 'state_epoch_1.pth'
+    save_checkpoint({'w': torch.ones(2)}, {'epoch': 1}, weights_path, state_path)
+    assert torch.equal(safetensors_torch.load_file(str(weights_path))['w'], torch.ones(2))  # really safetensors
+    assert load_checkpoint_state(weights_path, state_path)['epoch'] == 1
+    weights.save_state_dict({'w': torch.zeros(2)}, weights_path)
+    with pytest.raises(CheckpointError, match='other weights'):
+        load_checkpoint_state(weights_path, state_path)
+
+
+def test_a_safetensors_snapshot_is_resumed_only_with_its_own_state(tmp_path, capsys):
+    pytest.importorskip('safetensors')
+    st = ['--save-format', 'safetensors']
+    exp, other = tmp_path / 'exp', tmp_path / 'other'
+    joint_main.main(JOINT + st + ['--epochs', '1', '--exp-root', str(exp)])
+    joint_main.main(JOINT + st + ['--epochs', '1', '--seed', '2', '--exp-root', str(other)])
+    own = (exp / 'weights_epoch_1.safetensors').read_bytes()
+    (other / 'weights_epoch_1.safetensors').replace(exp / 'weights_epoch_1.safetensors')  # another run's weights
+    with pytest.raises(ValueError, match='written with other weights'):
+        joint_main.main(JOINT + st + ['--epochs', '2', '--exp-root', str(exp)])
+    (exp / 'weights_epoch_1.safetensors').write_bytes(own)
+    joint_main.main(JOINT + st + ['--epochs', '2', '--exp-root', str(exp)])
+    assert 'resuming after epoch 1' in capsys.readouterr().out
+
+    seg_exp = tmp_path / 'seg'
+    seg_main.main(SEG + st + ['--model', 'tinyfcn', '--epochs', '1', '--exp-root', str(seg_exp)])
+    seg_main.main(SEG + st + ['--model', 'tinyfcn', '--epochs', '2', '--exp-root', str(seg_exp)])
+    assert 'optimizer state loaded' in capsys.readouterr().out
+    assert sorted(p.name for p in seg_exp.glob('*_epoch_*')) == [
+        'adam_epoch_1.pth', 'adam_epoch_2.pth', 'weights_epoch_1.safetensors', 'weights_epoch_2.safetensors']
+    (seg_exp / 'weights_epoch_1.safetensors').replace(seg_exp / 'weights_epoch_2.safetensors')
+    with pytest.raises(ValueError, match='cannot resume: .*written with other weights'):
+        seg_main.main(SEG + st + ['--model', 'tinyfcn', '--epochs', '3', '--exp-root', str(seg_exp)])
 
 # ------------------------------------------------------------------------------------------------ files
 def test_atomic_files_follow_the_umask(tmp_path):

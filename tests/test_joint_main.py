@@ -59,6 +59,23 @@ def test_resume_reproduces_an_uninterrupted_run(trained):
     assert (root / 'resumed' / 'test.log').read_text() == (root / 'straight' / 'test.log').read_text()
 
 
+def test_save_format_safetensors_resumes_like_pth(trained, tmp_path):
+    pytest.importorskip('safetensors')
+    root, straight, _ = trained
+    exp = tmp_path / 'st'
+    joint_main.main(TINY + ['--epochs', '1', '--exp-root', str(exp), '--save-format', 'safetensors'])
+    resumed = joint_main.main(TINY + ['--epochs', '2', '--exp-root', str(exp), '--save-format', 'safetensors'])
+    assert sorted(p.name for p in exp.glob('*_epoch_*')) == [
+        'state_epoch_1.pth', 'state_epoch_2.pth', 'weights_epoch_1.safetensors', 'weights_epoch_2.safetensors']
+    import safetensors.torch
+    a = load(root / 'straight' / 'weights_epoch_2.pth')
+    b = safetensors.torch.load_file(str(exp / 'weights_epoch_2.safetensors'))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert resumed['rmse'] == straight['rmse']
+
+
 def test_test_only_runs_in_a_folder_with_snapshots(trained, capsys):
     root, straight, _ = trained
     exp = root / 'straight'

@@ -100,22 +100,25 @@ def test_reference_blur_round_trip_of_a_constant():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('shared_feat', [True, False], ids=['one-feature', 'feature-per-kernel'])
-def test_mixed_kernels_match_reference(shared_feat):
+def test_mixed_kernels_match_reference(shared_feat, device):
     crf = PacCRF(3, 2, pairwise_kernels=MIXED_KERNELS).to(DT)
     randomize_(crf)
     unary, feat = inputs()
     feats = [feat] * len(MIXED_KERNELS) if shared_feat else [feat * (i + 1) / 3 for i in range(len(MIXED_KERNELS))]
     expected = mean_field(unary, feats, reference_kernels(crf, MIXED_KERNELS), 2, unary_weight_value(crf))
-    out = crf(unary, feat if shared_feat else feats)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    crf, unary, feats = crf.to(device), unary.to(device), [f.to(device) for f in feats]
+    out = crf(unary, feats[0] if shared_feat else feats)
+    assert out.device.type == device.type
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_native_impl_gives_the_same_values_and_gradients():
+def test_native_impl_gives_the_same_values_and_gradients(device):
     lean = PacCRF(3, 2, pairwise_kernels=MIXED_KERNELS).to(DT)
     randomize_(lean)
     native = PacCRF(3, 2, native_impl=True, pairwise_kernels=MIXED_KERNELS).to(DT)
     native.load_state_dict(lean.state_dict())
-    unary, feat = inputs()
+    lean, native = lean.to(device), native.to(device)
+    unary, feat = (t.to(device) for t in inputs())
     grads = []
     for crf in (lean, native):
         f = feat.clone().requires_grad_()
@@ -452,12 +455,13 @@ def test_crf_refine_raises_accuracy_on_noisy_logits():
     assert bar_iou(probs, labels) > bar_iou(smoothed_only, labels) + 0.2  # measured: 0.72 vs 0.42
 
 
-def test_crf_refine_chunks_and_batches_agree():
+def test_crf_refine_chunks_and_batches_agree(device):
     scenes = [piecewise_scene(seed) for seed in (1, 2, 3)]
-    images = torch.cat([s[0] for s in scenes])
-    logits = torch.cat([s[1] for s in scenes])
-    crf = DenseCRF(3, final_output='log_Q')
+    images = torch.cat([s[0] for s in scenes]).to(device)
+    logits = torch.cat([s[1] for s in scenes]).to(device)
+    crf = DenseCRF(3, final_output='log_Q').to(device)
     whole = crf_refine(logits, images, crf, chunk_size=3)
+    assert whole.device.type == device.type
     torch.testing.assert_close(crf_refine(logits, images, crf, chunk_size=2), whole)
     torch.testing.assert_close(whole[1:2], crf(logits[1:2], images[1:2]))
     assert not whole.requires_grad
@@ -466,10 +470,12 @@ def test_crf_refine_chunks_and_batches_agree():
 def test_dense_crf_preset_structure():
     crf = DenseCRF(5, appearance_weight=2.5, smoothness_weight=1.5, kernel_size=9, dilation=2, blur=2,
                    smoothness_kernel_size=5, position_scale=40.0, color_scale=10.0, smoothness_scale=2.0)
-    assert crf.pairwise_repr == ['0d_9_2_2', '0d_5_1_1']
+    assert crf.crf.pairwise_repr == ['0d_9_2_2', '0d_5_1_1']
     # weights are per neighbour: w / (k^2 - 1), negated for Potts
-    assert [p.item() for p in crf.pairwise_weights] == [-2.5 / 80, -1.5 / 24]
-    assert crf._use_pairwise_weights == [True, True]
+    assert [p.item() for p in crf.crf.pairwise_weights] == [-2.5 / 80, -1.5 / 24]
+    assert crf.crf._use_pairwise_weights == [True, True]
+    assert list(crf.state_dict()) == ['crf.unary_weight', 'crf.messengers.0.weight', 'crf.messengers.1.weight',
+                                      'crf.pairwise_weights.0', 'crf.pairwise_weights.1']
     image = torch.rand(1, 3, 6, 7, dtype=DT) * 255
     appearance, smoothness = crf.edge_features(image)
     torch.testing.assert_close(appearance, create_YXRGB(image, 40.0, 10.0))
@@ -478,7 +484,7 @@ def test_dense_crf_preset_structure():
            dict(kernel_size=5, dilation=1, blur=1, compat_type='potts', pairwise_weight=1.5 / 24)]
     crf = crf.to(DT)
     unary = torch.randn(1, 5, 6, 7, dtype=DT)
-    expected = mean_field(unary, [appearance, smoothness], reference_kernels(crf, cfg), 5)
+    expected = mean_field(unary, [appearance, smoothness], reference_kernels(crf.crf, cfg), 5)
     torch.testing.assert_close(crf(unary, image), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -553,3 +559,60 @@ def test_error_crf_refine_inputs():
         DenseCRF(3, color_scale=0.0)
     with pytest.raises(ValueError, match='smoothness_kernel_size'):
         DenseCRF(3, smoothness_kernel_size=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# State_dict layout (released weights depend on it) and per-kernel specs
+# ------------------------------------------------------------------------------------------------
+
+ALL_KERNEL_TYPES = [dict(kernel_size=3, compat_type='4d'), dict(kernel_size=5, dilation=2, blur=2, compat_type='2d'),
+                    dict(kernel_size=3, compat_type='potts', spatial_filter=False), dict(kernel_size=3, compat_type='potts'),
+                    dict(kernel_size=3, compat_type='na'), dict(kernel_size=3, compat_type='2d', spatial_filter=False)]
+
+
+def test_state_dict_keys_and_shapes_keep_the_2019_layout():
+    crf = PacCRF(4, 2, pairwise_kernels=ALL_KERNEL_TYPES)
+    assert {k: tuple(v.shape) for k, v in crf.state_dict().items()} == {
+        'unary_weight': (), 'messengers.0.weight': (4, 4, 3, 3), 'messengers.1.weight': (1, 1, 5, 5),
+        'messengers.2.weight': (1, 1, 3, 3), 'messengers.3.weight': (1, 1, 3, 3),
+        'messengers.4.weight': (4, 4, 3, 3), 'messengers.5.weight': (1, 1, 3, 3),
+        'compat.1.weight': (4, 4, 1, 1), 'compat.5.weight': (4, 4, 1, 1), 'pairwise_weights.0': (),
+        'pairwise_weights.1': (), 'pairwise_weights.2': (), 'pairwise_weights.3': (), 'pairwise_weights.4': (),
+        'pairwise_weights.5': ()}
+    assert list(crf.state_dict())[:3] == ['unary_weight', 'messengers.0.weight', 'messengers.1.weight']
+    loose = PacCRFLoose(4, 2, pairwise_kernels=[ALL_KERNEL_TYPES[1], ALL_KERNEL_TYPES[4]])
+    assert list(loose.state_dict()) == [
+        f'steps.{s}.{k}' for s in range(2) for k in ('unary_weight', 'messengers.0.weight', 'messengers.1.weight',
+                                                      'compat.0.weight', 'pairwise_weights.0', 'pairwise_weights.1')]
+
+
+def test_kernel_specs_and_the_2019_attribute_views():
+    crf = PacCRF(4, 2, pairwise_kernels=ALL_KERNEL_TYPES)
+    assert [str(spec) for spec in crf.kernel_specs] == crf.pairwise_repr == [
+        '4ds_3_1_1', '2ds_5_2_2', '0d_3_1_1', '0ds_3_1_1', 'nas_3_1_1', '2d_3_1_1']
+    assert crf.blur == [1, 2, 1, 1, 1, 1]
+    assert crf.init_pairwise_weights == [1.0, 1.0, -1.0, -1.0, 1.0, 1.0]
+    assert crf._use_pairwise_weights == [False, False, True, False, False, False]
+    assert [spec.adaptive for spec in crf.kernel_specs] == [True, True, True, True, False, True]
+    assert len(crf.kernel_specs) == len(crf.messengers) == len(crf.compat) == len(crf.pairwise_weights) == 6
+    assert PacCRF(4, 1, fixed_weighting=True, pairwise_kernels=ALL_KERNEL_TYPES)._use_pairwise_weights == [False] * 6
+    crf.add_pairwise_kernel(kernel_size=7, compat_type='potts', spatial_filter=False, pairwise_weight=0.5)
+    assert crf.kernel_specs[-1] == (7, 1, 1, 'potts', False, -0.5, True)
+
+
+def test_error_dense_crf_and_feature_inputs():
+    crf = DenseCRF(3)
+    with pytest.raises(TypeError, match='image'):  # pac._check_4d's style: TypeError for a non-tensor
+        crf(torch.randn(1, 3, 8, 8), [[0.0]])
+    with pytest.raises(ValueError, match='image'):  # and ValueError for a wrong number of dims
+        crf(torch.randn(1, 3, 8, 8), torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match=r'image: expected shape \(1, F, 8, 8\) to match the unary, got \(1, 3, 8, 9\)'):
+        crf(torch.randn(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+    with pytest.raises(ValueError, match=r'unary: expected shape \(B, 3, H, W\)'):
+        crf(torch.randn(1, 4, 8, 8), torch.rand(1, 3, 8, 8))
+    with pytest.raises(TypeError, match='logits'):
+        crf_refine(np.zeros((1, 3, 8, 8)), torch.rand(1, 3, 8, 8))
+    with pytest.raises(TypeError, match='img: expected a tensor'):
+        create_YXRGB(np.zeros((1, 3, 8, 8)))
+    with pytest.raises(ValueError, match=r'img: expected a tensor of shape \(..., C, H, W\), got shape \(8, 8\)'):
+        create_YXRGB(torch.zeros(8, 8))

@@ -71,6 +71,19 @@ def test_train_resume_test_only_and_predictions(tmp_path, capsys):
         assert np.array_equal(raw.argmax(0), np.asarray(pred))
 
 
+def test_save_format_safetensors(tmp_path):
+    safetensors_torch = pytest.importorskip('safetensors.torch')
+    exp = tmp_path / 'exp'
+    trained = run(tmp_path, '--model', 'tinyfcn', '--epochs', 1, '--train-split', 'train_rand2',
+                  '--test-split', 'val_rand2', '--save-format', 'safetensors')
+    assert sorted(p.name for p in exp.glob('*_epoch_*')) == ['adam_epoch_1.pth', 'weights_epoch_1.safetensors']
+    state = safetensors_torch.load_file(str(exp / 'weights_epoch_1.safetensors'))
+    assert set(state) == set(create_model('tinyfcn', 21).state_dict())
+    # a test-only run in that folder finds and loads the .safetensors snapshot
+    tested = run(tmp_path, '--model', 'tinyfcn', '--test-split', 'val_rand2')
+    assert tested['miou'] == pytest.approx(trained['miou'], abs=1e-6)
+
+
 def test_frozen_crf_stage_and_loose_stage_two(tmp_path, capsys):
     backbone = tmp_path / 'backbone.pth'
     torch.manual_seed(0)

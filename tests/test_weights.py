@@ -63,11 +63,25 @@ def test_unknown_name_lists_known_names():
         resolve_weights("")
 
 
-def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("PACNET_CACHE", str(tmp_path))
-    assert weights.default_cache_dir() == tmp_path
+def test_default_cache_dir_follows_torch_hub(monkeypatch, tmp_path):
+    monkeypatch.setenv("PACNET_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    assert weights.default_cache_dir() == tmp_path / "mine"
     monkeypatch.delenv("PACNET_CACHE")
-    assert weights.default_cache_dir() == Path.home() / ".cache" / "pacnet"
+    assert weights.default_cache_dir() == tmp_path / "torch_home" / "hub" / "checkpoints" / "pacnet"
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "set_dir"))  # what torch.hub.set_dir sets
+    assert weights.default_cache_dir() == tmp_path / "set_dir" / "checkpoints" / "pacnet"
+
+
+def test_registry_download_goes_to_the_torch_hub_cache(http_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PACNET_WEIGHTS_URL", http_server.url(""))
+    monkeypatch.delenv("PACNET_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    served = http_server.root / "flow_upsampling" / "x4_djif_weights_epoch_5000.pth"
+    served.parent.mkdir()
+    torch.save(_net().state_dict(), served)
+    assert resolve_weights("flow_x4_djif") == (tmp_path / "torch_home" / "hub" / "checkpoints" / "pacnet"
+                                               / "flow_upsampling" / "x4_djif_weights_epoch_5000.pth")
 
 
 # ---------------------------------------------------------------- downloads
@@ -209,3 +223,66 @@ def test_missing_released_file_name_falls_back_to_the_registry(mirror, capsys):
         resolve_weights("fcn8s_from_caffe.pth")
     assert "using the released file 'fcn8s_from_caffe'" in capsys.readouterr().out
     assert any(path.endswith("semantic_segmentation/fcn8s_from_caffe.pth") for path, _ in mirror.requests)
+
+
+# ---------------------------------------------------------------- safetensors
+def _assert_same(loaded, state):
+    assert sorted(loaded) == sorted(state)  # safetensors stores keys in its own order
+    assert all(torch.equal(loaded[k], state[k]) and loaded[k].dtype == state[k].dtype for k in state)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_save_state_dict_round_trip(tmp_path, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    state = _net().state_dict()  # includes an int64 buffer (num_batches_tracked)
+    path = weights.save_state_dict(state, tmp_path / "sub" / f"w{suffix}")
+    assert path == tmp_path / "sub" / f"w{suffix}" and [p.name for p in path.parent.iterdir()] == [path.name]
+    _assert_same(load_state_dict(path), state)
+    if suffix == ".safetensors":  # really a safetensors file, not a torch.save one with that suffix
+        import safetensors.torch
+        _assert_same(safetensors.torch.load_file(str(path)), state)
+
+
+def test_safetensors_recognised_by_content_and_by_url(mirror, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = _net().state_dict()
+    safetensors_torch.save_file(dict(state), str(tmp_path / "no_suffix.bin"))
+    _assert_same(load_state_dict(tmp_path / "no_suffix.bin"), state)
+    safetensors_torch.save_file(dict(state), str(mirror.root / "w.safetensors"))
+    _assert_same(load_state_dict(mirror.url("w.safetensors")), state)
+    # a torch.save file is not mistaken for one
+    torch.save(state, tmp_path / "plain.bin")
+    assert not weights._is_safetensors(tmp_path / "plain.bin")
+    _assert_same(load_state_dict(tmp_path / "plain.bin"), state)
+
+
+def test_safetensors_views_and_shared_tensors_are_saved(tmp_path):
+    pytest.importorskip("safetensors")
+    base = torch.arange(12.0).view(3, 4)
+    state = {"a": base, "a_t": base.t(), "row": base[1]}  # shared storage, a non-contiguous view
+    loaded = load_state_dict(weights.save_state_dict(state, tmp_path / "w.safetensors"))
+    _assert_same(loaded, {k: v.contiguous() for k, v in state.items()})
+
+
+def test_missing_safetensors_gives_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_safetensors(name, *args, **kwargs):
+        if name == "safetensors" or name.startswith("safetensors."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_safetensors)
+    (tmp_path / "w.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ImportError, match="optional package safetensors.*pip install safetensors"):
+        load_state_dict(tmp_path / "w.safetensors")
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        weights.save_state_dict({"w": torch.zeros(1)}, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        weights.check_save_format("safetensors")
+    weights.check_save_format("pth")  # needs nothing optional
+    with pytest.raises(ValueError, match="save_format: expected one of.*got 'npz'"):
+        weights.check_save_format("npz")

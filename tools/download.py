@@ -3,18 +3,24 @@
 ``download_url`` writes to ``<file>.part``, resumes an interrupted ``.part`` with an HTTP Range
 request, verifies it and only then renames the file into place, so a file that exists under its
 final name is always complete. Verified means: the md5/sha256 when one is given; otherwise the
-announced length (Content-Length / Content-Range) and a format check (a torch file, tar, zip or
-.mat that opens, see :func:`check_format`). A cached file is checked the same way before it is
-used, and downloaded again when it fails. ``extract_archive`` refuses archives with members that
-would land outside the target folder.
+announced length (Content-Length / Content-Range) and a format check (a torch or safetensors file,
+tar, zip or .mat that opens, see :func:`check_format`). A cached file is checked the same way
+before it is used, and downloaded again when it fails. ``extract_archive`` refuses archives with
+members that would land outside the target folder.
 
-Example:
-    >>> path = download_url("https://example.org/data.tgz", "data", md5="0123...")
-    >>> extract_archive(path, "data")
+Example (an ``http(s)://`` URL works the same way as this local archive):
+    >>> import tarfile
+    >>> with tarfile.open("notes.tgz", "w:gz") as tar:
+    ...     tar.add(__file__, arcname="notes/download.py")
+    >>> url, md5 = Path("notes.tgz").resolve().as_uri(), file_digest("notes.tgz")
+    >>> path = download_url(url, "data", md5=md5, progress=False)
+    >>> sorted(p.name for p in extract_archive(path, "data", progress=False).iterdir())
+    ['notes', 'notes.tgz']
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
 import os
 import re
@@ -111,10 +117,12 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt")
 
 
 def file_format_of(filename: str) -> Optional[str]:
-    """The format a file name announces: 'torch', 'tar', 'zip', 'mat' or None (unknown)."""
+    """The format a file name announces: 'torch', 'safetensors', 'tar', 'zip', 'mat' or None."""
     name = filename.lower()
     if name.endswith(_TORCH_SUFFIXES):
         return "torch"
+    if name.endswith(".safetensors"):
+        return "safetensors"
     if name.endswith(_TAR_SUFFIXES):
         return "tar"
     if name.endswith(".zip"):
@@ -138,6 +146,31 @@ def _check_torch(path: Path) -> None:
         text = str(err).strip().splitlines()
         raise FormatError(f"torch.load fails ({type(err).__name__}"
                           f"{': ' + text[0][:120] if text else ''})") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    # layout: 8-byte little-endian header length, a JSON header, then the tensor data; the header's
+    # data_offsets say where the data ends, so a cut file shows without the safetensors package
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or 8 + header_length > size:
+            raise FormatError(f"not a complete safetensors file (a {header_length}-byte header "
+                              f"announced, the file has {size} bytes)")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise FormatError(f"not a safetensors file (its header is not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise FormatError("not a safetensors file (its header is not a JSON object)")
+    try:
+        end = max((int(entry["data_offsets"][1]) for key, entry in header.items()
+                   if key != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise FormatError("not a safetensors file (a header entry without data_offsets)") from None
+    if 8 + header_length + end != size:
+        raise FormatError(f"truncated safetensors file: its tensors need {8 + header_length + end} "
+                          f"bytes, the file has {size}")
 
 
 def _check_tar(path: Path) -> None:
@@ -182,7 +215,8 @@ def _check_mat(path: Path) -> None:
             raise FormatError(f"not a complete MATLAB 7.3 (HDF5) file ({err})") from None
 
 
-_CHECKS = {"torch": _check_torch, "tar": _check_tar, "zip": _check_zip, "mat": _check_mat}
+_CHECKS = {"torch": _check_torch, "safetensors": _check_safetensors, "tar": _check_tar,
+           "zip": _check_zip, "mat": _check_mat}
 
 
 def check_format(path: PathLike, kind: Optional[str] = None) -> None:
@@ -191,7 +225,8 @@ def check_format(path: PathLike, kind: Optional[str] = None) -> None:
     Args:
         path: the file.
         kind: 'torch' (a ``torch.save`` file: zip index present, or a legacy pickle that
-            ``torch.load(weights_only=True)`` reads), 'tar' (every member's data is present,
+            ``torch.load(weights_only=True)`` reads), 'safetensors' (a JSON header whose tensors
+            end exactly at the end of the file), 'tar' (every member's data is present,
             compressed streams end properly), 'zip' (the central directory opens), 'mat' (a MATLAB
             header; HDF5-based 7.3 files open); None: from the file name (unknown suffixes pass).
     """
@@ -330,9 +365,9 @@ def download_url(url: str, root: PathLike, filename: Optional[str] = None,
     The data goes to ``<file>.part`` (resumed with an HTTP Range request when a ``.part`` exists;
     a server that ignores Range gets a full download), is verified, and only then renamed into
     place. Verified means: the md5/sha256 when given; otherwise the length the server announced
-    and :func:`check_format` (a torch file, tar, zip or .mat that opens completely). An existing
-    file is checked the same way (checksum, or format) and downloaded again, with a message naming
-    it, when it fails. ``file://`` URLs and plain local paths are copied the same way.
+    and :func:`check_format` (a torch or safetensors file, tar, zip or .mat that opens
+    completely). An existing file is checked the same way (checksum, or format) and downloaded
+    again, with a message naming it, when it fails. ``file://`` URLs and plain local paths are copied the same way.
 
     Args:
         url: ``http(s)://`` or ``file://`` URL, or a local path.
@@ -341,7 +376,8 @@ def download_url(url: str, root: PathLike, filename: Optional[str] = None,
         md5, sha256: expected hex digests (either, both or none).
         progress: show a tqdm progress bar.
         timeout: socket timeout in seconds.
-        file_format: the format to check without a checksum ('torch', 'tar', 'zip', 'mat');
+        file_format: the format to check without a checksum ('torch', 'safetensors', 'tar', 'zip',
+            'mat');
             default: from the file name's suffix (an unknown suffix is checked by length only).
 
     Returns:

@@ -4,9 +4,14 @@ The ``.flo`` format (little-endian): float32 magic 202021.25 (the bytes "PIEH"),
 int32 height, then height * width * 2 float32 values, row-major with (u, v) interleaved.
 
 Example:
+    >>> gt = np.random.default_rng(0).normal(size=(4, 5, 2)).astype(np.float32)
+    >>> write_flow(gt, "frame_0001.flo")
     >>> flow = read_flow("frame_0001.flo")                 # (H, W, 2) float32
-    >>> save_flow_image(flow, "frame_0001.png")            # Middlebury colour coding
-    >>> epe = flow_error(gt[..., 0], gt[..., 1], flow[..., 0], flow[..., 1])
+    >>> flow.shape, flow.dtype
+    ((4, 5, 2), dtype('float32'))
+    >>> path = save_flow_image(flow, "frame_0001.png")     # Middlebury colour coding
+    >>> round(flow_error(gt[..., 0], gt[..., 1], flow[..., 0] + 3, flow[..., 1] + 4), 4)  # mean end-point error
+    5.0
 """
 from __future__ import annotations
 

@@ -6,7 +6,13 @@ Example:
     python -m tools.plot_log exp/nyu/train.log exp/nyu/test.log --plots loss rmse \\
         --output exp/nyu/curves.png
 
+    >>> from tools.runtime import CsvLog
+    >>> for run, rmse in (("a", 5.0), ("b", 4.0)):
+    ...     with CsvLog(f"exp/{run}/test.log", ["epoch", "rmse"], resume_epoch=None) as log:
+    ...         for epoch in range(1, 4):
+    ...             log.write([epoch, rmse / epoch], ["{:d}", "{:.3f}"])
     >>> plot_logs(["exp/a/test.log", "exp/b/test.log"], "compare.png", plots=["rmse"])
+    PosixPath('compare.png')
 """
 from __future__ import annotations
 

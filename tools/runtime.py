@@ -129,7 +129,7 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
 
     Example:
         >>> with atomic_open("results.txt", "w") as f:
-        ...     f.write("done\\n")
+        ...     _ = f.write("done\\n")
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
@@ -184,7 +184,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     The object is serialised in memory first, so a full disk is a plain OSError naming ``path``.
 
     Example:
-        >>> atomic_save(model.state_dict(), "exp/weights_epoch_10.pth")
+        >>> atomic_save(torch.nn.Linear(3, 2).state_dict(), "exp/weights_epoch_10.pth")
     """
     write_bytes_atomic(_serialize(obj), path)
 
@@ -212,12 +212,17 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor], state: Mapping[str, Any
                     weights_path: PathLike, state_path: PathLike) -> None:
     """Save a snapshot as one unit: the training state first, the weights file last.
 
-    The weights file (a plain state_dict, the released-weights format) is the commit marker: it
-    appears only after its state is on disk, and the state records the sha256 of the weights
-    bytes, so :func:`load_checkpoint_state` accepts only the state written with these weights.
-    A kill between the two writes leaves a state without weights, which no resume picks up.
+    The weights file (a plain state_dict: ``torch.save``, the released-weights format, or
+    safetensors when ``weights_path`` ends in ``.safetensors``; see
+    :func:`weights.state_dict_bytes`) is the commit marker: it appears only after its state is on
+    disk, and the state records the sha256 of the weights bytes, so :func:`load_checkpoint_state`
+    accepts only the state written with these weights. A kill between the two writes leaves a
+    state without weights, which no resume picks up.
     """
-    data = _serialize(dict(weights))
+    from weights import state_dict_bytes  # imported here: the weights package imports this module
+
+    save_format = "safetensors" if Path(weights_path).suffix == ".safetensors" else "pth"
+    data = state_dict_bytes(weights, save_format)
     state = {**state, "weights_sha256": hashlib.sha256(data).hexdigest()}
     atomic_save(state, state_path)
     write_bytes_atomic(data, weights_path)
@@ -256,7 +261,11 @@ def atomic_savefig(figure: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
     The format comes from the suffix of ``path`` (PNG when there is none).
 
     Example:
+        >>> from matplotlib.figure import Figure
+        >>> figure = Figure()
+        >>> _ = figure.add_subplot().plot([1, 2, 3])
         >>> atomic_savefig(figure, "exp/curves.png", dpi=100)
+        PosixPath('exp/curves.png')
     """
     path = Path(path)
     buffer = io.BytesIO()  # rendered in memory: a full disk is then a plain OSError naming the file
@@ -266,24 +275,28 @@ def atomic_savefig(figure: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
 
 
 def find_snapshots(exp_root: PathLike, prefix: str = "weights_epoch_") -> dict[int, Path]:
-    """Find ``<prefix><epoch>.pth`` files in ``exp_root``.
+    """Find ``<prefix><epoch>.pth`` and ``<prefix><epoch>.safetensors`` files in ``exp_root``.
 
     Returns:
-        ``{epoch: path}`` sorted by epoch; empty when the folder does not exist.
+        ``{epoch: path}`` sorted by epoch; empty when the folder does not exist. When an epoch
+        has both formats, the more recently written file is returned.
 
     Example:
-        >>> find_snapshots("exp/nyu")            # doctest: +SKIP
-        {100: PosixPath('exp/nyu/weights_epoch_100.pth'), 200: ...}
+        >>> atomic_save({}, "exp/nyu/weights_epoch_100.pth")
+        >>> find_snapshots("exp/nyu")
+        {100: PosixPath('exp/nyu/weights_epoch_100.pth')}
     """
     exp_root = Path(exp_root)
     if not exp_root.is_dir():
         return {}
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.pth")
-    found = {}
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(?:pth|safetensors)")
+    found: dict[int, Path] = {}
     for entry in exp_root.iterdir():
         match = pattern.fullmatch(entry.name)
         if match and entry.is_file():
-            found[int(match.group(1))] = entry
+            epoch = int(match.group(1))
+            if epoch not in found or entry.stat().st_mtime_ns > found[epoch].stat().st_mtime_ns:
+                found[epoch] = entry
     return dict(sorted(found.items()))
 
 

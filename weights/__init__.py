@@ -3,20 +3,31 @@
 Every ``--load-weights`` style argument goes through :func:`resolve_weights`, which accepts a local
 file, an ``http(s)://`` or ``file://`` URL, or one of the registry names below (downloaded once
 into the cache; md5-verified where a checksum is published, otherwise checked for its announced
-length and for being a complete file that ``torch.load`` reads).
+length and for being a complete file: one that ``torch.load`` reads, or for a ``.safetensors``
+name, a safetensors file whose tensors end where the file does).
+
+Two file formats load alike: ``torch.save`` files (``.pth``, the format of the released weights,
+read with ``weights_only=True``) and ``.safetensors`` files (recognised by suffix or content; they
+need the optional package ``safetensors``). :func:`save_state_dict` writes either, atomically.
 
 Environment:
     PACNET_WEIGHTS_URL: base URL of a mirror of the weights (default: the authors' server).
-    PACNET_CACHE: cache folder (default ``~/.cache/pacnet``).
+    PACNET_CACHE: cache folder (default ``<torch hub dir>/checkpoints/pacnet``, i.e.
+        ``$TORCH_HOME/hub/checkpoints/pacnet``, by default ``~/.cache/torch/hub/checkpoints/pacnet``).
 
 Example:
+    >>> import torch
     >>> from weights import load_state_dict, load_into
-    >>> state = load_state_dict("depth_x8_pac")      # downloads to ~/.cache/pacnet once
-    >>> missing, unexpected = load_into(model, state)  # strict: raises on any mismatch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> state = load_state_dict("depth_x8_pac")  # doctest: +SKIP
+    >>> missing, unexpected = load_into(model, model.state_dict(), verbose=False)  # strict
+    >>> missing, unexpected
+    ([], [])
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import zipfile
@@ -27,11 +38,13 @@ from urllib.parse import unquote, urlsplit
 import torch
 
 from tools.download import download_url
+from tools.runtime import atomic_open
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["DEFAULT_BASE_URL", "REGISTRY", "WeightsEntry", "list_weights", "weights_url",
-           "default_cache_dir", "resolve_weights", "load_state_dict", "load_into"]
+           "default_cache_dir", "resolve_weights", "load_state_dict", "load_into",
+           "SAVE_FORMATS", "check_save_format", "state_dict_bytes", "save_state_dict"]
 
 DEFAULT_BASE_URL = "http://maxwell.cs.umass.edu/pacnet-data/pretrained_weights/"
 
@@ -87,8 +100,13 @@ def weights_url(name: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    """The weights cache: ``$PACNET_CACHE``, else ``~/.cache/pacnet``."""
-    return Path(os.environ.get("PACNET_CACHE") or Path.home() / ".cache" / "pacnet")
+    """The weights cache: ``$PACNET_CACHE``, else ``checkpoints/pacnet`` in torch hub's folder.
+
+    The latter follows the torch hub convention (:func:`torch.hub.get_dir`: ``$TORCH_HOME/hub``,
+    by default ``~/.cache/torch/hub``), so the files sit next to other hub checkpoints.
+    """
+    override = os.environ.get("PACNET_CACHE")
+    return Path(override) if override else Path(torch.hub.get_dir()) / "checkpoints" / "pacnet"
 
 
 def _unknown_name(name: str) -> ValueError:
@@ -103,7 +121,13 @@ def _entry(name: str) -> WeightsEntry:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return "/" in spec or os.sep in spec or PurePosixPath(spec).suffix in (".pth", ".pt", ".pkl")
+    return "/" in spec or os.sep in spec or \
+        PurePosixPath(spec).suffix in (".pth", ".pt", ".pkl", ".safetensors")
+
+
+def _download_format(filename: str) -> str:
+    """The format check for a downloaded weights file without a checksum, by its suffix."""
+    return "safetensors" if PurePosixPath(filename).suffix == ".safetensors" else "torch"
 
 
 def resolve_weights(spec: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
@@ -113,7 +137,7 @@ def resolve_weights(spec: PathLike, cache_dir: Optional[PathLike] = None) -> Pat
         spec: an existing file, an ``http(s)://`` / ``file://`` URL, or a registry name
             (see :func:`list_weights`).
         cache_dir: download folder; default :func:`default_cache_dir` (``$PACNET_CACHE`` or
-            ``~/.cache/pacnet``). Registry files keep their sub-folder
+            torch hub's ``checkpoints/pacnet``). Registry files keep their sub-folder
             (``depth_upsampling/...``), URLs go to ``urls/<hash of the URL>/<file name>``.
 
     Raises:
@@ -131,7 +155,7 @@ def resolve_weights(spec: PathLike, cache_dir: Optional[PathLike] = None) -> Pat
     if scheme in ("http", "https", "file"):
         folder = cache / "urls" / hashlib.sha256(spec.encode()).hexdigest()[:16]
         name = PurePosixPath(unquote(urlsplit(spec).path)).name or "weights.pth"
-        return download_url(spec, folder, filename=name, file_format="torch")
+        return download_url(spec, folder, filename=name, file_format=_download_format(name))
     if spec in REGISTRY:
         entry = REGISTRY[spec]
         relative = PurePosixPath(entry.path)
@@ -167,12 +191,15 @@ def load_state_dict(spec: PathLike,
                     cache_dir: Optional[PathLike] = None) -> dict[str, torch.Tensor]:
     """Resolve ``spec`` (see :func:`resolve_weights`) and load its state_dict on the CPU.
 
-    Uses ``torch.load(weights_only=True)``: a file that would run arbitrary code when unpickled
-    is refused. ``{"state_dict": ...}`` and ``{"model": ...}`` containers are unwrapped.
+    A ``.safetensors`` file (by suffix or content) is read with ``safetensors``; anything else with
+    ``torch.load(weights_only=True)``, so a file that would run arbitrary code when unpickled is
+    refused. ``{"state_dict": ...}`` and ``{"model": ...}`` containers are unwrapped.
     """
     path = resolve_weights(spec, cache_dir)
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: an empty file (0 bytes), not a weights file")
+    if _is_safetensors(path):
+        return _load_safetensors(path)
     with open(path, "rb") as handle:
         head = handle.read(1)
     if not zipfile.is_zipfile(path) and head != b"\x80":  # torch.save writes a zip, or (before 1.6) a pickle
@@ -192,6 +219,82 @@ def load_state_dict(spec: PathLike,
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else "no message"
+
+
+# ---------------------------------------------------------------- safetensors
+#: the formats of :func:`save_state_dict` and of the task programs' ``--save-format``.
+SAVE_FORMATS = ("pth", "safetensors")
+
+
+def _safetensors_torch(what: str) -> Any:
+    """``safetensors.torch``, or an ImportError that says how to install the optional package."""
+    try:
+        import safetensors.torch
+    except ImportError as err:
+        raise ImportError(f"{what}: .safetensors files need the optional package safetensors; install "
+                          "it with `pip install safetensors` (or the extra `pacnet[safetensors]`)") from err
+    return safetensors.torch
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By suffix, or by content: an 8-byte little-endian header length, then a JSON header."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return (len(head) == 9 and head[8:] == b"{"
+            and int.from_bytes(head[:8], "little") < path.stat().st_size)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    safetensors_torch = _safetensors_torch(f"{path}")
+    try:
+        return dict(safetensors_torch.load_file(os.fspath(path), device="cpu"))
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error type on bad files)
+        raise ValueError(f"{path}: not a readable safetensors weights file ({type(err).__name__}: "
+                         f"{_first_line(err)})") from err
+
+
+def check_save_format(save_format: str) -> None:
+    """Raise ValueError for an unknown format, ImportError when safetensors is needed but missing."""
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save_format: expected one of {SAVE_FORMATS}, got {save_format!r}")
+    if save_format == "safetensors":
+        _safetensors_torch("save_format 'safetensors'")
+
+
+def state_dict_bytes(state_dict: Mapping[str, torch.Tensor], save_format: str = "pth") -> bytes:
+    """The content of a weights file holding ``state_dict`` (moved to the CPU).
+
+    ``save_format`` is ``'pth'`` (``torch.save``, the format of the released weights) or
+    ``'safetensors'``. Both load with :func:`load_state_dict`.
+    """
+    check_save_format(save_format)
+    if save_format == "safetensors":
+        # private contiguous copies: safetensors refuses views and tensors that share memory
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+        return _safetensors_torch("save_format 'safetensors'").save(tensors)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+    return buffer.getvalue()
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike) -> Path:
+    """Write ``state_dict`` (moved to the CPU) atomically; the suffix of ``path`` picks the format.
+
+    ``.safetensors`` writes a safetensors file, any other suffix a ``torch.save`` file (see
+    :func:`state_dict_bytes`). Both load with :func:`load_state_dict`.
+
+    Example:
+        >>> path = save_state_dict(torch.nn.Linear(3, 2).state_dict(), "exp/weights_epoch_1.pth")
+        >>> sorted(load_state_dict(path))
+        ['bias', 'weight']
+    """
+    path = Path(path)
+    data = state_dict_bytes(state_dict, "safetensors" if path.suffix == ".safetensors" else "pth")
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return path
 
 
 class _Mismatch(NamedTuple):
