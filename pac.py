@@ -388,25 +388,30 @@ def _band_bytes(device: torch.device) -> int:
 _executors: dict = {}
 
 
-def _map_bands(fn, bands: List[_Band], device: torch.device) -> list:
-    """``[fn(band) for band in bands]``; on a CPU with several torch threads, the bands run on that many
-    worker threads, each running single-threaded torch ops. A band is a few large operations, and every
-    multi-threaded operation would wait for its slowest thread: next to other busy processes that wait
-    dominates, while here a descheduled worker delays only its own band."""
+def _map_bands(fn, items: list, device: torch.device) -> list:
+    """``[fn(item) for item in items]``, where an item is a band (or a list of bands).
+
+    On a CPU the work runs with single-threaded torch ops, on as many worker threads as torch has
+    threads. A band is a few large operations, and a multi-threaded operation waits for its slowest
+    thread at every step: next to other busy processes those waits dominate, while here a descheduled
+    worker delays only its own bands.
+    """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1 or len(bands) <= 1:
-        return [fn(band) for band in bands]
+    if device.type != "cpu" or threads <= 1:
+        return [fn(item) for item in items]
     if threads not in _executors:
         _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pac-band")
 
-    def run(band: _Band):
+    def run(item):
         # Grad mode and autocast are per thread: a worker starts with both at their defaults.
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            return fn(band)
+            return fn(item)
 
     torch.set_num_threads(1)
     try:
-        return list(_executors[threads].map(run, bands))
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        return list(_executors[threads].map(run, items))
     finally:
         torch.set_num_threads(threads)
 
@@ -630,20 +635,20 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
     flags_out = None
     if mask is not None and a.spec is not None:
         flags_out = x.new_zeros(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_hw, dtype=kernel_dtype)
-    for rows in prep.rows:
-        for cols in prep.cols:
-            w = _phase_weight(weight, a.groups, rows, cols)
+    tasks = [(band, _phase_weight(weight, a.groups, rows, cols))
+             for rows in prep.rows for cols in prep.cols
+             for band in _bands(rows, cols, _band_rows_bytes(x, guide, rows, cols), x.device, guide is not None)]
 
-            def run(band: _Band) -> None:
-                out_r, out_c = rows.out_slice(band.t0, band.t1), cols.out_slice(0, cols.count)
-                kb, flags = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
-                if flags_out is not None:
-                    flags_out[:, :, out_r, out_c] = flags.to(kernel_dtype)
-                modulated = _contiguous_mul(_window(prep.x, band), kb.to(x.dtype))
-                out[:, :, out_r, out_c] = _apply_weight(modulated, w, a.groups)
+    def run(task) -> None:  # output phases and bands write disjoint outputs: all of them run in parallel
+        band, w = task
+        out_r, out_c = band.rows.out_slice(band.t0, band.t1), band.cols.out_slice(0, band.cols.count)
+        kb, flags = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
+        if flags_out is not None:
+            flags_out[:, :, out_r, out_c] = flags.to(kernel_dtype)
+        modulated = _contiguous_mul(_window(prep.x, band), kb.to(x.dtype))
+        out[:, :, out_r, out_c] = _apply_weight(modulated, w, a.groups)
 
-            _map_bands(run, _bands(rows, cols, _band_rows_bytes(x, guide, rows, cols), x.device, guide is not None),
-                       x.device)
+    _map_bands(run, tasks, x.device)
     return out, (x.new_zeros(0) if flags_out is None else flags_out)
 
 
@@ -670,46 +675,63 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     need_kernel_grad = need_k or gguide is not None or need_alpha or need_lam
     params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_out = grad_out.to(x.dtype)
-    for rows in prep.rows:
-        for cols in prep.cols:
-            w = _phase_weight(weight, a.groups, rows, cols)
 
-            def run(band: _Band):
-                """Fold this band's input and guide gradients in; return its weight and parameter gradients."""
-                ny, nx = band.t1 - band.t0, cols.count
-                out_r, out_c = rows.out_slice(band.t0, band.t1), cols.out_slice(0, nx)
-                kb, _ = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
-                kbx = kb.to(x.dtype)
-                xw = _window(prep.x, band)
-                go = grad_out[:, :, out_r, out_c]
-                if w is None:  # pooling: every tap of a channel gets the channel's output gradient
-                    g_mod = go[:, :, None, None]
-                else:
-                    go = go.reshape(b, a.groups, -1, ny * nx)
-                    g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, rows.taps, cols.taps, ny, nx)
-                if gx is not None:
-                    _fold_into(gx, _contiguous_mul(g_mod, kbx), band)
-                g_weight = g_params = None
-                if gw is not None:
-                    modulated = _contiguous_mul(xw, kbx).view(b, a.groups, -1, ny * nx)
-                    g_weight = torch.matmul(go, modulated.transpose(2, 3)).sum(0, dtype=acc)
-                if need_kernel_grad:
-                    gkb = _contiguous_mul(xw, g_mod)
-                    gkb = gkb.sum(1, keepdim=True, dtype=kernel_dtype) if kb.shape[1] == 1 else gkb.to(kernel_dtype)
-                    if gk is not None:
-                        gk[:, :, rows.tap_slice(), cols.tap_slice(), out_r, out_c] = gkb
-                    if gguide is not None or params.needed:
-                        g_params = _kernel_band_backward_into(a.spec, gkb, guide, centre, prep.valid, prep.pattern,
-                                                              alpha, lam, band, gguide, gcentre)
-                return g_weight, g_params
+    def run(band: _Band, w, gx, gguide):
+        """Fold one band's input and guide gradients into ``gx`` and ``gguide``; return its weight and
+        kernel-parameter gradients."""
+        rows, cols = band.rows, band.cols
+        ny, nx = band.t1 - band.t0, cols.count
+        out_r, out_c = rows.out_slice(band.t0, band.t1), cols.out_slice(0, nx)
+        kb, _ = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
+        kbx = kb.to(x.dtype)
+        xw = _window(prep.x, band)
+        go = grad_out[:, :, out_r, out_c]
+        if w is None:  # pooling: every tap of a channel gets the channel's output gradient
+            g_mod = go[:, :, None, None]
+        else:
+            go = go.reshape(b, a.groups, -1, ny * nx)
+            g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, rows.taps, cols.taps, ny, nx)
+        if gx is not None:
+            _fold_into(gx, _contiguous_mul(g_mod, kbx), band)
+        g_weight = g_params = None
+        if need_w:
+            modulated = _contiguous_mul(xw, kbx).view(b, a.groups, -1, ny * nx)
+            g_weight = torch.matmul(go, modulated.transpose(2, 3)).sum(0, dtype=acc)
+        if need_kernel_grad:
+            gkb = _contiguous_mul(xw, g_mod)
+            gkb = gkb.sum(1, keepdim=True, dtype=kernel_dtype) if kb.shape[1] == 1 else gkb.to(kernel_dtype)
+            if gk is not None:
+                gk[:, :, rows.tap_slice(), cols.tap_slice(), out_r, out_c] = gkb
+            if gguide is not None or params.needed:
+                g_params = _kernel_band_backward_into(a.spec, gkb, guide, centre, prep.valid, prep.pattern, alpha, lam,
+                                                      band, gguide, gcentre)
+        return band, g_weight, g_params
 
-            bands = _bands(rows, cols, _band_rows_bytes(x, guide, rows, cols), x.device, guide is not None)
-            for parity in (bands[0::2], bands[1::2]):
-                for g_weight, g_params in _map_bands(run, parity, x.device):
-                    if g_weight is not None:
-                        gw[:, :, rows.tap_slice(), cols.tap_slice()] += g_weight.view(
-                            gw.shape[0], gw.shape[1], rows.taps, cols.taps)
-                    params.add(g_params)
+    phases = [(_phase_weight(weight, a.groups, rows, cols),
+               _bands(rows, cols, _band_rows_bytes(x, guide, rows, cols), x.device, guide is not None))
+              for rows in prep.rows for cols in prep.cols]
+    if len(phases) == 1:  # bands two apart read disjoint rows: fold each parity in parallel
+        w, bands = phases[0]
+        results = [r for parity in (bands[0::2], bands[1::2])
+                   for r in _map_bands(lambda band: run(band, w, gx, gguide), parity, x.device)]
+    else:  # output phases read overlapping inputs: fixed groups of phases, each folding into its own buffers
+        groups = [phases[i::torch.get_num_threads()] for i in range(min(len(phases), torch.get_num_threads()))]
+
+        def run_group(group):
+            own = [None if t is None else torch.zeros_like(t) for t in (gx, gguide)]
+            return own, [run(band, w, *own) for w, bands in group for band in bands]
+
+        results = []
+        for own, group_results in _map_bands(run_group, groups, x.device):  # summed in a fixed order
+            for total, part in zip((gx, gguide), own):
+                if total is not None:
+                    total += part
+            results += group_results
+    for band, g_weight, g_params in results:
+        if g_weight is not None:
+            gw[:, :, band.rows.tap_slice(), band.cols.tap_slice()] += g_weight.view(
+                gw.shape[0], gw.shape[1], band.rows.taps, band.cols.taps)
+        params.add(g_params)
     if gx is not None:
         gx = gx[:, :, prep.unpad[0], prep.unpad[1]].to(x.dtype)
     if gw is not None:
