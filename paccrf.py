@@ -62,22 +62,32 @@ EdgeKernel = Union[Tensor, Sequence[Optional[Tensor]], None]
 # Feature helpers
 # ------------------------------------------------------------------------------------------------
 
-def _scale_tensor(name: str, scales: Any, channels: int, device: Optional[torch.device] = None) -> Tensor:
-    """Scalar / list / tensor of per-channel scales -> tensor broadcastable over (B, channels, H, W)."""
+def _scale_tensor(name: str, scales: Any, channels: int, device: Optional[torch.device] = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Scalar / list / tensor of per-channel scales -> ``dtype`` tensor broadcastable over (B, channels, H, W)."""
     if not isinstance(scales, Tensor):
         try:
-            scales = torch.tensor(scales, dtype=torch.float32)
+            scales = torch.tensor(scales, dtype=dtype)  # straight from Python floats: no float32 rounding
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f'{name}: expected a number or a sequence of {channels} numbers, '
                             f'got {scales!r}') from None
     if scales.numel() not in (1, channels):
         raise ValueError(f'{name}: expected one value or {channels} (one per channel), got {scales.numel()}')
-    scales = scales.to(device)
+    scales = scales.to(device=device, dtype=dtype)
     return scales.view(1, -1, 1, 1) if scales.dim() > 0 else scales
 
 
+def _compute_dtype(dtype: torch.dtype, scales: Any) -> torch.dtype:
+    """Features are computed in float32, or wider when the output or a tensor of scales is wider (float64),
+    and rounded to the output dtype once: exact float64 features, one rounding for float16/bfloat16."""
+    compute = torch.promote_types(dtype, torch.float32)
+    if isinstance(scales, Tensor) and scales.is_floating_point():
+        compute = torch.promote_types(compute, scales.dtype)
+    return compute
+
+
 def create_position_feats(shape: Sequence[int], scales: Any = None, bs: int = 1,
-                          device: Optional[torch.device] = None) -> Tensor:
+                          device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Pixel coordinates as features: channel 0 is the row index, channel 1 the column index.
 
     Args:
@@ -85,20 +95,27 @@ def create_position_feats(shape: Sequence[int], scales: Any = None, bs: int = 1,
         scales: optional divisor, a scalar or one value per channel (list or tensor).
         bs: batch size (the grid is repeated).
         device: device of the result.
+        dtype: floating dtype of the result; by default float32, or the dtype of a wider tensor ``scales``.
+            The division is done in float32 or wider and rounded to ``dtype`` once.
 
     Shape:
-        Output: (bs, 2, H, W), float32 (or the dtype of a tensor ``scales``).
+        Output: (bs, 2, H, W).
 
     Example:
         >>> create_position_feats((2, 3), scales=2.0)[0, 1]
         tensor([[0.0000, 0.5000, 1.0000],
                 [0.0000, 0.5000, 1.0000]])
     """
-    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
+    if dtype is None:
+        dtype = _compute_dtype(torch.float32, scales)
+    elif not dtype.is_floating_point:
+        raise TypeError(f'dtype: expected a floating-point dtype, got {dtype}')
+    compute = _compute_dtype(dtype, scales)
+    axes = [torch.arange(n, dtype=compute, device=device) for n in shape]
     feats = torch.stack(torch.meshgrid(*axes, indexing='ij'), dim=0).unsqueeze(0)
     if scales is not None:
-        feats = feats / _scale_tensor('scales', scales, len(shape), device)
-    return feats.expand(bs, *feats.shape[1:]).contiguous()
+        feats = feats / _scale_tensor('scales', scales, len(shape), device, compute)
+    return feats.to(dtype).expand(bs, *feats.shape[1:]).contiguous()
 
 
 def create_YXRGB(img: Tensor, yx_scale: Any = None, rgb_scale: Any = None, scales: Any = None) -> Tensor:
@@ -111,7 +128,8 @@ def create_YXRGB(img: Tensor, yx_scale: Any = None, rgb_scale: Any = None, scale
         scales: alternative to the two above: ``scales[:2]`` for position, ``scales[2:]`` for colour.
 
     Shape:
-        Output: (B, 2 + C, H, W).
+        Output: (B, 2 + C, H, W), in ``img``'s dtype (float32 for an integer image). The divisions are done
+        in float32 or wider and rounded once, so a float64 image gets exact float64 features.
 
     Example:
         >>> feats = create_YXRGB(torch.rand(1, 3, 64, 64) * 255, yx_scale=80.0, rgb_scale=13.0)
@@ -127,12 +145,14 @@ def create_YXRGB(img: Tensor, yx_scale: Any = None, rgb_scale: Any = None, scale
             raise ValueError('scales: give either scales or yx_scale/rgb_scale, not both')
         yx_scale, rgb_scale = scales[:2], scales[2:]
     img = img.reshape(-1, *img.shape[-3:])
+    dtype = img.dtype if img.is_floating_point() else torch.float32
     if yx_scale is not None:
-        yx_scale = _scale_tensor('yx_scale', yx_scale, 2, img.device)
-    yx = create_position_feats(img.shape[-2:], yx_scale, img.shape[0], img.device).to(img.dtype)
+        yx_scale = _scale_tensor('yx_scale', yx_scale, 2, img.device, _compute_dtype(dtype, yx_scale))
+    yx = create_position_feats(img.shape[-2:], yx_scale, img.shape[0], img.device, dtype)
     if rgb_scale is not None:
-        img = img / _scale_tensor('rgb_scale', rgb_scale, img.shape[1], img.device).to(img.dtype)
-    return torch.cat([yx, img], dim=1)
+        compute = _compute_dtype(dtype, rgb_scale)
+        img = img.to(compute) / _scale_tensor('rgb_scale', rgb_scale, img.shape[1], img.device, compute)
+    return torch.cat([yx, img.to(dtype)], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def _edge_feature(x: torch.Tensor, scales: torch.Tensor, use_yx: bool) -> torch.
     ``scales`` holds one value per channel, or [colour] / [position, colour] when shared.
     """
     if use_yx:
-        pos = paccrf.create_position_feats(x.shape[2:], bs=x.shape[0], device=x.device).to(x.dtype)
+        pos = paccrf.create_position_feats(x.shape[2:], bs=x.shape[0], device=x.device, dtype=x.dtype)
         x = torch.cat([pos, x], dim=1)
         if scales.numel() == 2:
             scales = torch.cat([scales[:1].expand(2), scales[1:].expand(x.shape[1] - 2)])
@@ -378,7 +378,7 @@ class ModelWithConvCrf(nn.Module):
         unary = self.backbone(x, out_crop)
         x = crop_top_left(x, out_crop)
         edge_feats = [paccrf.create_YXRGB(x, 80.0, 13.0),
-                      paccrf.create_position_feats(x.shape[2:], 3.0, x.shape[0], x.device).to(x.dtype)]
+                      paccrf.create_position_feats(x.shape[2:], 3.0, x.shape[0], x.device, x.dtype)]
         return self.crf(unary, edge_feats)
 
 

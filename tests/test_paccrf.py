@@ -406,6 +406,63 @@ def test_error_feature_scales(call, error, message):
         call(torch.rand(1, 3, 4, 5))
 
 
+# scales that float32 cannot hold: a float32 detour shows up in float64 features
+ODD_YX, ODD_RGB = [80.3, 7.1], [13.7, 0.3, 29.9]
+
+
+def _features_in(dtype, img, yx_scale, rgb_scale):
+    """create_YXRGB written out in one dtype, the scales converted straight from Python floats."""
+    h, w = img.shape[-2:]
+    rows = torch.arange(h, dtype=dtype).view(h, 1).expand(h, w) / yx_scale[0]
+    cols = torch.arange(w, dtype=dtype).view(1, w).expand(h, w) / yx_scale[1]
+    colour = img.to(dtype) / torch.tensor(rgb_scale, dtype=dtype).view(-1, 1, 1)
+    return torch.cat([torch.stack([rows, cols]).expand(img.shape[0], 2, h, w), colour], dim=1)
+
+
+def test_yxrgb_float64_is_exact():
+    img = torch.rand(2, 3, 37, 300, dtype=torch.float64) * 255
+    feats = create_YXRGB(img, yx_scale=ODD_YX, rgb_scale=ODD_RGB)
+    assert feats.dtype == torch.float64
+    assert torch.equal(feats, _features_in(torch.float64, img, ODD_YX, ODD_RGB))
+    pos = create_position_feats((37, 300), ODD_YX, bs=2, dtype=torch.float64)
+    assert torch.equal(pos, feats[:, :2])
+    # a float64 tensor of scales also keeps the positions in float64
+    assert create_position_feats((37, 300), torch.tensor(ODD_YX, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_yxrgb_float32_unchanged():
+    img = torch.rand(2, 3, 37, 300) * 255
+    feats = create_YXRGB(img, yx_scale=ODD_YX, rgb_scale=ODD_RGB)
+    assert feats.dtype == torch.float32
+    assert torch.equal(feats, _features_in(torch.float32, img, ODD_YX, ODD_RGB))
+    assert torch.equal(create_position_feats((37, 300), ODD_YX), feats[:1, :2])
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_yxrgb_half_precision_rounds_once(dtype):
+    """Positions up to 2047 and the colour quotients are rounded once, to the nearest value of ``dtype``."""
+    img = (torch.rand(1, 3, 5, 2048, dtype=torch.float64) * 255).to(dtype)
+    feats = create_YXRGB(img, yx_scale=[80.3, 1.0], rgb_scale=ODD_RGB)
+    assert feats.dtype == dtype
+    exact = _features_in(torch.float64, img, [80.3, 1.0], ODD_RGB)
+    error = (feats.double() - exact).abs()
+    half_ulp = exact.abs() * torch.finfo(dtype).eps / 2
+    assert (error <= half_ulp * (1 + 1e-6)).all()
+    assert create_position_feats((3, 4), 2.0, dtype=dtype).dtype == dtype
+
+
+def test_yxrgb_integer_image_and_scale_gradient():
+    img = torch.randint(0, 256, (1, 3, 4, 5), dtype=torch.uint8)
+    feats = create_YXRGB(img, yx_scale=2.0, rgb_scale=ODD_RGB)
+    assert feats.dtype == torch.float32
+    assert torch.equal(feats, _features_in(torch.float32, img, [2.0, 2.0], ODD_RGB))
+    scales = torch.tensor(ODD_YX, requires_grad=True)
+    create_position_feats((4, 5), scales).sum().backward()
+    assert scales.grad is not None and (scales.grad < 0).all()
+    with pytest.raises(TypeError, match='dtype: expected a floating-point dtype'):
+        create_position_feats((4, 5), dtype=torch.int64)
+
+
 @pytest.mark.parametrize('size,factor', [(7, 2), (9, 4), (10, 4), (8, 4), (5, 3), (6, 1)])
 def test_ceil_pad_factor_gives_ceil_cells(size, factor):
     pad = _ceil_pad_factor((size,), factor)[0]
