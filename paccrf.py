@@ -685,7 +685,7 @@ class DenseCRF(nn.Module):
         _check_4d('image', image)
         appearance = create_YXRGB(image, yx_scale=self.position_scale, rgb_scale=self.color_scale)
         smoothness = create_position_feats(image.shape[-2:], self.smoothness_scale, image.shape[0],
-                                           image.device).to(image.dtype)
+                                           image.device, image.dtype)
         return [appearance, smoothness]
 
     def extra_repr(self) -> str:

@@ -23,9 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # The PAC implementations a benchmark can select, as layer keyword arguments; the first is the default.
-# When the layers take impl='auto'|'unfold'|'taps', this line becomes:
-#   IMPLS = {name: dict(impl=name) for name in ('auto', 'taps', 'unfold')}
-IMPLS = {"lean": dict(native_impl=False), "native": dict(native_impl=True)}
+IMPLS = {name: dict(impl=name) for name in ("auto", "unfold")}
 DEFAULT_IMPL = next(iter(IMPLS))
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 

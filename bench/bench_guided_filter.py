@@ -2,7 +2,7 @@
 
     pip install -c constraints.txt -r requirements-bench.txt      # kornia
     python bench/bench_guided_filter.py                           # 512x512, 9x9, torch's default threads
-    python bench/bench_guided_filter.py --size 256 --threads 1 --impls lean native
+    python bench/bench_guided_filter.py --size 256 --threads 1 --impls auto unfold
 
 Both filter a 3-channel image with a guide, in float32. PAC's Gaussian kernel ``exp(-0.5 * ||g_i - g_j||^2)`` on a
 guide divided by sigma_color is kornia's colour kernel with the squared-L2 distance (``color_distance_type='l2'``).

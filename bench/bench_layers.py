@@ -1,7 +1,7 @@
 """Time and peak memory of the PAC layers against the matching torch layers, as ratios measured in one run.
 
     python bench/bench_layers.py                          # 256x256 and 512x512, default implementation
-    python bench/bench_layers.py --sizes 256 --impls lean native --threads 1
+    python bench/bench_layers.py --sizes 256 --impls auto unfold --threads 1
 
 Pairs: PacConv2d / nn.Conv2d, PacConvTranspose2d (stride 2) / nn.ConvTranspose2d, PacPool2d / nn.AvgPool2d.
 Workload: batch 1, 32 -> 32 channels, 16-channel guide, 5x5 kernels; sizes are output resolutions.
