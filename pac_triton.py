@@ -54,15 +54,16 @@ IntPair = Union[int, Tuple[int, int]]
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYERS = ("conv", "conv_transpose", "pool")
 
-# Pixels per program, and caps on the channel blocks. tl.dot needs every block >= 16.
-_BLOCK_PIXELS = 64
+# The interpreter is chosen when the kernels are decorated, i.e. at import time of this module.
+_INTERPRETED = triton is not None and bool(_triton_knobs.runtime.interpret)
+
+# Pixels per program, and caps on the channel blocks. tl.dot needs every block >= 16. The interpreter
+# costs about the same per operation whatever the block size, so it runs larger pixel blocks.
+_BLOCK_PIXELS = 256 if _INTERPRETED else 64
 _MAX_BLOCK_OUT = 64
 _MAX_BLOCK_IN = 32
 _MAX_BLOCK_GUIDE = 16
 _WEIGHT_GRAD_PROGRAMS = 1024  # target program count of the weight-gradient grid (split over pixels)
-
-# The interpreter is chosen when the kernels are decorated, i.e. at import time of this module.
-_INTERPRETED = triton is not None and bool(_triton_knobs.runtime.interpret)
 
 
 def is_available() -> bool:
@@ -471,6 +472,10 @@ if triton is not None:
 # geometry (a list of ints, as the ops take it):
 #   [kh, kw, out_h, out_w, guide_h, guide_w, a_h, a_w, poff_h, poff_w, div_h, div_w, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w]
 
+def _dtype_of(weight: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    return None if weight is None else weight.dtype
+
+
 def _block(size: int, lower: int, upper: int) -> int:
     return max(lower, min(upper, triton.next_power_of_2(max(size, 1))))
 
@@ -638,17 +643,18 @@ if triton is not None:
                       normalize: bool, needs: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of (input, guide, weight); an empty tensor for each one not in ``needs``."""
         args = (grad, x, guide, weight, mask, norm, geometry, groups, normalize)
-        empty = x.new_empty(0)
-        return (_input_grad(*args) if needs[0] else empty,
-                _guide_grad(*args) if needs[1] else empty,
-                _weight_grad(*args) if needs[2] and weight is not None else empty)
+        if grad.numel() == 0:  # nothing to launch: zero gradients
+            return (x.new_zeros(x.shape if needs[0] else 0), guide.new_zeros(guide.shape if needs[1] else 0),
+                    x.new_zeros(weight.shape if needs[2] and weight is not None else 0, dtype=_dtype_of(weight)))
+        # A fresh empty tensor for each gradient not needed: custom ops may not return aliases.
+        return (_input_grad(*args) if needs[0] else x.new_empty(0),
+                _guide_grad(*args) if needs[1] else x.new_empty(0),
+                _weight_grad(*args) if needs[2] and weight is not None else x.new_empty(0))
 
     @_pac_backward.register_fake
     def _(grad, x, guide, weight, mask, norm, geometry, groups, normalize, needs):
-        empty = x.new_empty(0)
-        return (x.new_empty(x.shape) if needs[0] else empty,
-                guide.new_empty(guide.shape) if needs[1] else empty,
-                x.new_empty(weight.shape, dtype=weight.dtype) if needs[2] and weight is not None else empty)
+        return (x.new_empty(x.shape if needs[0] else 0), guide.new_empty(guide.shape if needs[1] else 0),
+                x.new_empty(weight.shape if needs[2] and weight is not None else 0, dtype=_dtype_of(weight)))
 
     def _setup_context(ctx, inputs, output):
         x, guide, weight, bias, mask, geometry, groups, normalize = inputs
