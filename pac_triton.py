@@ -143,41 +143,42 @@ if triton is not None:
         acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
         total = tl.zeros((BLOCK_P,), dtype=tl.float32)
         real = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        for i in tl.static_range(KH):
-            for j in tl.static_range(KW):
-                ty = y * ga_h + i * dil_h - gp_h
-                tx = x * ga_w + j * dil_w - gp_w
-                t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
-                e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
-                              guide_channels, sg_c, BLOCK_P, BLOCK_G)
-                iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
-                ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
-                in_ok = pixel_ok & iy_ok & ix_ok
-                a = in_ok.to(tl.float32)
-                if HAS_MASK:
-                    a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
-                ke = e * a
-                if NORMALIZE:
-                    total += ke
-                else:
-                    total += a
-                    real += in_ok.to(tl.float32)
-                x_off = batch * sx_b + iy * sx_h + ix * sx_w
-                if POOL:
-                    xv = tl.load(x_ptr + x_off[:, None] + outs[None, :] * sx_c,
-                                 mask=in_ok[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
-                    acc += xv * ke[:, None]
-                else:
-                    for c0 in range(0, group_in, BLOCK_C):
-                        ch_local = c0 + tl.arange(0, BLOCK_C)
-                        c_ok = ch_local < group_in
-                        ch = group * group_in + ch_local
-                        xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
-                                     mask=in_ok[:, None] & c_ok[None, :], other=0.0)
-                        xk = (xv.to(tl.float32) * ke[:, None]).to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
-                        w = tl.load(weight_ptr + outs[None, :] * sw_o + ch_local[:, None] * sw_c + i * sw_h + j * sw_w,
-                                    mask=c_ok[:, None] & out_ok[None, :], other=0.0).to(DOT_DTYPE)
-                        acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
+        for t in range(KH * KW):  # a loop, not unrolled: compiles fast
+            i = t // KW
+            j = t % KW
+            ty = y * ga_h + i * dil_h - gp_h
+            tx = x * ga_w + j * dil_w - gp_w
+            t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
+            e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
+                          guide_channels, sg_c, BLOCK_P, BLOCK_G)
+            iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
+            ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
+            in_ok = pixel_ok & iy_ok & ix_ok
+            a = in_ok.to(tl.float32)
+            if HAS_MASK:
+                a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+            ke = e * a
+            if NORMALIZE:
+                total += ke
+            else:
+                total += a
+                real += in_ok.to(tl.float32)
+            x_off = batch * sx_b + iy * sx_h + ix * sx_w
+            if POOL:
+                xv = tl.load(x_ptr + x_off[:, None] + outs[None, :] * sx_c,
+                             mask=in_ok[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
+                acc += xv * ke[:, None]
+            else:
+                for c0 in range(0, group_in, BLOCK_C):
+                    ch_local = c0 + tl.arange(0, BLOCK_C)
+                    c_ok = ch_local < group_in
+                    ch = group * group_in + ch_local
+                    xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
+                                 mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+                    xk = (xv.to(tl.float32) * ke[:, None]).to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
+                    w = tl.load(weight_ptr + outs[None, :] * sw_o + ch_local[:, None] * sw_c + i * sw_h + j * sw_w,
+                                mask=c_ok[:, None] & out_ok[None, :], other=0.0).to(DOT_DTYPE)
+                    acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
 
         if NORMALIZE:
             norm = total
@@ -222,55 +223,56 @@ if triton is not None:
         e_all = tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32)
         a_all = tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32)
         dk_all = tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32)
-        for i in tl.static_range(KH):
-            for j in tl.static_range(KW):
-                ty = y * ga_h + i * dil_h - gp_h
-                tx = x * ga_w + j * dil_w - gp_w
-                t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
-                e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
-                              guide_channels, sg_c, BLOCK_P, BLOCK_G)
-                iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
-                ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
-                in_ok = pixel_ok & iy_ok & ix_ok
-                a = in_ok.to(tl.float32)
-                if HAS_MASK:
-                    a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
-                x_off = batch * sx_b + iy * sx_h + ix * sx_w
-                g_off = batch * sd_b + y * sd_h + x * sd_w
-                dk = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                if POOL:
-                    for c0 in range(0, channels, BLOCK_C):
-                        ch = c0 + tl.arange(0, BLOCK_C)
-                        c_ok = ch < channels
+        for t in range(KH * KW):  # a loop, not unrolled: compiles fast
+            i = t // KW
+            j = t % KW
+            ty = y * ga_h + i * dil_h - gp_h
+            tx = x * ga_w + j * dil_w - gp_w
+            t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
+            e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
+                          guide_channels, sg_c, BLOCK_P, BLOCK_G)
+            iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
+            ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
+            in_ok = pixel_ok & iy_ok & ix_ok
+            a = in_ok.to(tl.float32)
+            if HAS_MASK:
+                a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+            x_off = batch * sx_b + iy * sx_h + ix * sx_w
+            g_off = batch * sd_b + y * sd_h + x * sd_w
+            dk = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            if POOL:
+                for c0 in range(0, channels, BLOCK_C):
+                    ch = c0 + tl.arange(0, BLOCK_C)
+                    c_ok = ch < channels
+                    xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
+                                 mask=in_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                    gv = tl.load(grad_ptr + g_off[:, None] + ch[None, :] * sd_c,
+                                 mask=pixel_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                    dk += tl.sum(xv * gv, axis=1)
+            else:
+                for group in range(0, groups):
+                    for c0 in range(0, group_in, BLOCK_C):
+                        ch_local = c0 + tl.arange(0, BLOCK_C)
+                        c_ok = ch_local < group_in
+                        ch = group * group_in + ch_local
+                        gw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)  # sum_o dL/dout[o] W[o, c, i, j]
+                        for o0 in range(0, group_out, BLOCK_O):
+                            outs_local = o0 + tl.arange(0, BLOCK_O)
+                            o_ok = outs_local < group_out
+                            outs = group * group_out + outs_local
+                            gv = tl.load(grad_ptr + g_off[:, None] + outs[None, :] * sd_c,
+                                         mask=pixel_ok[:, None] & o_ok[None, :], other=0.0).to(DOT_DTYPE)
+                            w = tl.load(weight_ptr + outs[:, None] * sw_o + ch_local[None, :] * sw_c
+                                        + i * sw_h + j * sw_w,
+                                        mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE)
+                            gw = tl.dot(gv, w, gw, input_precision=DOT_PRECISION)
                         xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
                                      mask=in_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                        gv = tl.load(grad_ptr + g_off[:, None] + ch[None, :] * sd_c,
-                                     mask=pixel_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                        dk += tl.sum(xv * gv, axis=1)
-                else:
-                    for group in range(0, groups):
-                        for c0 in range(0, group_in, BLOCK_C):
-                            ch_local = c0 + tl.arange(0, BLOCK_C)
-                            c_ok = ch_local < group_in
-                            ch = group * group_in + ch_local
-                            gw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)  # sum_o dL/dout[o] W[o, c, i, j]
-                            for o0 in range(0, group_out, BLOCK_O):
-                                outs_local = o0 + tl.arange(0, BLOCK_O)
-                                o_ok = outs_local < group_out
-                                outs = group * group_out + outs_local
-                                gv = tl.load(grad_ptr + g_off[:, None] + outs[None, :] * sd_c,
-                                             mask=pixel_ok[:, None] & o_ok[None, :], other=0.0).to(DOT_DTYPE)
-                                w = tl.load(weight_ptr + outs[:, None] * sw_o + ch_local[None, :] * sw_c
-                                            + i * sw_h + j * sw_w,
-                                            mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE)
-                                gw = tl.dot(gv, w, gw, input_precision=DOT_PRECISION)
-                            xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
-                                         mask=in_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                            dk += tl.sum(xv * gw, axis=1)
-                here = taps[None, :] == i * KW + j
-                e_all = tl.where(here, e[:, None], e_all)
-                a_all = tl.where(here, a[:, None], a_all)
-                dk_all = tl.where(here, dk[:, None], dk_all)
+                        dk += tl.sum(xv * gw, axis=1)
+            here = taps[None, :] == t
+            e_all = tl.where(here, e[:, None], e_all)
+            a_all = tl.where(here, a[:, None], a_all)
+            dk_all = tl.where(here, dk[:, None], dk_all)
 
         if USE_NORM:
             norm = tl.load(norm_ptr + batch * out_height * out_width + pixels, mask=pixel_ok, other=1.0)
@@ -316,27 +318,28 @@ if triton is not None:
         mx, mx_ok = _inverse_pos(qx, KW // 2, ga_w, gp_w, 1, dil_w, out_width)
         m_ok = q_ok & my_ok & mx_ok
         acc = tl.zeros((BLOCK_Q, BLOCK_G), dtype=tl.float32)
-        for i in tl.static_range(KH):
-            for j in tl.static_range(KW):
-                # q read as tap (i, j) of output p.
-                py, py_ok = _inverse_pos(qy, i, ga_h, gp_h, 1, dil_h, out_height)
-                px, px_ok = _inverse_pos(qx, j, ga_w, gp_w, 1, dil_w, out_width)
-                p_ok = q_ok & py_ok & px_ok
-                dd = tl.load(dd_img + (i * KW + j) * plane + py * out_width + px, mask=p_ok, other=0.0)
-                cy = py * ga_h + (KH // 2) * dil_h - gp_h
-                cx = px * ga_w + (KW // 2) * dil_w - gp_w
-                c_ok = p_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
-                gc = tl.load(guide_ptr + img + cy[:, None] * sg_h + cx[:, None] * sg_w + gch[None, :] * sg_c,
-                             mask=c_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-                acc += 2.0 * (gq - gc) * dd[:, None]
-                # q as the centre of output m, tap (i, j) of m.
-                ty = my * ga_h + i * dil_h - gp_h
-                tx = mx * ga_w + j * dil_w - gp_w
-                t_ok = m_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
-                gt = tl.load(guide_ptr + img + ty[:, None] * sg_h + tx[:, None] * sg_w + gch[None, :] * sg_c,
-                             mask=t_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-                dm = tl.load(dd_img + (i * KW + j) * plane + my * out_width + mx, mask=m_ok, other=0.0)
-                acc -= 2.0 * (gt - gq) * dm[:, None]
+        for t in range(KH * KW):  # a loop, not unrolled: compiles fast
+            i = t // KW
+            j = t % KW
+            # q read as tap (i, j) of output p.
+            py, py_ok = _inverse_pos(qy, i, ga_h, gp_h, 1, dil_h, out_height)
+            px, px_ok = _inverse_pos(qx, j, ga_w, gp_w, 1, dil_w, out_width)
+            p_ok = q_ok & py_ok & px_ok
+            dd = tl.load(dd_img + (i * KW + j) * plane + py * out_width + px, mask=p_ok, other=0.0)
+            cy = py * ga_h + (KH // 2) * dil_h - gp_h
+            cx = px * ga_w + (KW // 2) * dil_w - gp_w
+            c_ok = p_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
+            gc = tl.load(guide_ptr + img + cy[:, None] * sg_h + cx[:, None] * sg_w + gch[None, :] * sg_c,
+                         mask=c_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+            acc += 2.0 * (gq - gc) * dd[:, None]
+            # q as the centre of output m, tap (i, j) of m.
+            ty = my * ga_h + i * dil_h - gp_h
+            tx = mx * ga_w + j * dil_w - gp_w
+            t_ok = m_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
+            gt = tl.load(guide_ptr + img + ty[:, None] * sg_h + tx[:, None] * sg_w + gch[None, :] * sg_c,
+                         mask=t_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+            dm = tl.load(dd_img + (i * KW + j) * plane + my * out_width + mx, mask=m_ok, other=0.0)
+            acc -= 2.0 * (gt - gq) * dm[:, None]
         tl.store(guide_grad_ptr + batch * sr_b + gch[None, :] * sr_c + qy[:, None] * sr_h + qx[:, None] * sr_w,
                  acc.to(guide_grad_ptr.dtype.element_ty), mask=both)
 
@@ -365,42 +368,43 @@ if triton is not None:
         if HAS_MASK:
             mq = tl.load(mask_ptr + batch * sm_b + qy * sm_h + qx * sm_w, mask=q_ok, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(KH):
-            for j in tl.static_range(KW):
-                py, py_ok = _inverse_pos(qy, i, a_h, poff_h, div_h, dil_h, out_height)
-                px, px_ok = _inverse_pos(qx, j, a_w, poff_w, div_w, dil_w, out_width)
-                p_ok = q_ok & py_ok & px_ok
-                ty = py * ga_h + i * dil_h - gp_h
-                tx = px * ga_w + j * dil_w - gp_w
-                t_ok = p_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
-                cy = py * ga_h + (KH // 2) * dil_h - gp_h
-                cx = px * ga_w + (KW // 2) * dil_w - gp_w
-                c_in = p_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
-                e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok,
-                              batch * sg_b + cy * sg_h + cx * sg_w, c_in, guide_channels, sg_c, BLOCK_Q, BLOCK_G)
-                k = tl.where(p_ok, e, 0.0)
-                if HAS_MASK:
-                    k *= mq
-                if USE_NORM:
-                    norm = tl.load(norm_ptr + batch * out_height * out_width + py * out_width + px,
-                                   mask=p_ok, other=1.0)
-                    k = k / tl.where(norm == 0.0, 1.0, norm)
-                g_off = batch * sd_b + py * sd_h + px * sd_w
-                if POOL:
-                    gv = tl.load(grad_ptr + g_off[:, None] + ch[None, :] * sd_c,
-                                 mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                    acc += gv * k[:, None]
-                else:
-                    for o0 in range(0, group_out, BLOCK_O):
-                        outs_local = o0 + tl.arange(0, BLOCK_O)
-                        o_ok = outs_local < group_out
-                        outs = group * group_out + outs_local
-                        gv = tl.load(grad_ptr + g_off[:, None] + outs[None, :] * sd_c,
-                                     mask=p_ok[:, None] & o_ok[None, :], other=0.0)
-                        gk = (gv.to(tl.float32) * k[:, None]).to(grad_ptr.dtype.element_ty).to(DOT_DTYPE)
-                        w = tl.load(weight_ptr + outs[:, None] * sw_o + ch_local[None, :] * sw_c + i * sw_h + j * sw_w,
-                                    mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE)
-                        acc = tl.dot(gk, w, acc, input_precision=DOT_PRECISION)
+        for t in range(KH * KW):  # a loop, not unrolled: compiles fast
+            i = t // KW
+            j = t % KW
+            py, py_ok = _inverse_pos(qy, i, a_h, poff_h, div_h, dil_h, out_height)
+            px, px_ok = _inverse_pos(qx, j, a_w, poff_w, div_w, dil_w, out_width)
+            p_ok = q_ok & py_ok & px_ok
+            ty = py * ga_h + i * dil_h - gp_h
+            tx = px * ga_w + j * dil_w - gp_w
+            t_ok = p_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
+            cy = py * ga_h + (KH // 2) * dil_h - gp_h
+            cx = px * ga_w + (KW // 2) * dil_w - gp_w
+            c_in = p_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
+            e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok,
+                          batch * sg_b + cy * sg_h + cx * sg_w, c_in, guide_channels, sg_c, BLOCK_Q, BLOCK_G)
+            k = tl.where(p_ok, e, 0.0)
+            if HAS_MASK:
+                k *= mq
+            if USE_NORM:
+                norm = tl.load(norm_ptr + batch * out_height * out_width + py * out_width + px,
+                               mask=p_ok, other=1.0)
+                k = k / tl.where(norm == 0.0, 1.0, norm)
+            g_off = batch * sd_b + py * sd_h + px * sd_w
+            if POOL:
+                gv = tl.load(grad_ptr + g_off[:, None] + ch[None, :] * sd_c,
+                             mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                acc += gv * k[:, None]
+            else:
+                for o0 in range(0, group_out, BLOCK_O):
+                    outs_local = o0 + tl.arange(0, BLOCK_O)
+                    o_ok = outs_local < group_out
+                    outs = group * group_out + outs_local
+                    gv = tl.load(grad_ptr + g_off[:, None] + outs[None, :] * sd_c,
+                                 mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+                    gk = (gv.to(tl.float32) * k[:, None]).to(grad_ptr.dtype.element_ty).to(DOT_DTYPE)
+                    w = tl.load(weight_ptr + outs[:, None] * sw_o + ch_local[None, :] * sw_c + i * sw_h + j * sw_w,
+                                mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE)
+                    acc = tl.dot(gk, w, acc, input_precision=DOT_PRECISION)
         tl.store(input_grad_ptr + batch * si_b + ch[None, :] * si_c + qy[:, None] * si_h + qx[:, None] * si_w,
                  acc.to(input_grad_ptr.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
 

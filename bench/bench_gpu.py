@@ -236,21 +236,18 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     rows: List[List[str]] = []
     bench_layers(args, pt, rows)
-    header = ["case", "dtype", "impl", "fwd+bwd ms", "time ratio", "peak MiB", "memory ratio"]
-    table = markdown(rows, header)
-    model_table = ""
+    table = markdown(rows, ["case", "dtype", "impl", "fwd+bwd ms", "time ratio", "peak MiB", "memory ratio"])
+    text = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; batch {args.batch}, "
+            f"{args.channels} -> {args.channels} channels, {args.size}^2 outputs, k={args.kernel}; ratios to the "
+            f"matching torch layer.\n\n{table}\n")
+    args.out.write_text(text)  # written now too, in case the model steps do not finish
     if not args.no_models:
         model_rows: List[List[str]] = []
         bench_models(args, model_rows)
-        model_table = markdown(model_rows, ["model (one training step)", "dtype", "impl", "step ms", "time / taps",
-                                            "peak MiB", "memory / taps"])
-    gpu = torch.cuda.get_device_name()
-    text = (f"GPU: {gpu}; torch {torch.__version__}; batch {args.batch}, {args.channels} -> {args.channels} "
-            f"channels, {args.size}^2 outputs, k={args.kernel}; ratios to the matching torch layer.\n\n{table}\n")
-    if model_table:
-        text += f"\nTraining steps (batch {args.batch} joint x8, {args.crf_batch} for the CRF model, "
-        text += f"{args.size}^2):\n\n{model_table}\n"
-    args.out.write_text(text)
+        text += (f"\nTraining steps (batch {args.batch} joint x8, {args.crf_batch} for the CRF model, {args.size}^2):"
+                 "\n\n" + markdown(model_rows, ["model (one training step)", "dtype", "impl", "step ms",
+                                                "time / taps", "peak MiB", "memory / taps"]) + "\n")
+        args.out.write_text(text)
     print(text)
     return 0
 
