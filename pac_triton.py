@@ -22,12 +22,15 @@ Public interface (called by pac.py's ``impl='triton'`` dispatch, or directly):
 
 The launches are wrapped in two ``torch.library.custom_op`` operators, ``pac_triton::pac_forward`` and
 ``pac_triton::pac_backward`` (with fake implementations and autograd registered), so ``torch.compile``
-keeps them as single ops. Geometry: a transposed convolution is computed phase by phase (each output reads
-only the input pixels its taps really hit; there is no zero insertion) with the weight ``(C_in, C_out, kh,
-kw)`` applied without spatial flip, and its guide at the output resolution with stride-1 "same" windows.
+keeps them as single ops. Geometry: a transposed convolution reads the input directly (no zero insertion),
+with the weight ``(C_in, C_out, kh, kw)`` applied without spatial flip and its guide at the output resolution
+with stride-1 "same" windows. The forward and the kernel-gradient kernels run phase by phase (a block of
+outputs of one phase skips the taps that hit no input pixel); the input- and weight-gradient kernels mask
+those taps instead (their work on them is wasted: a stride-s layer does up to s^2 times the needed work there).
 
 Verification status: developed and tested with the Triton interpreter only (``TRITON_INTERPRET=1``, CPU
-tensors): every output and every gradient on every tap against :mod:`pac` in float64. No GPU was available:
+tensors): every output and every gradient on every tap against the brute-force reference of
+tests/pac_reference.py in float64; every kernel compiles ahead of time for sm_80. No GPU was available:
 speed and memory on a GPU are unmeasured and the block sizes are untuned defaults.
 
 Without Triton this module still imports; :func:`is_available` and :func:`supports` then return False.
@@ -117,7 +120,7 @@ if triton is not None:
     def _forward_kernel(
             x_ptr, guide_ptr, weight_ptr, bias_ptr, mask_ptr, out_ptr, norm_ptr,
             channels, guide_channels, out_channels, height, width, guide_height, guide_width, out_height, out_width,
-            group_in, group_out, out_blocks,
+            group_in, group_out, out_blocks, phase_blocks,
             sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sw_o, sw_c, sw_h, sw_w, sm_b, sm_h, sm_w,
             so_b, so_c, so_h, so_w,
             a_h, a_w, poff_h, poff_w, div_h, div_w, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w,
@@ -128,13 +131,20 @@ if triton is not None:
         Writes the output and the kernel's per-pixel sum S (norm_ptr, float32)."""
         batch = tl.program_id(2).to(tl.int64)
         group = tl.program_id(1) // out_blocks
-        pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         outs_local = (tl.program_id(1) % out_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
         out_ok = outs_local < group_out
         outs = group * group_out + outs_local
-        pixel_ok = pixels < out_height * out_width
-        y = pixels // out_width
-        x = pixels % out_width
+        # Output pixels by phase (y mod div_h, x mod div_w): div is the stride of a transposed convolution, 1 otherwise.
+        phase = tl.program_id(0) // phase_blocks
+        phase_y = phase // div_w
+        phase_x = phase % div_w
+        phase_width = (out_width + div_w - 1) // div_w
+        phase_size = ((out_height + div_h - 1) // div_h) * phase_width
+        local = (tl.program_id(0) % phase_blocks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        y = phase_y + div_h * (local // phase_width)
+        x = phase_x + div_w * (local % phase_width)
+        pixel_ok = (local < phase_size) & (y < out_height) & (x < out_width)
+        pixels = y * out_width + x
         cy = y * ga_h + (KH // 2) * dil_h - gp_h
         cx = x * ga_w + (KW // 2) * dil_w - gp_w
         centre_ok = pixel_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
@@ -146,39 +156,44 @@ if triton is not None:
         for t in range(KH * KW):  # a loop, not unrolled: compiles fast
             i = t // KW
             j = t % KW
-            ty = y * ga_h + i * dil_h - gp_h
-            tx = x * ga_w + j * dil_w - gp_w
-            t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
-            e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
-                          guide_channels, sg_c, BLOCK_P, BLOCK_G)
-            iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
-            ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
-            in_ok = pixel_ok & iy_ok & ix_ok
-            a = in_ok.to(tl.float32)
-            if HAS_MASK:
-                a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
-            ke = e * a
-            if NORMALIZE:
-                total += ke
-            else:
-                total += a
-                real += in_ok.to(tl.float32)
-            x_off = batch * sx_b + iy * sx_h + ix * sx_w
-            if POOL:
-                xv = tl.load(x_ptr + x_off[:, None] + outs[None, :] * sx_c,
-                             mask=in_ok[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
-                acc += xv * ke[:, None]
-            else:
-                for c0 in range(0, group_in, BLOCK_C):
-                    ch_local = c0 + tl.arange(0, BLOCK_C)
-                    c_ok = ch_local < group_in
-                    ch = group * group_in + ch_local
-                    xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
-                                 mask=in_ok[:, None] & c_ok[None, :], other=0.0)
-                    xk = (xv.to(tl.float32) * ke[:, None]).to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
-                    w = tl.load(weight_ptr + outs[None, :] * sw_o + ch_local[:, None] * sw_c + i * sw_h + j * sw_w,
-                                mask=c_ok[:, None] & out_ok[None, :], other=0.0).to(DOT_DTYPE)
-                    acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
+            # Every pixel of the block has the same phase: a tap hits real input pixels for all of them or
+            # for none (transposed convolution); taps that hit none are skipped, no work on inserted zeros.
+            hit = (((phase_y * a_h + i * dil_h - poff_h) % div_h == 0)
+                   & ((phase_x * a_w + j * dil_w - poff_w) % div_w == 0))
+            if hit:
+                ty = y * ga_h + i * dil_h - gp_h
+                tx = x * ga_w + j * dil_w - gp_w
+                t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
+                e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
+                              guide_channels, sg_c, BLOCK_P, BLOCK_G)
+                iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
+                ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
+                in_ok = pixel_ok & iy_ok & ix_ok
+                a = in_ok.to(tl.float32)
+                if HAS_MASK:
+                    a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+                ke = e * a
+                if NORMALIZE:
+                    total += ke
+                else:
+                    total += a
+                    real += in_ok.to(tl.float32)
+                x_off = batch * sx_b + iy * sx_h + ix * sx_w
+                if POOL:
+                    xv = tl.load(x_ptr + x_off[:, None] + outs[None, :] * sx_c,
+                                 mask=in_ok[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
+                    acc += xv * ke[:, None]
+                else:
+                    for c0 in range(0, group_in, BLOCK_C):
+                        ch_local = c0 + tl.arange(0, BLOCK_C)
+                        c_ok = ch_local < group_in
+                        ch = group * group_in + ch_local
+                        xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
+                                     mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+                        xk = (xv.to(tl.float32) * ke[:, None]).to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
+                        w = tl.load(weight_ptr + outs[None, :] * sw_o + ch_local[:, None] * sw_c + i * sw_h + j * sw_w,
+                                    mask=c_ok[:, None] & out_ok[None, :], other=0.0).to(DOT_DTYPE)
+                        acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
 
         if NORMALIZE:
             norm = total
@@ -198,7 +213,7 @@ if triton is not None:
     def _kernel_grad_kernel(
             grad_ptr, x_ptr, guide_ptr, weight_ptr, mask_ptr, norm_ptr, dist_grad_ptr,
             channels, guide_channels, height, width, guide_height, guide_width, out_height, out_width,
-            groups, group_in, group_out,
+            groups, group_in, group_out, phase_blocks,
             sd_b, sd_c, sd_h, sd_w, sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sw_o, sw_c, sw_h, sw_w,
             sm_b, sm_h, sm_w,
             a_h, a_w, poff_h, poff_w, div_h, div_w, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w,
@@ -209,10 +224,17 @@ if triton is not None:
         """One program: BLOCK_P output pixels of one image. Writes dL/dD[t, p] (D: the squared guide
         distance of tap t) for every tap, float32 (B, KH*KW, H', W')."""
         batch = tl.program_id(1).to(tl.int64)
-        pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        pixel_ok = pixels < out_height * out_width
-        y = pixels // out_width
-        x = pixels % out_width
+        # Output pixels by phase (y mod div_h, x mod div_w): div is the stride of a transposed convolution, 1 otherwise.
+        phase = tl.program_id(0) // phase_blocks
+        phase_y = phase // div_w
+        phase_x = phase % div_w
+        phase_width = (out_width + div_w - 1) // div_w
+        phase_size = ((out_height + div_h - 1) // div_h) * phase_width
+        local = (tl.program_id(0) % phase_blocks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        y = phase_y + div_h * (local // phase_width)
+        x = phase_x + div_w * (local % phase_width)
+        pixel_ok = (local < phase_size) & (y < out_height) & (x < out_width)
+        pixels = y * out_width + x
         cy = y * ga_h + (KH // 2) * dil_h - gp_h
         cx = x * ga_w + (KW // 2) * dil_w - gp_w
         centre_ok = pixel_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
@@ -226,53 +248,58 @@ if triton is not None:
         for t in range(KH * KW):  # a loop, not unrolled: compiles fast
             i = t // KW
             j = t % KW
-            ty = y * ga_h + i * dil_h - gp_h
-            tx = x * ga_w + j * dil_w - gp_w
-            t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
-            e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
-                          guide_channels, sg_c, BLOCK_P, BLOCK_G)
-            iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
-            ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
-            in_ok = pixel_ok & iy_ok & ix_ok
-            a = in_ok.to(tl.float32)
-            if HAS_MASK:
-                a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
-            x_off = batch * sx_b + iy * sx_h + ix * sx_w
-            g_off = batch * sd_b + y * sd_h + x * sd_w
-            dk = tl.zeros((BLOCK_P,), dtype=tl.float32)
-            if POOL:
-                for c0 in range(0, channels, BLOCK_C):
-                    ch = c0 + tl.arange(0, BLOCK_C)
-                    c_ok = ch < channels
-                    xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
-                                 mask=in_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                    gv = tl.load(grad_ptr + g_off[:, None] + ch[None, :] * sd_c,
-                                 mask=pixel_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                    dk += tl.sum(xv * gv, axis=1)
-            else:
-                for group in range(0, groups):
-                    for c0 in range(0, group_in, BLOCK_C):
-                        ch_local = c0 + tl.arange(0, BLOCK_C)
-                        c_ok = ch_local < group_in
-                        ch = group * group_in + ch_local
-                        gw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)  # sum_o dL/dout[o] W[o, c, i, j]
-                        for o0 in range(0, group_out, BLOCK_O):
-                            outs_local = o0 + tl.arange(0, BLOCK_O)
-                            o_ok = outs_local < group_out
-                            outs = group * group_out + outs_local
-                            gv = tl.load(grad_ptr + g_off[:, None] + outs[None, :] * sd_c,
-                                         mask=pixel_ok[:, None] & o_ok[None, :], other=0.0).to(DOT_DTYPE)
-                            w = tl.load(weight_ptr + outs[:, None] * sw_o + ch_local[None, :] * sw_c
-                                        + i * sw_h + j * sw_w,
-                                        mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE)
-                            gw = tl.dot(gv, w, gw, input_precision=DOT_PRECISION)
+            # Every pixel of the block has the same phase: a tap hits real input pixels for all of them or
+            # for none (transposed convolution); taps that hit none are skipped, no work on inserted zeros.
+            hit = (((phase_y * a_h + i * dil_h - poff_h) % div_h == 0)
+                   & ((phase_x * a_w + j * dil_w - poff_w) % div_w == 0))
+            if hit:
+                ty = y * ga_h + i * dil_h - gp_h
+                tx = x * ga_w + j * dil_w - gp_w
+                t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
+                e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
+                              guide_channels, sg_c, BLOCK_P, BLOCK_G)
+                iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
+                ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
+                in_ok = pixel_ok & iy_ok & ix_ok
+                a = in_ok.to(tl.float32)
+                if HAS_MASK:
+                    a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+                x_off = batch * sx_b + iy * sx_h + ix * sx_w
+                g_off = batch * sd_b + y * sd_h + x * sd_w
+                dk = tl.zeros((BLOCK_P,), dtype=tl.float32)
+                if POOL:
+                    for c0 in range(0, channels, BLOCK_C):
+                        ch = c0 + tl.arange(0, BLOCK_C)
+                        c_ok = ch < channels
                         xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
                                      mask=in_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                        dk += tl.sum(xv * gw, axis=1)
-            here = taps[None, :] == t
-            e_all = tl.where(here, e[:, None], e_all)
-            a_all = tl.where(here, a[:, None], a_all)
-            dk_all = tl.where(here, dk[:, None], dk_all)
+                        gv = tl.load(grad_ptr + g_off[:, None] + ch[None, :] * sd_c,
+                                     mask=pixel_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                        dk += tl.sum(xv * gv, axis=1)
+                else:
+                    for group in range(0, groups):
+                        for c0 in range(0, group_in, BLOCK_C):
+                            ch_local = c0 + tl.arange(0, BLOCK_C)
+                            c_ok = ch_local < group_in
+                            ch = group * group_in + ch_local
+                            gw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)  # sum_o dL/dout[o] W[o, c, i, j]
+                            for o0 in range(0, group_out, BLOCK_O):
+                                outs_local = o0 + tl.arange(0, BLOCK_O)
+                                o_ok = outs_local < group_out
+                                outs = group * group_out + outs_local
+                                gv = tl.load(grad_ptr + g_off[:, None] + outs[None, :] * sd_c,
+                                             mask=pixel_ok[:, None] & o_ok[None, :], other=0.0).to(DOT_DTYPE)
+                                w = tl.load(weight_ptr + outs[:, None] * sw_o + ch_local[None, :] * sw_c
+                                            + i * sw_h + j * sw_w,
+                                            mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE)
+                                gw = tl.dot(gv, w, gw, input_precision=DOT_PRECISION)
+                            xv = tl.load(x_ptr + x_off[:, None] + ch[None, :] * sx_c,
+                                         mask=in_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                            dk += tl.sum(xv * gw, axis=1)
+                here = taps[None, :] == t
+                e_all = tl.where(here, e[:, None], e_all)
+                a_all = tl.where(here, a[:, None], a_all)
+                dk_all = tl.where(here, dk[:, None], dk_all)
 
         if USE_NORM:
             norm = tl.load(norm_ptr + batch * out_height * out_width + pixels, mask=pixel_ok, other=1.0)
@@ -480,6 +507,12 @@ def _dtype_of(weight: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     return None if weight is None else weight.dtype
 
 
+def _phase_grid(geometry: List[int]) -> Tuple[int, int]:
+    """(number of output phases, pixel blocks per phase) of the kernels that run over output pixels."""
+    out_h, out_w, div_h, div_w = geometry[2], geometry[3], geometry[10], geometry[11]
+    return div_h * div_w, triton.cdiv(triton.cdiv(out_h, div_h) * triton.cdiv(out_w, div_w), _BLOCK_PIXELS)
+
+
 def _block(size: int, lower: int, upper: int) -> int:
     return max(lower, min(upper, triton.next_power_of_2(max(size, 1))))
 
@@ -526,12 +559,13 @@ def _forward_impl(x, guide, weight, bias, mask, geometry, groups, normalize):
     block_o = _block(group_out, 16, _MAX_BLOCK_OUT)
     out_blocks = triton.cdiv(group_out, block_o)
     dot_dtype, precision = _dot_config(x.dtype)
-    grid = (triton.cdiv(oh * ow, _BLOCK_PIXELS), groups * out_blocks, b)
+    phases, phase_blocks = _phase_grid(geometry)
+    grid = (phases * phase_blocks, groups * out_blocks, b)
     with _device_of(x):
         _forward_kernel[grid](
             x, guide, x if weight is None else weight, out if bias is None else bias, x if mask is None else mask,
             out, norm,
-            c, guide.shape[1], o, h, w, gh, gw, oh, ow, group_in, group_out, out_blocks,
+            c, guide.shape[1], o, h, w, gh, gw, oh, ow, group_in, group_out, out_blocks, phase_blocks,
             *x.stride(), *guide.stride(), *_weight_strides(weight), *_mask_strides(mask), *out.stride(),
             *axes,
             KH=kh, KW=kw, POOL=weight is None, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
@@ -551,9 +585,10 @@ def _guide_grad(grad, x, guide, weight, mask, norm, geometry, groups, normalize)
     dot_dtype, precision = _dot_config(x.dtype)
     block_g = _block(guide.shape[1], 1, _MAX_BLOCK_GUIDE)
     with _device_of(x):
-        _kernel_grad_kernel[(triton.cdiv(oh * ow, _BLOCK_PIXELS), b)](
+        phases, phase_blocks = _phase_grid(geometry)
+        _kernel_grad_kernel[(phases * phase_blocks, b)](
             grad, x, guide, x if weight is None else weight, x if mask is None else mask, norm, dist_grad,
-            c, guide.shape[1], h, w, gh, gw, oh, ow, groups, c // groups, o // groups,
+            c, guide.shape[1], h, w, gh, gw, oh, ow, groups, c // groups, o // groups, phase_blocks,
             *grad.stride(), *x.stride(), *guide.stride(), *_weight_strides(weight), *_mask_strides(mask),
             *axes,
             KH=kh, KW=kw, POOL=weight is None, HAS_MASK=mask is not None, NORMALIZE=normalize,
