@@ -1,16 +1,24 @@
-"""pac_triton.pacconv2d_gaussian (fused Triton kernel) against pac.packernel2d + pac.pacconv2d.
+"""pac_triton (fused Triton kernels, forward and backward) against the brute-force reference.
 
-The kernel runs on CPU tensors through the Triton interpreter (no GPU here), so sizes stay tiny.
-Every test is skipped when triton is not installed (CI does not install the extra):
+The kernels run on CPU tensors through the Triton interpreter (no GPU here), so sizes stay tiny. Every
+output and every gradient (input, guide, weight, bias) is compared with the float64 brute-force
+reference of tests/pac_reference.py, differentiated by autograd; the weight gradient is compared tap by
+tap, and every tap's reference gradient is checked to be non-zero, so a kernel that skips or misplaces
+taps fails. Every test is skipped when triton is not installed (CI does not install the extra):
 
     pip install -r requirements-triton.txt && python -m pytest -m triton tests/test_pac_triton.py
+
+With ``PAC_TRITON_TEST_DEVICE=cuda`` the same numeric cases run the compiled kernels on a CUDA GPU (the
+reference stays on the CPU) and the interpreter-specific tests are skipped (bench/gpu_check.sh does this).
 """
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton and pac_triton are imported: kernels decorate at import
+DEVICE = os.environ.get("PAC_TRITON_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton and pac_triton are imported: kernels decorate at import
 
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,168 +26,403 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+if DEVICE == "cpu" and "pac_triton" in sys.modules and not sys.modules["pac_triton"]._INTERPRETED:
+    pytest.skip("pac_triton was imported without TRITON_INTERPRET=1: run this file on its own",
+                allow_module_level=True)
+if DEVICE != "cpu" and not torch.cuda.is_available():
+    pytest.skip(f"PAC_TRITON_TEST_DEVICE={DEVICE} but there is no CUDA device", allow_module_level=True)
 
 import pac  # noqa: E402
+import pac_reference as ref  # noqa: E402
 import pac_triton  # noqa: E402
-from pac_triton import pacconv2d_gaussian  # noqa: E402
 
 pytestmark = pytest.mark.triton
+interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter run on CPU tensors")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
-def make_inputs(batch=2, channels=3, guide_channels=3, out_channels=5, size=(6, 7), kernel=(3, 3),
-                bias=True, dtype=torch.float32, seed=0):
+# ---------------------------------------------------------------- a case: inputs, fused run, reference run
+
+
+def make_case(layer, size, kernel, stride=1, padding=0, output_padding=0, dilation=1, groups=1, channels=3,
+              out_channels=4, guide_channels=2, batch=1, normalize=False, mask=None, dtype=torch.float32, seed=0):
+    """Inputs of one layer call, rounded to ``dtype``. ``mask``: None, 'batch' (B, 1, H, W) or 'shared'
+    (1, 1, H, W), with about a third of the pixels off."""
+    k, s, p, op, d = map(ref.pair, (kernel, stride, padding, output_padding, dilation))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, *size, generator=gen).to(dtype)
-    guide = torch.randn(batch, guide_channels, *size, generator=gen).to(dtype)
-    weight = torch.randn(out_channels, channels, *kernel, generator=gen).to(dtype)
-    b = torch.randn(out_channels, generator=gen) if bias else None
-    return x, guide, weight, b
+    if layer == "conv_transpose":
+        guide_hw = tuple(ref.conv_transpose_out_size(n, *a) for n, a in zip(size, zip(k, s, p, op, d)))
+        weight = torch.randn(channels, out_channels, *k, generator=gen).to(dtype)
+    else:
+        guide_hw = size
+        weight = torch.randn(out_channels, channels // groups, *k, generator=gen).to(dtype) if layer == "conv" else None
+    guide = torch.randn(batch, guide_channels, *guide_hw, generator=gen).to(dtype)
+    bias = torch.randn(out_channels, generator=gen) if layer != "pool" else None
+    m = None
+    if mask is not None:
+        m = (torch.rand(batch if mask == "batch" else 1, 1, *size, generator=gen) > 0.35).float()
+    return dict(layer=layer, x=x, guide=guide, weight=weight, bias=bias, mask=m, k=k, s=s, p=p, op=op, d=d,
+                groups=groups, normalize=normalize)
 
 
-def reference(x, guide, weight, bias, stride, padding, dilation, normalize_kernel, native_impl):
-    """pac.packernel2d + pac.pacconv2d in float64 on the very same (possibly rounded) values."""
-    kernel, _ = pac.packernel2d(guide.double(), kernel_size=tuple(weight.shape[2:]), stride=stride,
-                                padding=padding, dilation=dilation, normalize_kernel=normalize_kernel,
-                                native_impl=native_impl)
-    return pac.pacconv2d(x.double(), kernel, weight.double(), None if bias is None else bias.double(),
-                         stride, padding, dilation, native_impl=native_impl)
+def leaves(case):
+    return {n: case[n] for n in ("x", "guide", "weight", "bias") if case[n] is not None}
 
 
-def assert_matches_pac(x, guide, weight, bias, stride=1, padding=0, dilation=1, normalize_kernel=False, tol=1e-6):
-    """Runs the fused kernel and checks it against both implementations of pac.py, relative to the
-    output's magnitude."""
-    with torch.no_grad():
-        out = pacconv2d_gaussian(x, guide, weight, bias, stride, padding, dilation, normalize_kernel)
-    for native_impl in (True, False):
-        ref = reference(x, guide, weight, bias, stride, padding, dilation, normalize_kernel, native_impl)
-        assert out.shape == ref.shape and out.dtype == x.dtype
-        err = (out.double() - ref).abs().max().item()
-        scale = max(1.0, ref.abs().max().item())
-        assert err <= tol * scale, f"native_impl={native_impl}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+def fused(case, tensors):
+    c = dict(case, mask=None if case["mask"] is None else case["mask"].to(tensors["x"].device))
+    if c["layer"] == "conv":
+        return pac_triton.pac_conv2d(tensors["x"], tensors["guide"], tensors["weight"], tensors["bias"], c["s"], c["p"],
+                                     c["d"], c["groups"], c["normalize"], c["mask"])
+    if c["layer"] == "conv_transpose":
+        return pac_triton.pac_conv_transpose2d(tensors["x"], tensors["guide"], tensors["weight"], tensors["bias"],
+                                               c["s"], c["p"], c["op"], c["d"], c["normalize"], c["mask"])
+    return pac_triton.pac_pool2d(tensors["x"], tensors["guide"], c["k"], c["s"], c["p"], c["d"], c["normalize"],
+                                 c["mask"])
+
+
+def brute_force(case, tensors):
+    """The brute-force reference in float64: (output, output mask or None)."""
+    c = case
+    mask = c["mask"]
+    if mask is not None:
+        mask = mask.double().expand(c["x"].shape[0], -1, -1, -1)
+    kernel, out_mask = ref.ref_kernel(tensors["guide"], c["k"], c["s"], c["p"], c["d"], normalize_kernel=c["normalize"],
+                                      transposed=c["layer"] == "conv_transpose", output_padding=c["op"], mask=mask)
+    if c["layer"] == "conv":
+        out = ref.ref_pacconv2d(tensors["x"], kernel, tensors["weight"], tensors["bias"], c["s"], c["p"], c["d"],
+                                groups=c["groups"])
+    elif c["layer"] == "conv_transpose":
+        out = ref.ref_pacconv_transpose2d(tensors["x"], kernel, tensors["weight"], tensors["bias"], c["s"], c["p"],
+                                          c["op"], c["d"])
+    else:
+        out = ref.ref_pacpool2d(tensors["x"], kernel, c["k"], c["s"], c["p"], c["d"])
+    return out, out_mask
+
+
+def assert_close_scaled(name, got, expected, tol):
+    """Max error relative to the reference's magnitude (at least 1)."""
+    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    err = (got.cpu().double() - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def check_case(case, tol=None):
+    """Fused output and every gradient against the brute-force reference on the same rounded values."""
+    tol = tol or max(TOLERANCE[t.dtype] for t in leaves(case).values() if t.dtype in TOLERANCE)
+    ours = {n: t.to(DEVICE).clone().requires_grad_() for n, t in leaves(case).items()}
+    theirs = {n: t.detach().double().requires_grad_() for n, t in leaves(case).items()}
+    result = fused(case, ours)
+    out, out_mask = result if case["mask"] is not None else (result, None)
+    expected, expected_mask = brute_force(case, theirs)
+    assert out.dtype == case["x"].dtype
+    assert_close_scaled("output", out, expected, tol)
+    if case["mask"] is not None:
+        assert out_mask.dtype == torch.float32
+        assert torch.equal(out_mask.cpu().double(), expected_mask[:out_mask.shape[0]]), "output mask"
+
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names = list(ours)
+    got = torch.autograd.grad(out, [ours[n] for n in names], grad_out.to(out))
+    want = torch.autograd.grad(expected, [theirs[n] for n in names], grad_out)
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == ours[name].dtype, f"grad of {name}: dtype {g.dtype}"
+        assert_close_scaled(f"grad of {name}", g, w, tol)
+    if "weight" in ours:  # tap by tap: every tap has a gradient, and the right one
+        g_w, w_w = got[names.index("weight")], want[names.index("weight")]
+        for i in range(w_w.shape[2]):
+            for j in range(w_w.shape[3]):
+                assert w_w[:, :, i, j].abs().max() > 0, f"reference weight gradient of tap {(i, j)} is zero"
+                assert_close_scaled(f"grad of weight, tap {(i, j)}", g_w[:, :, i, j], w_w[:, :, i, j], tol)
     return out
 
 
-# ---------------------------------------------------------------- numerics
+# ---------------------------------------------------------------- numerics, float32
 
 
-@pytest.mark.parametrize("kernel, stride, padding, dilation, size", [
-    (3, 1, 1, 1, (6, 7)),
-    (3, 2, 1, 1, (7, 8)),
-    (5, 1, 2, 1, (9, 10)),                   # 90 output pixels: more than one pixel block of 64
-    (3, 1, 2, 2, (7, 6)),
-    ((3, 5), (2, 1), (0, 2), (1, 2), (7, 9)),  # rectangular kernel, per-axis geometry
-    (1, 1, 0, 1, (5, 5)),
-    (3, 1, 3, 1, (5, 5)),                    # border windows without any real pixel
-], ids=["k3", "stride2", "k5-multiblock", "dilation2", "rect-pairs", "k1", "pad-beyond-window"])
-@pytest.mark.parametrize("normalize_kernel", [False, True], ids=["plain", "normalized"])
-def test_geometry_matches_pac(kernel, stride, padding, dilation, size, normalize_kernel):
-    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
-    x, guide, weight, bias = make_inputs(size=size, kernel=k)
-    assert_matches_pac(x, guide, weight, bias, stride, padding, dilation, normalize_kernel)
+CONV_CASES = {
+    "k3-batch2": dict(size=(6, 7), kernel=3, padding=1, batch=2),
+    "k3-stride2-normalized": dict(size=(7, 8), kernel=3, stride=2, padding=1, normalize=True),
+    "k5": dict(size=(6, 5), kernel=5, padding=2),
+    "dilation2-normalized": dict(size=(7, 6), kernel=3, padding=2, dilation=2, normalize=True),
+    "rect-pairs": dict(size=(7, 9), kernel=(3, 5), stride=(2, 1), padding=(0, 2), dilation=(1, 2)),
+    "groups2-stride2": dict(size=(7, 5), kernel=3, stride=2, padding=1, groups=2, channels=4, out_channels=6,
+                            batch=2),
+    "depthwise": dict(size=(5, 6), kernel=3, padding=1, groups=3, channels=3, out_channels=3, normalize=True),
+    "pad-beyond-window": dict(size=(5, 5), kernel=3, padding=3, normalize=True),  # windows without real pixels
+    "mask": dict(size=(5, 4), kernel=5, padding=1, mask="batch", batch=2),
+    "mask-shared-normalized": dict(size=(6, 5), kernel=3, padding=1, stride=2, mask="shared", normalize=True,
+                                   batch=2),
+    "many-channels": dict(size=(4, 5), kernel=3, padding=1, batch=1, channels=40, out_channels=70,
+                          guide_channels=20),  # several blocks of input, output and guide channels
+    "many-pixels": dict(size=(23, 25), kernel=3, padding=1, channels=2, out_channels=2),  # > 2 pixel blocks
+}
+
+TRANSPOSED_CASES = {
+    "k3-stride2-batch2": dict(size=(4, 5), kernel=3, stride=2, padding=1, output_padding=1, batch=2),
+    "k5-stride2-normalized": dict(size=(3, 3), kernel=5, stride=2, padding=2, output_padding=1, normalize=True),
+    "k3-stride1-dilation2-mask-normalized": dict(size=(5, 4), kernel=3, padding=1, dilation=2, mask="batch",
+                                                 normalize=True),
+    "k3-stride3-mask": dict(size=(3, 4), kernel=3, stride=3, output_padding=2, mask="shared", batch=2),
+    "rect-pairs": dict(size=(4, 3), kernel=(3, 5), stride=(2, 1), padding=(1, 2), output_padding=(1, 0),
+                       dilation=(1, 2), out_channels=5),
+    "k3-stride4-normalized": dict(size=(2, 3), kernel=3, stride=4, padding=1, output_padding=3, normalize=True),
+}
+
+POOL_CASES = {
+    "k3": dict(size=(6, 7), kernel=3, padding=1),
+    "k5-stride2-normalized": dict(size=(8, 7), kernel=5, stride=2, padding=2, normalize=True),
+    "k3-dilation2-stride2-mask": dict(size=(8, 7), kernel=3, stride=2, padding=1, dilation=2, mask="batch"),
+    "rect-pairs-normalized": dict(size=(6, 9), kernel=(3, 5), stride=(1, 2), padding=(1, 0), normalize=True),
+}
 
 
-@pytest.mark.parametrize("channels, guide_channels, out_channels", [
-    (1, 1, 1),
-    (3, 3, 5),
-    (40, 2, 70),    # two input-channel blocks (32) and two output-channel blocks (64), both partial
-    (17, 20, 17),   # two guide-channel blocks (16)
-])
-@pytest.mark.parametrize("bias, normalize_kernel", [(True, False), (False, True)], ids=["bias", "nobias-normalized"])
-def test_channel_counts_match_pac(channels, guide_channels, out_channels, bias, normalize_kernel):
-    x, guide, weight, b = make_inputs(batch=1, channels=channels, guide_channels=guide_channels,
-                                      out_channels=out_channels, size=(5, 6), bias=bias)
-    assert_matches_pac(x, guide, weight, b, padding=1, normalize_kernel=normalize_kernel)
+@pytest.mark.parametrize("params", CONV_CASES.values(), ids=CONV_CASES.keys())
+def test_conv_matches_reference(params):
+    check_case(make_case("conv", **params))
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)], ids=["fp16", "bf16"])
-def test_low_precision_inputs(dtype, tol):
-    # The reference sees the same rounded values; the rest is the kernel's low-precision products and
-    # output rounding (float32 accumulation keeps it at a few units of the output's last place).
-    x, guide, weight, bias = make_inputs(channels=8, out_channels=6, dtype=dtype)
-    assert_matches_pac(x, guide, weight, bias, padding=1, normalize_kernel=True, tol=tol)
+@pytest.mark.parametrize("params", TRANSPOSED_CASES.values(), ids=TRANSPOSED_CASES.keys())
+def test_conv_transpose_matches_reference(params):
+    check_case(make_case("conv_transpose", **params))
+
+
+@pytest.mark.parametrize("params", POOL_CASES.values(), ids=POOL_CASES.keys())
+def test_pool_matches_reference(params):
+    check_case(make_case("pool", **params))
+
+
+# ---------------------------------------------------------------- numerics, float16 and bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("layer, params", [
+    ("conv", dict(size=(6, 7), kernel=3, padding=1, stride=2, normalize=True, channels=8, out_channels=6)),
+    ("conv_transpose", dict(size=(4, 5), kernel=3, stride=2, padding=1, output_padding=1, mask="batch")),
+    ("pool", dict(size=(6, 7), kernel=3, padding=1, normalize=True)),
+], ids=["conv", "conv_transpose", "pool"])
+def test_low_precision_matches_reference(layer, params, dtype):
+    # The reference sees the same rounded values; the rest is the kernels' low-precision products and the
+    # rounding of outputs and gradients (float32 accumulation keeps it at a few units of the last place).
+    check_case(make_case(layer, dtype=dtype, **params))
 
 
 def test_guide_dtype_independent_of_input_dtype():
-    x, guide, weight, bias = make_inputs()
-    assert_matches_pac(x, guide.half(), weight, bias, padding=1)
+    case = make_case("conv", size=(5, 6), kernel=3, padding=1, normalize=True)
+    case["guide"] = case["guide"].half()
+    check_case(case)
 
 
+# ---------------------------------------------------------------- the layers' semantics
+
+
+@interpreter_only
+@pytest.mark.parametrize("native_impl", [False, True])
+def test_equals_the_pac_modules(native_impl):
+    """Same numbers as the modules of pac.py (both implementations), outputs and parameter gradients."""
+    torch.manual_seed(0)
+    x, guide, up_guide = torch.randn(1, 4, 5, 4), torch.randn(1, 3, 5, 4), torch.randn(1, 3, 10, 8)
+    mask = (torch.rand(1, 1, 5, 4) > 0.3).float()
+    conv = pac.PacConv2d(4, 6, 3, padding=1, normalize_kernel=True, native_impl=native_impl)
+    up = pac.PacConvTranspose2d(4, 2, 5, stride=2, padding=2, output_padding=1, native_impl=native_impl)
+    pool = pac.PacPool2d(3, stride=2, padding=1, native_impl=native_impl)
+    pairs = [
+        (conv(x, guide, mask=mask), pac_triton.pac_conv2d(x, guide, conv.weight, conv.bias, 1, 1, 1, 1, True, mask)),
+        (up(x, up_guide), pac_triton.pac_conv_transpose2d(x, up_guide, up.weight, up.bias, 2, 2, 1, 1, False)),
+        (pool(x, guide), pac_triton.pac_pool2d(x, guide, 3, 2, 1, 1, False)),
+    ]
+    for expected, got in pairs:
+        expected, got = (expected, got) if isinstance(got, tuple) else ((expected,), (got,))
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    for module in (conv, up):
+        params = [module.weight, module.bias]
+        out_pac = (conv(x, guide, mask=mask)[0] if module is conv else up(x, up_guide))
+        out_fused = (pac_triton.pac_conv2d(x, guide, conv.weight, conv.bias, 1, 1, 1, 1, True, mask)[0]
+                     if module is conv else
+                     pac_triton.pac_conv_transpose2d(x, up_guide, up.weight, up.bias, 2, 2, 1, 1, False))
+        for a, b in zip(torch.autograd.grad(out_pac.square().sum(), params),
+                        torch.autograd.grad(out_fused.square().sum(), params)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@interpreter_only
+def test_each_gradient_alone_equals_the_joint_one():
+    """The backward computes only the gradients asked for, and each alone is the one computed jointly."""
+    case = make_case("conv", size=(5, 6), kernel=3, padding=1, normalize=True)
+    tensors = {n: t.clone().requires_grad_() for n, t in leaves(case).items()}
+    joint = dict(zip(tensors, torch.autograd.grad(fused(case, tensors).sum(), list(tensors.values()))))
+    for name in tensors:
+        alone = {n: t.clone().requires_grad_(n == name) for n, t in leaves(case).items()}
+        (grad,) = torch.autograd.grad(fused(case, alone).sum(), [alone[name]])
+        assert torch.equal(grad, joint[name]), name
+
+
+@interpreter_only
 def test_strided_inputs_give_the_contiguous_result():
-    x, guide, weight, bias = make_inputs(channels=4, guide_channels=3, out_channels=4, size=(6, 8))
+    case = make_case("conv", size=(6, 8), kernel=3, padding=1, channels=4, out_channels=4)
+    x, guide, weight, bias = case["x"], case["guide"], case["weight"], case["bias"]
     with torch.no_grad():
-        expected = pacconv2d_gaussian(x, guide, weight, bias, padding=1)
+        expected = pac_triton.pac_conv2d(x, guide, weight, bias, padding=1)
         strided_guide = torch.stack([guide, -guide], dim=-1)[..., 0]  # non-contiguous view, same values
-        out = pacconv2d_gaussian(x.to(memory_format=torch.channels_last), strided_guide,
-                                 weight.transpose(0, 1).contiguous().transpose(0, 1), bias, padding=1)
+        out = pac_triton.pac_conv2d(x.to(memory_format=torch.channels_last), strided_guide,
+                                    weight.transpose(0, 1).contiguous().transpose(0, 1), bias, padding=1)
     assert not strided_guide.is_contiguous() and torch.equal(strided_guide, guide)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
-def test_equals_pac_conv2d_module_in_inference():
-    torch.manual_seed(0)
-    conv = pac.PacConv2d(4, 6, kernel_size=3, padding=2, dilation=2)
-    x, guide = torch.randn(1, 4, 7, 7), torch.randn(1, 3, 7, 7)
-    with torch.inference_mode():
-        expected = conv(x, guide)
-        out = pacconv2d_gaussian(x, guide, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
-    assert not out.requires_grad
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+@interpreter_only
+def test_autocast_runs_in_the_autocast_dtype():
+    case = make_case("conv", size=(5, 6), kernel=3, padding=1, normalize=True)
+    weight = case["weight"].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pac_triton.pac_conv2d(case["x"], case["guide"], weight, case["bias"], padding=1, normalize_kernel=True)
+    assert out.dtype == torch.bfloat16
+    (g,) = torch.autograd.grad(out.float().sum(), [weight])
+    assert g.dtype == torch.float32
+    rounded = dict(case, x=case["x"].bfloat16().float(), weight=case["weight"].bfloat16().float())
+    expected, _ = brute_force(rounded, {n: t.double() for n, t in leaves(rounded).items()})
+    assert_close_scaled("output", out, expected, TOLERANCE[torch.bfloat16])
 
 
+@interpreter_only
+def test_torch_compile_keeps_the_ops_in_one_graph():
+    case = make_case("conv_transpose", size=(3, 4), kernel=3, stride=2, padding=1, output_padding=1)
+    x, guide, weight = case["x"], case["guide"].clone().requires_grad_(), case["weight"].clone().requires_grad_()
+    fn = torch.compile(pac_triton.pac_conv_transpose2d, backend="aot_eager", fullgraph=True)
+    out = fn(x, guide, weight, case["bias"], 2, 1, 1)
+    eager = pac_triton.pac_conv_transpose2d(x, guide, weight, case["bias"], 2, 1, 1)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.sum(), [guide, weight])
+    for g, e in zip(grads, torch.autograd.grad(eager.sum(), [guide, weight])):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@interpreter_only
+def test_registered_ops_pass_opcheck():
+    case = make_case("conv", size=(4, 4), kernel=3, padding=1, batch=1, mask="shared", normalize=True)
+    geometry = [3, 3, 4, 4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    args = (case["x"].requires_grad_(), case["guide"].requires_grad_(), case["weight"].requires_grad_(),
+            case["bias"].requires_grad_(), case["mask"], geometry, 1, True)
+    torch.library.opcheck(torch.ops.pac_triton.pac_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@interpreter_only
+def test_outputs_are_deterministic():
+    case = make_case("conv", size=(9, 9), kernel=3, padding=1, batch=2)
+    tensors = {n: t.clone().requires_grad_() for n, t in leaves(case).items()}
+    runs = []
+    for _ in range(2):
+        out = fused(case, tensors)
+        runs.append([out] + list(torch.autograd.grad(out.sum(), list(tensors.values()))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@interpreter_only
 def test_empty_batch():
-    x, guide, weight, bias = make_inputs(batch=0)
-    with torch.no_grad():
-        assert pacconv2d_gaussian(x, guide, weight, bias, padding=1).shape == (0, 5, 6, 7)
+    case = make_case("conv", size=(6, 7), kernel=3, padding=1, batch=0)
+    tensors = {n: t.clone().requires_grad_() for n, t in leaves(case).items()}
+    out = fused(case, tensors)
+    assert out.shape == (0, 4, 6, 7)
+    grads = torch.autograd.grad(out.sum(), list(tensors.values()))
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in tensors.values()]
+    assert grads[2].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- supports()
+
+
+def _supports(**changes):
+    x, guide = torch.randn(1, 3, 5, 5), torch.randn(1, 2, 5, 5)
+    args = dict(layer="conv", x=x, guide=guide, kernel_type="gaussian", smooth_kernel_type="none",
+                normalize_kernel=False, channel_wise=False, shared_filters=False, groups=1, padding_mode="zeros",
+                mask=None, stride=1, padding=1, dilation=1, output_padding=0)
+    args.update(changes)
+    layer, x, guide = args.pop("layer"), args.pop("x"), args.pop("guide")
+    return pac_triton.supports(layer, x, guide, **args)
+
+
+@interpreter_only
+def test_supports_the_fused_options():
+    for layer in ("conv", "conv_transpose", "pool"):
+        assert _supports(layer=layer)
+        assert _supports(layer=layer, normalize_kernel=True, mask=torch.ones(1, 1, 5, 5))
+    assert _supports(groups=3)
+    assert _supports(x=torch.randn(1, 3, 5, 5).half(), guide=torch.randn(1, 2, 5, 5).bfloat16())
+
+
+@interpreter_only
+@pytest.mark.parametrize("changes", [
+    dict(kernel_type="inv_0.5_-2"), dict(smooth_kernel_type="gaussian"), dict(channel_wise=True),
+    dict(shared_filters=True), dict(padding_mode="reflect"), dict(layer="pool", groups=3),
+    dict(layer="deconv"), dict(x=torch.randn(1, 3, 5, 5).double()), dict(guide=torch.randn(1, 2, 5, 5).double()),
+    dict(mask=torch.ones(1, 1, 5, 5, requires_grad=True)), dict(x=torch.randn(1, 3, 5, 5, device="meta")),
+], ids=lambda c: ",".join(f"{k}={v if not isinstance(v, torch.Tensor) else v.dtype}" for k, v in c.items()))
+def test_supports_refuses_other_options(changes):
+    assert not _supports(**changes)
+
+
+@interpreter_only
+def test_supports_counts_the_autocast_dtype():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _supports(x=torch.randn(1, 3, 5, 5).double())  # autocast computes in bfloat16
 
 
 # ---------------------------------------------------------------- errors
 
 
-def test_gradient_request_raises():
-    x, guide, weight, bias = make_inputs()
-    weight.requires_grad_()
-    with pytest.raises(RuntimeError, match="inference-only"):
-        pacconv2d_gaussian(x, guide, weight, bias, padding=1)
-
-
-def _bad(**changes):
-    x, guide, weight, bias = make_inputs()
-    args = dict(input=x, guide=guide, weight=weight, bias=bias, stride=1, padding=1, dilation=1,
-                normalize_kernel=False)
+def _conv_args(**changes):
+    case = make_case("conv", size=(6, 7), kernel=3, batch=2)
+    args = dict(x=case["x"], guide=case["guide"], weight=case["weight"], bias=case["bias"], stride=1, padding=1,
+                dilation=1, groups=1, normalize_kernel=False)
     args.update(changes)
     return args
 
 
+@interpreter_only
 @pytest.mark.parametrize("args, match", [
-    (_bad(input=[[1.0]]), "input must be a torch.Tensor"),
-    (_bad(input=torch.randn(3, 6, 7)), "input must be 4-D"),
-    (_bad(guide=torch.randn(1, 3, 6, 7)), "guide must have the input's batch and size"),
-    (_bad(guide=torch.randn(2, 3, 6, 6)), "guide must have the input's batch and size"),
-    (_bad(weight=torch.randn(5, 4, 3, 3)), "weight must have shape"),
-    (_bad(weight=torch.randn(5, 3, 2, 3)), "weight must have an odd kernel size"),
-    (_bad(weight=torch.randn(5, 3, 3)), "weight must be 4-D"),
-    (_bad(bias=torch.randn(4)), "bias must be None or a tensor of shape"),
-    (_bad(input=torch.randn(2, 3, 6, 7, dtype=torch.float64)), "input must be float32, float16 or bfloat16"),
-    (_bad(guide=torch.ones(2, 3, 6, 7, dtype=torch.int64)), "guide must be float32, float16 or bfloat16"),
-    (_bad(weight=torch.randn(5, 3, 3, 3).half()), "weight must have the input's dtype"),
-    (_bad(stride=0), "stride must be >= 1"),
-    (_bad(dilation=(1, 0)), "dilation must be >= 1"),
-    (_bad(padding=-1), "padding must be >= 0"),
-    (_bad(padding=1.5), "padding must be an int or a pair of ints"),
-    (_bad(stride=(1, 1, 1)), "stride must be an int or a pair of ints"),
-    (_bad(normalize_kernel=None), "normalize_kernel must be a bool"),
-    (_bad(weight=torch.randn(5, 3, 9, 9), padding=0), "input of size .* is too small"),
-    (_bad(input=torch.randn(2, 3, 6, 7, device="meta")), "must be on the input's device"),
+    (_conv_args(x=[[1.0]]), "input must be a torch.Tensor"),
+    (_conv_args(x=torch.randn(3, 6, 7)), "input must be 4-D"),
+    (_conv_args(guide=torch.randn(1, 2, 6, 7)), "guide must have shape"),
+    (_conv_args(guide=torch.randn(2, 2, 6, 6)), "guide must have shape"),
+    (_conv_args(weight=torch.randn(4, 4, 3, 3)), "weight must have shape"),
+    (_conv_args(weight=torch.randn(4, 3, 2, 3)), "kernel_size must be odd"),
+    (_conv_args(weight=torch.randn(4, 3, 3)), "weight must be 4-D"),
+    (_conv_args(bias=torch.randn(5)), "bias must be None or a tensor of shape"),
+    (_conv_args(groups=2), "groups must be a positive integer dividing"),
+    (_conv_args(x=torch.randn(2, 3, 6, 7, dtype=torch.float64)), "input must be float32, float16 or bfloat16"),
+    (_conv_args(guide=torch.ones(2, 2, 6, 7, dtype=torch.int64)), "guide must be float32, float16 or bfloat16"),
+    (_conv_args(stride=0), "stride must be >= 1"),
+    (_conv_args(dilation=(1, 0)), "dilation must be >= 1"),
+    (_conv_args(padding=-1), "padding must be >= 0"),
+    (_conv_args(padding=1.5), "padding must be an int or a pair of ints"),
+    (_conv_args(normalize_kernel=None), "normalize_kernel must be a bool"),
+    (_conv_args(padding=0, weight=torch.randn(4, 3, 9, 9)), "input of size .* is too small"),
+    (_conv_args(mask=torch.ones(2, 1, 6, 6)), "mask must have shape"),
+    (_conv_args(mask=torch.ones(2, 1, 6, 7, requires_grad=True)), "mask must not require a gradient"),
+    (_conv_args(x=torch.randn(2, 3, 6, 7, device="meta")), "input must be a CUDA tensor"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_arguments(args, match):
-    with pytest.raises((ValueError, TypeError), match=match), torch.no_grad():
-        pacconv2d_gaussian(**args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pac_triton.pac_conv2d(**args)
+
+
+@interpreter_only
+def test_transposed_guide_must_have_the_output_size():
+    case = make_case("conv_transpose", size=(3, 4), kernel=3, stride=2, padding=1, output_padding=1, batch=2)
+    with pytest.raises(ValueError, match=r"guide must have shape \(2, \*, 6, 8\)"):
+        pac_triton.pac_conv_transpose2d(case["x"], case["guide"][:, :, :5], case["weight"], None, 2, 1, 1)
 
 
 # ---------------------------------------------------------------- availability
 
 
+@interpreter_only
 def test_is_available_under_interpreter():
     assert pac_triton.is_available() is True
 
@@ -189,6 +432,7 @@ def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@interpreter_only
 def test_import_without_triton_and_without_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = _run_python("""
@@ -196,8 +440,9 @@ def test_import_without_triton_and_without_gpu():
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import torch, pac_triton
         assert pac_triton.is_available() is False
+        assert pac_triton.supports("conv", torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3)) is False
         try:
-            pac_triton.pacconv2d_gaussian(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3))
+            pac_triton.pac_conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3))
         except RuntimeError as e:
             assert "requirements-triton.txt" in str(e), e
         else:
@@ -206,26 +451,41 @@ def test_import_without_triton_and_without_gpu():
     assert result.returncode == 0, result.stderr
 
 
+@interpreter_only
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PAC_TRITON_AOT") != "1",
+                    reason="set PAC_TRITON_AOT=1: compiles every kernel for sm_80, several CPU minutes")
 def test_compiles_for_cuda_tensor_cores(tmp_path):
-    """Ahead-of-time compilation for an sm_80 GPU, no GPU needed: the real compiler accepts the kernel
-    (the interpreter is more lenient) and the float16 path uses tensor cores (MMA)."""
+    """Ahead-of-time compilation of every kernel for an sm_80 GPU, no GPU needed: the real compiler
+    accepts them (the interpreter is more lenient) and the float16 matmuls use tensor cores (MMA)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))  # a real compile, not a cache hit
+    env.update(TRITON_CACHE_DIR=str(tmp_path))  # a real compile, not a cache hit
     result = _run_python("""
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        import pac_triton
-        fn = pac_triton._pac_gaussian_forward_kernel
-        consts = dict(KH=3, KW=3, HAS_BIAS=True, NORMALIZE=True, DOT_DTYPE=tl.float16, DOT_PRECISION=None,
-                      BLOCK_P=64, BLOCK_O=64, BLOCK_C=32, BLOCK_G=4)
-        signature = {n: "*fp16" if n.endswith("_ptr") else "constexpr" if n in consts else "i32"
-                     for n in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in consts.items()}),
-                                  target=GPUTarget("cuda", 80, 32))
-        assert len(compiled.asm["cubin"]) > 0
-        assert "nvidia_mma" in compiled.asm["ttgir"], "no tensor-core MMA in the float16 kernel"
+        import pac_triton as pt
+
+        FLOAT32_POINTERS = ("norm_ptr", "dist_grad_ptr", "partial_ptr", "bias_ptr", "mask_ptr")
+
+        def compile_for_sm80(fn, consts):
+            signature = {n: "constexpr" if n in consts else ("*fp32" if n in FLOAT32_POINTERS else "*fp16")
+                         if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+            source = ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+            return triton.compile(source, target=GPUTarget("cuda", 80, 32)).asm["ttgir"]
+
+        base = dict(KH=5, KW=5, DOT_DTYPE=tl.float16, DOT_PRECISION=None, BLOCK_G=4)
+        blocks = dict(BLOCK_O=64, BLOCK_C=32)
+        for pool, normalize, mask in ((False, True, True), (False, False, False), (True, True, False)):
+            flags = dict(base, POOL=pool, HAS_MASK=mask, **blocks)
+            ir = compile_for_sm80(pt._forward_kernel, dict(flags, HAS_BIAS=True, NORMALIZE=normalize, BLOCK_P=64))
+            assert pool or "nvidia_mma" in ir, "no tensor-core MMA in the float16 forward"
+            compile_for_sm80(pt._kernel_grad_kernel, dict(flags, NORMALIZE=normalize, USE_NORM=normalize or mask,
+                                                          BLOCK_P=64, BLOCK_T=32))
+            compile_for_sm80(pt._input_grad_kernel, dict(flags, USE_NORM=normalize or mask, BLOCK_Q=64))
+        compile_for_sm80(pt._guide_grad_kernel, dict(KH=5, KW=5, BLOCK_Q=64, BLOCK_G=4))
+        ir = compile_for_sm80(pt._weight_grad_kernel, dict(base, HAS_MASK=True, USE_NORM=True, BLOCK_P=64, **blocks))
+        assert "nvidia_mma" in ir, "no tensor-core MMA in the float16 weight gradient"
         print("ok")
         """, env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
