@@ -5,8 +5,8 @@
 
 Layers: batch 8, 32 -> 32 channels, 256 x 256 outputs, k = 5, a 3-channel guide that needs a gradient:
 PacConv2d (padding 2) vs nn.Conv2d, PacConvTranspose2d (stride 2, 128^2 -> 256^2) vs nn.ConvTranspose2d,
-PacPool2d (stride 1, padding 2, normalize_kernel) vs nn.AvgPool2d. Implementations: unfold
-(native_impl=True), taps (native_impl=False) and triton (the fused kernels of pac_triton). Ratios are to the
+PacPool2d (stride 1, padding 2, normalize_kernel) vs nn.AvgPool2d. Implementations (the layers'
+``impl``): unfold, taps and triton (the fused kernels of pac_triton). Ratios are to the
 matching torch layer in the same dtype. bf16 runs under torch.autocast. Models: one training step (forward,
 loss, backward, Adam step) of PacJointUpsample x8 and of the FCN8s + PacCRF segmentation model, per
 implementation, with ratios to the taps implementation. Times are medians of CUDA-event timings; peak is
@@ -86,18 +86,6 @@ def layer_cases(args):
     ]
 
 
-def fused_call(pt, module: nn.Module, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-    # TODO(lead): with pac.py's impl= switch this becomes module.impl = 'triton'; module(x, guide).
-    if isinstance(module, pac.PacConvTranspose2d):
-        return pt.pac_conv_transpose2d(x, guide, module.weight, module.bias, module.stride, module.padding,
-                                       module.output_padding, module.dilation, module.normalize_kernel)
-    if isinstance(module, pac.PacConv2d):
-        return pt.pac_conv2d(x, guide, module.weight, module.bias, module.stride, module.padding, module.dilation,
-                             module.groups, module.normalize_kernel)
-    return pt.pac_pool2d(x, guide, module.kernel_size, module.stride, module.padding, module.dilation,
-                         module.normalize_kernel)
-
-
 def layer_step(forward: Callable[[], torch.Tensor], dtype: torch.dtype) -> Callable[[], None]:
     def step():
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
@@ -119,11 +107,8 @@ def bench_layers(args, pt, rows: List[List[str]]) -> None:
                 if impl == "triton" and pt is None:
                     rows.append([name, dtype_name, impl, "n/a (triton missing)", "", "", ""])
                     continue
-                if impl == "triton":
-                    forward = lambda m=pac_layer: fused_call(pt, m, x, guide)  # noqa: E731
-                else:
-                    pac_layer.native_impl = impl == "unfold"
-                    forward = lambda m=pac_layer: m(x, guide)  # noqa: E731
+                pac_layer.impl = impl
+                forward = lambda m=pac_layer: m(x, guide)  # noqa: E731
                 rows.append([name, dtype_name, impl, *_cells(_guarded(layer_step(forward, dtype), args.repeats), base)])
         del x, guide
         torch.cuda.empty_cache()
@@ -141,17 +126,10 @@ def _cells(result: Optional[Dict[str, float]], base: Optional[Dict[str, float]])
 
 
 def set_impl(model: nn.Module, impl: str) -> bool:
-    """Select ``impl`` in every PAC layer of ``model``; False if this pac.py cannot select it."""
+    """Select ``impl`` in every PAC layer of ``model``."""
     for m in model.modules():
-        if isinstance(m, pac._PacConvNd):
-            if impl == "triton":
-                if not hasattr(m, "impl"):  # pac.py without the impl= switch
-                    return False
-                m.impl = "triton"
-            else:
-                m.native_impl = impl == "unfold"
-                if hasattr(m, "impl"):
-                    m.impl = impl
+        if isinstance(m, (pac.PacConv2d, pac.PacConvTranspose2d, pac.PacPool2d)):
+            m.impl = impl
     return True
 
 

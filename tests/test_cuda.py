@@ -3,10 +3,7 @@ determinism. Needs a CUDA device; skipped cleanly without one (and excluded from
 
     python -m pytest -m cuda tests/test_cuda.py
 
-Implementations: ``native_impl=True`` (unfold) and ``native_impl=False`` (taps) of the pac modules, and the
-fused Triton kernels of pac_triton (when triton is installed), called directly here.
-# TODO(lead): when pac.py gains impl='auto'|'unfold'|'taps'|'triton', select the triton rows through the
-# modules (impl='triton') in `run_impl`, and add a test that impl='auto' picks triton on CUDA.
+Implementations: every ``impl`` of the pac modules ('unfold', 'taps', and 'triton' when triton is installed).
 """
 import os
 
@@ -56,18 +53,8 @@ def make_inputs(layer: str, batch: int = 2, size=(17, 22)):
 
 def run_impl(impl: str, module: torch.nn.Module, x: torch.Tensor, guide: torch.Tensor, pac_triton=None):
     """The layer's output with one implementation."""
-    if impl != "triton":
-        module.native_impl = impl == "unfold"
-        return module(x, guide)
-    # TODO(lead): module.impl = "triton"; return module(x, guide)
-    if isinstance(module, pac.PacConvTranspose2d):
-        return pac_triton.pac_conv_transpose2d(x, guide, module.weight, module.bias, module.stride, module.padding,
-                                               module.output_padding, module.dilation, module.normalize_kernel)
-    if isinstance(module, pac.PacConv2d):
-        return pac_triton.pac_conv2d(x, guide, module.weight, module.bias, module.stride, module.padding,
-                                     module.dilation, module.groups, module.normalize_kernel)
-    return pac_triton.pac_pool2d(x, guide, module.kernel_size, module.stride, module.padding, module.dilation,
-                                 module.normalize_kernel)
+    module.impl = impl
+    return module(x, guide)
 
 
 def outputs_and_grads(impl, module, x, guide, pac_triton=None):
@@ -128,8 +115,8 @@ def test_torch_compile(layer, impl, request):  # a few cases: every inductor com
     x, guide = (t.to(DEVICE) for t in make_inputs(layer))
     module = make_layer(layer, True).to(DEVICE)
     eager, eager_grads = outputs_and_grads(impl, module, x, guide, pt)
-    # run_impl has selected the implementation (native_impl) eagerly: the compiled function only calls the layer.
-    compiled = torch.compile(module if impl != "triton" else (lambda a, b: run_impl(impl, module, a, b, pt)))
+    # run_impl has selected the implementation eagerly: the compiled function only calls the layer.
+    compiled = torch.compile(module)
     xs, gs = x.clone().requires_grad_(), guide.clone().requires_grad_()
     out = compiled(xs, gs)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)

@@ -250,6 +250,28 @@ def test_equals_the_pac_modules(native_impl):
 
 
 @interpreter_only
+def test_modules_select_the_fused_kernels_with_impl_triton(monkeypatch):
+    """impl='triton' runs pac_triton's kernels (and equals 'taps'); options it does not support are refused;
+    impl='auto' keeps CPU tensors on 'taps' even under the interpreter."""
+    torch.manual_seed(0)
+    x, guide, mask = torch.randn(1, 4, 6, 5), torch.randn(1, 3, 6, 5), (torch.rand(1, 1, 6, 5) > 0.3).float()
+    calls = []
+    original = pac_triton.pac_conv2d
+    monkeypatch.setattr(pac_triton, "pac_conv2d", lambda *a, **k: calls.append("conv") or original(*a, **k))
+    conv = pac.PacConv2d(4, 3, 3, padding=1, normalize_kernel=True, impl="triton")
+    fused = conv(x, guide, mask=mask)
+    assert calls == ["conv"]
+    conv.impl = "taps"
+    for got, expected in zip(fused, conv(x, guide, mask=mask)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    conv.impl = "auto"
+    conv(x, guide)
+    assert calls == ["conv"]
+    with pytest.raises(ValueError, match="impl='triton'"):
+        pac.PacConv2d(4, 3, 3, padding=1, kernel_type="inv_1_-1", impl="triton")(x, guide)
+
+
+@interpreter_only
 def test_each_gradient_alone_equals_the_joint_one():
     """The backward computes only the gradients asked for, and each alone is the one computed jointly."""
     case = make_case("conv", size=(5, 6), kernel=3, padding=1, normalize=True)
