@@ -854,8 +854,9 @@ def pac_conv2d(x: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor, bias:
         Differentiable with respect to x, guide, weight and bias.
 
     Example:
-        >>> x, guide = torch.rand(1, 4, 16, 16, device="cuda"), torch.rand(1, 3, 16, 16, device="cuda")
-        >>> pac_conv2d(x, guide, torch.rand(8, 4, 3, 3, device="cuda"), padding=1).shape  # doctest: +SKIP
+        >>> device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: needs TRITON_INTERPRET=1
+        >>> x, guide = torch.rand(1, 4, 16, 16, device=device), torch.rand(1, 3, 16, 16, device=device)
+        >>> pac_conv2d(x, guide, torch.rand(8, 4, 3, 3, device=device), padding=1).shape
         torch.Size([1, 8, 16, 16])
     """
     _require_triton("pac_conv2d")

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pac import PacConvTranspose2d
+from pac import PacConvTranspose2d, _check_4d
 
 __all__ = [
     'convert_to_single_channel', 'recover_from_single_channel', 'repeat_for_channel',
@@ -52,12 +52,6 @@ def _check_scale(name: str, value) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- channel folding
-def _check_4d(name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f'{name} must be a 4-D tensor (B, C, H, W), got {got}')
-
-
 def convert_to_single_channel(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Fold the channels into the batch: (B, ch, H, W) -> (B*ch, 1, H, W). Returns the folded tensor and ch."""
     _check_4d('x', x)

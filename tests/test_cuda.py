@@ -154,3 +154,25 @@ def test_triton_supports_cuda_tensors(pac_triton):
                                normalize_kernel=True, channel_wise=False, shared_filters=False, groups=1,
                                padding_mode="zeros", mask=None, stride=1, padding=2, dilation=1, output_padding=0)
     assert not pac_triton.supports("conv", x.cpu(), guide.cpu())
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_auto_picks_triton_when_supported_and_taps_otherwise(layer, pac_triton, monkeypatch):
+    """impl='auto' on CUDA runs the fused kernels for supported options, and falls back to 'taps' (same
+    numbers) for options they do not support (here an 'inv' kernel)."""
+    name = {"conv": "pac_conv2d", "conv_transpose": "pac_conv_transpose2d", "pool": "pac_pool2d"}[layer]
+    calls = []
+    original = getattr(pac_triton, name)
+    monkeypatch.setattr(pac_triton, name, lambda *a, **k: calls.append(name) or original(*a, **k))
+    x, guide = (t.to(DEVICE) for t in make_inputs(layer))
+    module = make_layer(layer).to(DEVICE)
+    auto = module(x, guide)
+    assert calls == [name]
+    module.impl = "taps"
+    torch.testing.assert_close(auto, module(x, guide), rtol=1e-4, atol=1e-4)
+    unsupported = make_layer(layer).to(DEVICE)
+    unsupported.kernel_type = "inv_1_-1"
+    unsupported.register_buffer("inv_alpha", torch.tensor(1.0, device=DEVICE))
+    unsupported.register_buffer("inv_lambda", torch.tensor(-1.0, device=DEVICE))
+    unsupported(x, guide)
+    assert calls == [name]

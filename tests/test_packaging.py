@@ -36,9 +36,9 @@ def test_requirements_files_match_the_extras():
     """The README's commands install requirements*.txt: they must list what pyproject.toml declares."""
     extras = project()["optional-dependencies"]
     assert requirement_lines("requirements.txt") == project()["dependencies"] + extras["tasks"]
-    assert extras["test"] == ["pacnet[tasks,safetensors]", "pytest>=7.0"]
-    assert requirement_lines("requirements-test.txt") == ["-r requirements.txt"] + extras["safetensors"] + [
-        "pytest>=7.0"]
+    assert extras["test"] == ["pacnet[tasks,safetensors,export]", "pytest>=7.0"]
+    assert requirement_lines("requirements-test.txt") == ["-r requirements.txt"] + extras["safetensors"] + \
+        extras["export"] + ["pytest>=7.0"]
     assert requirement_lines("requirements-triton.txt") == ["-r requirements-test.txt"] + extras["triton"]
 
 
