@@ -960,49 +960,34 @@ _FilterBackwardFn = _first_order_only(torch.ops.pac.filter_backward.default)
 _KernelBackwardFn = _first_order_only(torch.ops.pac.kernel_backward.default)
 
 
-class _FilterFn(torch.autograd.Function):
-    """``pac::filter`` for callers: an autograd.Function with ``setup_context`` and a generated vmap rule,
-    so that ``torch.func`` transforms (grad, vjp, jacrev, per-sample gradients) compose with the op, which
-    they cannot do through ``register_autograd`` alone."""
-    generate_vmap_rule = True
+def _transformable(op, setup_context_fn, backward_fn):
+    """``(call, Function)`` for a forward op. ``call`` runs the registered op itself while torch.compile or
+    torch.export trace (they use its ``register_autograd``), and otherwise an autograd.Function with
+    ``setup_context`` and a generated vmap rule: ``torch.func`` transforms (grad, vjp, jacrev, per-sample
+    gradients) compose with that, which they cannot do through ``register_autograd`` alone."""
 
-    @staticmethod
-    def forward(*args):
-        return torch.ops.pac.filter(*args)
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _filter_setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
+        @staticmethod
+        def forward(*args):
+            return op(*args)
 
-    backward = staticmethod(_filter_autograd)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context_fn(ctx, inputs, output)
+            ctx.mark_non_differentiable(output[1])  # the output-mask flags
 
+        backward = staticmethod(backward_fn)
 
-class _KernelFn(torch.autograd.Function):
-    """``pac::kernel`` for callers (see :class:`_FilterFn`)."""
-    generate_vmap_rule = True
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else Function.apply(*args)
 
-    @staticmethod
-    def forward(*args):
-        return torch.ops.pac.kernel(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _kernel_setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
-
-    backward = staticmethod(_kernel_autograd)
+    return call, Function
 
 
-def _filter(*args):
-    """``pac::filter``: the registered op itself while torch.compile / torch.export trace (they use its
-    ``register_autograd``), the autograd.Function in eager mode (so torch.func transforms work too)."""
-    return torch.ops.pac.filter(*args) if torch.compiler.is_compiling() else _FilterFn.apply(*args)
-
-
-def _kernel(*args):
-    """``pac::kernel``, called like :func:`_filter`."""
-    return torch.ops.pac.kernel(*args) if torch.compiler.is_compiling() else _KernelFn.apply(*args)
+_filter, _FilterFn = _transformable(torch.ops.pac.filter, _filter_setup_context, _filter_autograd)
+_kernel, _KernelFn = _transformable(torch.ops.pac.kernel, _kernel_setup_context, _kernel_autograd)
 
 
 def _vmap_by_loop(op):
@@ -1056,6 +1041,12 @@ def _backend(impl: str, device: torch.device, triton_ok=None) -> str:
                          "options that the fused kernel supports (see pac_triton.supports); use impl='auto' to fall "
                          "back to the 'taps' path")
     return impl
+
+
+def _without_triton(impl: str) -> str:
+    """The fused Triton kernels start from the guide: a precomputed kernel, and the kernel itself, are
+    computed on the 'taps' path when 'triton' is asked for."""
+    return "taps" if impl == "triton" else impl
 
 
 def _pac_triton():
@@ -1166,7 +1157,7 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
         if mask is not None:
             _check_mask(mask, input.shape[0], geo.in_hw)
         alpha, lam = _kernel_params(kernel_type, inv_alpha, inv_lambda, geo.guide.dtype)
-        if _backend(impl, input.device) == "unfold":
+        if _backend(_without_triton(impl), input.device) == "unfold":
             return _native_kernel(geo, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize_kernel,
                                   transposed, padding_mode)
         geometry, options = _encode(k, s, p, op, d, geo.out_hw, transposed, 1, kernel_type, channel_wise,
@@ -1286,7 +1277,7 @@ def _filter_with_kernel(layer: _Layer, x, kernel, weight, bias, impl: str) -> to
     x, kernel, weight, bias = _cast_all(_autocast_dtype(x.device.type), x, kernel, weight, bias)
     kernel = kernel.to(x.dtype)
     x = layer.padded(x)
-    if _backend("taps" if impl == "triton" else impl, x.device) == "unfold":
+    if _backend(_without_triton(impl), x.device) == "unfold":
         with torch.autocast(x.device.type, enabled=False):
             return _native_taps(layer.unfolded(x), kernel, weight, bias, layer.groups)
     geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, tuple(kernel.shape[-2:]),
@@ -1333,7 +1324,8 @@ def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
         stride, padding, dilation, groups: as in :func:`torch.nn.functional.conv2d`.
         padding_mode: 'zeros', 'reflect', 'replicate' or 'circular'.
         native_impl: the 2019 flag, an alias of ``impl='unfold'``.
-        impl: ``'auto'`` / ``'taps'`` (the registered ``pac::filter`` op) or ``'unfold'`` (plain autograd).
+        impl: ``'auto'`` / ``'taps'`` (the registered ``pac::filter`` op) or ``'unfold'`` (plain autograd);
+            ``'triton'`` runs 'taps' here, since the fused kernels start from the guide.
 
     Shape:
         Output ``(B, O, H', W')`` with ``H' = (H + 2p - d(kh - 1) - 1) // s + 1``.
@@ -1559,7 +1551,7 @@ class _PacKernelLayer(nn.Module):
                            inv_alpha=getattr(self, "inv_alpha", None), inv_lambda=getattr(self, "inv_lambda", None),
                            channel_wise=self.channel_wise, normalize_kernel=self.normalize_kernel,
                            transposed=self.transposed, padding_mode=self.padding_mode,
-                           impl="taps" if self.impl == "triton" else self.impl)
+                           impl=self.impl)
 
     def _layer(self, groups: int) -> _Layer:
         return _Layer(self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation, self.transposed,
@@ -1778,7 +1770,7 @@ class PacConv2d(_PacConvLayer):
             input_2d, input_for_kernel, kernel, mask, weight, self.bias, groups,
             lambda k: pacconv2d(input_2d, k, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                 self.shared_filters, groups=self.groups, padding_mode=self.padding_mode,
-                                impl="taps" if self.impl == "triton" else self.impl))
+                                impl=self.impl))
 
     def _triton_forward(self, triton, input, guide, mask):
         weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, False)
@@ -1832,7 +1824,7 @@ class PacConvTranspose2d(_PacConvLayer):
             input_2d, input_for_kernel, kernel, mask, weight, self.bias, groups,
             lambda k: pacconv_transpose2d(input_2d, k, self.weight, self.bias, self.stride, self.padding,
                                           self.output_padding, self.dilation, self.shared_filters,
-                                          impl="taps" if self.impl == "triton" else self.impl))
+                                          impl=self.impl))
 
     def _triton_forward(self, triton, input, guide, mask):
         return triton.pac_conv_transpose2d(input, guide, self.weight, self.bias, self.stride, self.padding,
@@ -1896,7 +1888,7 @@ class PacPool2d(_PacKernelLayer):
         return self._filter(
             input_2d, input_for_kernel, kernel, mask, None, None, 1,
             lambda k: pacpool2d(input_2d, k, self.kernel_size, self.stride, self.padding, self.dilation,
-                                impl="taps" if self.impl == "triton" else self.impl))
+                                impl=self.impl))
 
     def _triton_forward(self, triton, input, guide, mask):
         return triton.pac_pool2d(input, guide, self.kernel_size, self.stride, self.padding, self.dilation,
