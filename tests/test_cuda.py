@@ -34,14 +34,13 @@ def pac_triton():
     return module
 
 
-def make_layer(layer: str, normalize: bool = False, native_impl: bool = False) -> torch.nn.Module:
+def make_layer(layer: str, normalize: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     if layer == "conv":
-        return pac.PacConv2d(8, 12, 5, stride=1, padding=2, normalize_kernel=normalize, native_impl=native_impl)
+        return pac.PacConv2d(8, 12, 5, stride=1, padding=2, normalize_kernel=normalize)
     if layer == "conv_transpose":
-        return pac.PacConvTranspose2d(8, 6, 5, stride=2, padding=2, output_padding=1, normalize_kernel=normalize,
-                                      native_impl=native_impl)
-    return pac.PacPool2d(3, stride=2, padding=1, normalize_kernel=normalize, native_impl=native_impl)
+        return pac.PacConvTranspose2d(8, 6, 5, stride=2, padding=2, output_padding=1, normalize_kernel=normalize)
+    return pac.PacPool2d(3, stride=2, padding=1, normalize_kernel=normalize)
 
 
 def make_inputs(layer: str, batch: int = 2, size=(17, 22)):

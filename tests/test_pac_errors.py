@@ -242,3 +242,26 @@ def test_functional_weight_and_bias_shapes(impl):
         pacconv_transpose2d(x, t_kernel, torch.randn(3, 3, 3, 3), None, 2, 1, 1, impl=impl)
     with raises('kernel'):
         pacpool2d(x, kernel, 5, padding=2, impl=impl)
+
+
+def test_impl_switch_and_the_native_impl_alias():
+    assert PacConv2d(2, 2, 3).impl == 'auto'
+    assert PacConv2d(2, 2, 3, native_impl=True).impl == 'unfold'
+    pool = PacPool2d(3, impl='taps')
+    assert not pool.native_impl
+    pool.native_impl = True  # 2019 code may flip the attribute
+    assert pool.impl == 'unfold' and pool.native_impl
+    assert 'impl=unfold' in repr(pool)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        PacConv2d(2, 2, 3, impl='fast')
+    with pytest.raises(ValueError, match="native_impl=True means impl='unfold'"):
+        PacConvTranspose2d(2, 2, 3, native_impl=True, impl='taps')
+    with pytest.raises(TypeError, match="native_impl must be a bool"):
+        pacpool2d(torch.randn(1, 1, 4, 4), torch.rand(1, 1, 3, 3, 4, 4), 3, padding=1, native_impl='yes')
+
+
+def test_impl_triton_where_it_does_not_apply_is_a_clear_error():
+    """An 'inv' kernel is never fused (and without triton nothing is): asking for 'triton' is an error."""
+    conv = PacConv2d(2, 2, 3, padding=1, kernel_type='inv_1_-1', impl='triton')
+    with pytest.raises(ValueError, match="impl='triton' needs"):
+        conv(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5))
