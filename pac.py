@@ -1755,14 +1755,19 @@ class PacConv2d(_PacConvLayer):
         """Filter ``input_2d`` with kernels adapted to the guide ``input_for_kernel``.
 
         Args:
-            input_2d: the input ``(B, C_in, H, W)``.
-            input_for_kernel: the guide ``(B, C_g, H, W)``; ignored (may be None) when ``kernel`` is given.
-            kernel: optional precomputed kernel ``(B, 1 or C_in, kh, kw, H', W')`` (see :meth:`compute_kernel`).
-            mask: optional validity mask ``(B or 1, 1, H, W)``: masked pixels get no weight.
+            input_2d: the input.
+            input_for_kernel: the guide; ignored (may be None) when ``kernel`` is given.
+            kernel: optional precomputed kernel (see :meth:`compute_kernel`).
+            mask: optional validity mask: masked pixels get no weight.
 
         Returns:
-            The output ``(B, C_out, H', W')``, or ``(output, output_mask)`` with ``output_mask``
-            ``(B, 1, H', W')`` when a mask is given.
+            The output, or ``(output, output_mask)`` when a mask is given.
+
+        Shape:
+            - input_2d: ``(B, C_in, H, W)``; input_for_kernel: ``(B, C_g, H, W)``; mask: ``(B or 1, 1, H, W)``;
+              kernel: ``(B, 1 or C_in, kh, kw, H', W')``.
+            - output: ``(B, C_out, H', W')`` with ``H' = (H + 2p - d(kh - 1) - 1) // s + 1``; output_mask:
+              ``(B, 1, H', W')``.
         """
         self._check_input(input_2d)
         weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, False)
@@ -1809,14 +1814,19 @@ class PacConvTranspose2d(_PacConvLayer):
         """Upsample ``input_2d`` with kernels adapted to the output-resolution guide ``input_for_kernel``.
 
         Args:
-            input_2d: the input ``(B, C_in, H, W)``.
-            input_for_kernel: the guide ``(B, C_g, H', W')`` at the *output* size; ignored when ``kernel`` is given.
-            kernel: optional precomputed kernel ``(B, 1 or C_in, kh, kw, H', W')``.
-            mask: optional validity mask ``(B or 1, 1, H, W)`` at the *input* size.
+            input_2d: the input.
+            input_for_kernel: the guide, at the *output* size; ignored (may be None) when ``kernel`` is given.
+            kernel: optional precomputed kernel (see :meth:`compute_kernel`).
+            mask: optional validity mask, at the *input* size.
 
         Returns:
-            The output ``(B, C_out, H', W')`` with ``H' = (H - 1)s - 2p + d(k - 1) + 1 + output_padding``, or
-            ``(output, output_mask)`` when a mask is given.
+            The output, or ``(output, output_mask)`` when a mask is given.
+
+        Shape:
+            - input_2d: ``(B, C_in, H, W)``; input_for_kernel: ``(B, C_g, H', W')``; mask: ``(B or 1, 1, H, W)``;
+              kernel: ``(B, 1 or C_in, kh, kw, H', W')``.
+            - output: ``(B, C_out, H', W')`` with ``H' = (H - 1)s - 2p + d(kh - 1) + 1 + output_padding``;
+              output_mask: ``(B, 1, H', W')``.
         """
         self._check_input(input_2d)
         weight, groups = _conv_weight(self.weight, self.shared_filters, 1, self.in_channels, True)
@@ -1866,14 +1876,19 @@ class PacPool2d(_PacKernelLayer):
         """Pool ``input_2d`` over windows weighted by kernels adapted to the guide ``input_for_kernel``.
 
         Args:
-            input_2d: the input ``(B, C, H, W)``.
-            input_for_kernel: the guide ``(B, C_g, H, W)`` (``C_g = C`` when channel_wise); ignored when
-                ``kernel`` is given.
-            kernel: optional precomputed kernel ``(B, 1 or C, kh, kw, H', W')``.
-            mask: optional validity mask ``(B or 1, 1, H, W)``.
+            input_2d: the input.
+            input_for_kernel: the guide; ignored (may be None) when ``kernel`` is given.
+            kernel: optional precomputed kernel (see :meth:`compute_kernel`).
+            mask: optional validity mask: masked pixels get no weight.
 
         Returns:
-            The output ``(B, C, H', W')``, or ``(output, output_mask)`` when a mask is given.
+            The output, or ``(output, output_mask)`` when a mask is given.
+
+        Shape:
+            - input_2d: ``(B, C, H, W)``; input_for_kernel: ``(B, C_g, H, W)`` (``C_g = C`` when channel_wise);
+              mask: ``(B or 1, 1, H, W)``; kernel: ``(B, 1 or C, kh, kw, H', W')``.
+            - output: ``(B, C, H', W')`` with ``H' = (H + 2p - d(kh - 1) - 1) // s + 1``; output_mask:
+              ``(B, 1 or C, H', W')``.
         """
         _check_4d("input_2d", input_2d)
         channels = input_2d.shape[1]
