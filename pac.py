@@ -391,29 +391,25 @@ _executors: dict = {}
 def _map_bands(fn, items: list, device: torch.device) -> list:
     """``[fn(item) for item in items]``, where an item is a band (or a list of bands).
 
-    On a CPU the work runs with single-threaded torch ops, on as many worker threads as torch has
-    threads. A band is a few large operations, and a multi-threaded operation waits for its slowest
-    thread at every step: next to other busy processes those waits dominate, while here a descheduled
-    worker delays only its own bands.
+    On a CPU with several torch threads the items run on as many worker threads, each of which runs
+    single-threaded torch ops. A band is a few large operations, and a multi-threaded operation waits for
+    its slowest thread at every step: next to other busy processes those waits dominate, while here a
+    descheduled worker delays only its own bands. (A worker's thread count is its own: the caller's is
+    untouched, so the OpenMP team of the caller's next operation is not rebuilt.)
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads <= 1:
         return [fn(item) for item in items]
     if threads not in _executors:
-        _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pac-band")
+        _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pac-band",
+                                                 initializer=torch.set_num_threads, initargs=(1,))
 
     def run(item):
         # Grad mode and autocast are per thread: a worker starts with both at their defaults.
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             return fn(item)
 
-    torch.set_num_threads(1)
-    try:
-        if len(items) <= 1:
-            return [fn(item) for item in items]
-        return list(_executors[threads].map(run, items))
-    finally:
-        torch.set_num_threads(threads)
+    return list(_executors[threads].map(run, items))
 
 
 # ----------------------------------------------------------------------------------------------
