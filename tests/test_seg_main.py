@@ -175,12 +175,18 @@ def test_reference_readme_commands_parse_and_validate(command):
 
 @pytest.mark.slow
 def test_fcn8s_paccrf_and_pacfcn_names_run_through_the_program(tmp_path):
-    values = run(tmp_path, '--model', 'fcn8sfrozen_crfi2p4d5161', '--epochs', 1, '--train-split', 'train_rand1',
-                 '--test-split', 'val_rand1', '--batch-size', 1, exp='paccrf')
+    backbone = tmp_path / 'fcn8s.pth'  # a frozen backbone must be loaded: random FCN8s weights stand in
+    torch.manual_seed(0)
+    atomic_save(create_model('fcn8s', 21).state_dict(), backbone)
+    values = run(tmp_path, '--model', 'fcn8sfrozen_crfi2p4d5161', '--load-weights-backbone', backbone, '--epochs', 1,
+                 '--train-split', 'train_rand1', '--test-split', 'val_rand1', '--batch-size', 1, exp='paccrf')
     assert 0 <= values['acc'] <= 1
     snapshot = torch.load(tmp_path / 'paccrf' / 'weights_epoch_1.pth', weights_only=True)
     assert set(snapshot) == {'crf.unary_weight', 'crf.messengers.0.weight', 'crf.pairwise_weights.0',
                              'feat_scales.0'}
+    pacfcn = tmp_path / 'fcn8spac.pth'  # a test-only run needs weights: random ones stand in
+    atomic_save(create_model('fcn8spac', 21).state_dict(), pacfcn)
     with pytest.raises(ValueError, match='multiples of 32'):   # whole 64-96 px images
-        run(tmp_path, '--model', 'fcn8spac', '--test-split', 'val_rand1', exp='pacfcn')
-    run(tmp_path, '--model', 'fcn8spac', '--test-split', 'val_rand1', '--test-crop', 96, exp='pacfcn')
+        run(tmp_path, '--model', 'fcn8spac', '--load-weights', pacfcn, '--test-split', 'val_rand1', exp='pacfcn')
+    run(tmp_path, '--model', 'fcn8spac', '--load-weights', pacfcn, '--test-split', 'val_rand1', '--test-crop', 96,
+        exp='pacfcn')
