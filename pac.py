@@ -336,37 +336,40 @@ def _phases(transposed: bool, k, s, p, d, out_hw, before=(0, 0)) -> Tuple[List[_
     return tuple(_conv_phases(k[a], s[a], d[a], out_hw[a]) for a in range(2))
 
 
-def _window(t: torch.Tensor, band: "_Band", guide: bool = False) -> torch.Tensor:
-    """View ``(B, C, taps_rows, taps_cols, t1 - t0, count_cols)`` of what every tap reads for output
-    phase rows ``[t0, t1)``: from the padded input, or from the padded guide when ``guide``."""
-    rows, cols, t0, t1 = band
+class _Band(NamedTuple):
+    """Output rows ``[t0, t1)`` of the phase ``rows`` (and all of ``cols``)."""
+    rows: _Phase
+    cols: _Phase
+    t0: int
+    t1: int
+
+
+def _reads(band: _Band, guide: bool):
+    """(first row, row step, row dilation, first column, column step, column dilation) of what the taps of
+    ``band`` read in the padded input, or in the padded guide when ``guide``."""
     fields = ("g_start", "g_step", "g_dil") if guide else ("x_start", "x_step", "x_dil")
-    ny, nx = t1 - t0, cols.count
-    (r0, rs, rd), (c0, cs, cd) = ([getattr(ph, f) for f in fields] for ph in (rows, cols))
-    r0 += rs * t0
-    span_r, span_c = (rows.taps - 1) * rd + 1, (cols.taps - 1) * cd + 1
+    (r0, rs, rd), (c0, cs, cd) = ([getattr(ph, f) for f in fields] for ph in (band.rows, band.cols))
+    return r0 + rs * band.t0, rs, rd, c0, cs, cd
+
+
+def _window(t: torch.Tensor, band: _Band, guide: bool = False) -> torch.Tensor:
+    """View ``(B, C, taps_rows, taps_cols, t1 - t0, count_cols)`` of what every tap of ``band`` reads
+    from the padded input ``t``, or from the padded guide when ``guide``."""
+    r0, rs, rd, c0, cs, cd = _reads(band, guide)
+    ny, nx = band.t1 - band.t0, band.cols.count
+    span_r, span_c = (band.rows.taps - 1) * rd + 1, (band.cols.taps - 1) * cd + 1
     v = t[:, :, r0:r0 + (ny - 1) * rs + span_r, c0:c0 + (nx - 1) * cs + span_c]
     v = v.unfold(2, span_r, rs).unfold(3, span_c, cs)[..., ::rd, ::cd]  # (B, C, ny, nx, taps_r, taps_c)
     return v.permute(0, 1, 4, 5, 2, 3)
 
 
-def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, band: "_Band", guide: bool = False) -> None:
+def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, band: _Band, guide: bool = False) -> None:
     """``target[window] += grad_window``, summing overlapping taps (the adjoint of :func:`_window`)."""
-    rows, cols, t0, _ = band
-    fields = ("g_start", "g_step", "g_dil") if guide else ("x_start", "x_step", "x_dil")
+    r0, rs, rd, c0, cs, cd = _reads(band, guide)
     b, c, tr, tc, ny, nx = grad_window.shape
-    (r0, rs, rd), (c0, cs, cd) = ([getattr(ph, f) for f in fields] for ph in (rows, cols))
-    r0 += rs * t0
     size = ((ny - 1) * rs + (tr - 1) * rd + 1, (nx - 1) * cs + (tc - 1) * cd + 1)
     folded = F.fold(grad_window.reshape(b, c * tr * tc, ny * nx), size, (tr, tc), dilation=(rd, cd), stride=(rs, cs))
     target[:, :, r0:r0 + size[0], c0:c0 + size[1]] += folded
-
-
-class _Band(NamedTuple):
-    rows: _Phase
-    cols: _Phase
-    t0: int
-    t1: int
 
 
 def _bands(rows: _Phase, cols: _Phase, row_bytes: int, device: torch.device, guide: bool) -> List[_Band]:
@@ -1170,9 +1173,7 @@ def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha,
     if kind == "gaussian":
         kernel = torch.exp(-0.5 * dist)
     else:
-        shape = (1, -1, 1, 1, 1, 1)
-        kernel = (alpha.reshape(shape) if alpha.dim() else alpha) + \
-            (dist + _INV_EPS).pow(0.5 * (lam.reshape(shape) if lam.dim() else lam))
+        kernel = _channel_view(alpha, dist) + (dist + _INV_EPS).pow(0.5 * _channel_view(lam, dist))
     if mask is None and not normalize:
         return kernel, None
 
