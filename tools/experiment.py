@@ -38,7 +38,7 @@ from tools.runtime import (CheckpointError, CsvLog, find_snapshots, load_checkpo
                            resolve_device, save_checkpoint, seed_everything, write_bytes_atomic)
 
 __all__ = ['Task', 'Plan', 'RunResult', 'Distributed', 'setup_distributed', 'resolve_seed', 'lr_schedule',
-           'make_scheduler', 'plan_run', 'run', 'shard_indices', 'weights_digest']
+           'make_scheduler', 'plan_run', 'run', 'shard_indices', 'weights_digest', 'is_writer']
 
 SNAPSHOT_PREFIX = 'weights_epoch_'
 
@@ -76,6 +76,11 @@ def setup_distributed(device_name: str = 'auto') -> tuple[Distributed, torch.dev
     if not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return Distributed(rank, world_size, local_rank), device
+
+
+def is_writer() -> bool:
+    """True in a plain run and on rank 0 of a torchrun job: the process that writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def shard_indices(length: int, place: Distributed) -> list[int]:
