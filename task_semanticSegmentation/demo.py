@@ -30,10 +30,12 @@ from .palette import colorize
 from .synthetic import Synthetic
 
 
-def _common_args(seed: int, threads: int) -> List[str]:
-    return ['--dataset', 'Synthetic', '--device', 'cpu', '--num-data-worker', '0', '--test-crop', '-1',
-            '--seed', str(seed), '--num-threads', str(threads), '--print-interval', '20',
-            '--log-interval', '20']
+def run_task(**flags) -> Dict[str, float]:
+    """``main.run`` with the program's defaults, the demo's common settings and ``flags`` (checked as the CLI's)."""
+    args = seg_main.build_parser().parse_args([])
+    vars(args).update(flags)
+    seg_main.check_args(args)
+    return seg_main.run(args)
 
 
 def save_examples(figure_path: Path, split: str, columns: Dict[str, Path], count: int = 4) -> None:
@@ -65,23 +67,22 @@ def run_demo(exp_root: str = 'exp/synthetic_demo', backbone_epochs: int = 10, cr
     """Run both stages (resuming finished ones) and return the result rows."""
     start = time.time()
     root = Path(exp_root)
-    common = _common_args(seed, threads)
+    common = dict(dataset='Synthetic', device='cpu', num_data_worker=0, test_crop=-1, seed=seed, num_threads=threads,
+                  print_interval=20, log_interval=20)
     backbone_dir, crf_name = root / 'tinyfcn', f'tinyfcnfrozen_{crf}'
     crf_dir = root / crf_name
-    backbone_model = ['--model', 'tinyfcn', '--exp-root', str(backbone_dir)]
-    unary = seg_main.main(common + backbone_model + [
-        '--epochs', str(backbone_epochs), '--batch-size', '8', '--train-crop', '64', '--lr', '0.003',
-        '--lr-steps', str(max(1, backbone_epochs - 2))])
+    backbone_model = dict(model='tinyfcn', exp_root=str(backbone_dir))
+    unary = run_task(**common, **backbone_model, epochs=backbone_epochs, batch_size=8, train_crop=64, lr=0.003,
+                     lr_steps=[max(1, backbone_epochs - 2)])
     backbone_weights = str(backbone_dir / f'weights_epoch_{backbone_epochs}.pth')
-    crf_model = ['--model', crf_name, '--exp-root', str(crf_dir), '--load-weights-backbone', backbone_weights]
-    refined = seg_main.main(common + crf_model + [
-        '--epochs', str(crf_epochs), '--batch-size', '4', '--train-crop', '64', '--lr', '0.001',
-        '--train-split', f'train_rand{crf_images_per_epoch}'])
+    crf_model = dict(model=crf_name, exp_root=str(crf_dir), load_weights_backbone=backbone_weights)
+    refined = run_task(**common, **crf_model, epochs=crf_epochs, batch_size=4, train_crop=64, lr=0.001,
+                       train_split=f'train_rand{crf_images_per_epoch}')
     initial = read_csv_log(crf_dir / 'test.log')
     first = initial['epoch'].index(0.0)
     crf_init = {m: initial[m][first] for m in ('miou', 'acc', 'macc')}
     for model_args in (backbone_model, crf_model):
-        seg_main.main(common + model_args + ['--eval', 'pred'])
+        run_task(**common, **model_args, eval='pred')
     save_examples(root / 'examples.png', 'val', {'TinyFCN (unaries)': backbone_dir / 'outputs_val_pred',
                                                  'TinyFCN + PacCRF': crf_dir / 'outputs_val_pred'})
     rows = [dict(model='tinyfcn (unaries)', epochs=backbone_epochs, **unary),

@@ -277,7 +277,7 @@ def test_overwrite_refuses_to_delete_the_load_weights_file(tmp_path):
     assert snapshot.is_file()
     seg_exp = tmp_path / 'seg'
     seg_main.main(SEG + ['--model', 'tinyfcn', '--epochs', '1', '--exp-root', str(seg_exp)])
-    with pytest.raises(ValueError, match='--overwrite would replace'):
+    with pytest.raises(ValueError, match='--overwrite would delete'):
         seg_main.main(SEG + ['--model', 'tinyfcn', '--epochs', '1', '--exp-root', str(seg_exp), '--overwrite',
                              '--load-weights', str(seg_exp / 'weights_epoch_1.pth')])
 
@@ -493,7 +493,7 @@ def test_an_exp_root_that_is_a_file_is_a_clear_error(tmp_path):
     (['--synthetic-samples', '0', '2'], '--synthetic-samples'),
     (['--snapshot-interval', '-1'], '--snapshot-interval'),
     (['--lr-steps', '0'], '--lr-steps'),
-    (['--seed', '-1'], '--seed'),
+    (['--seed', '-2'], '--seed'),
     (['--compare', 'JBU_4_30_0.3'], 'kernel_size must be odd'),
     (['--compare', 'JBU_5_nan_0.3'], 'scale_color must be a finite number'),
     (['--compare', 'DJIF', 'DJIF'], 'twice'),
@@ -514,9 +514,12 @@ def test_joint_arguments_are_checked_before_any_work(tmp_path, capsys, extra, me
     (['--lr-steps', '0'], '--lr-steps'),
     (['--load-weights-backbone', 'x.pth'], '--load-weights-backbone is for models with a CRF'),
 ])
-def test_seg_arguments_are_checked_before_any_work(tmp_path, extra, message):
-    with pytest.raises(ValueError, match=message):
+def test_seg_arguments_are_checked_before_any_work(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
         seg_main.main(SEG + ['--model', 'tinyfcn', '--epochs', '1', '--exp-root', str(tmp_path / 'exp'), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 2
     assert not (tmp_path / 'exp').exists()
 
 

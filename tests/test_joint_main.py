@@ -27,9 +27,12 @@ def load(path):
 def trained(tmp_path_factory):
     """Two epochs in one go, and one epoch then a resumed second epoch."""
     root = tmp_path_factory.mktemp('runs')
+    threads = torch.get_num_threads()  # as the tests that compare with these runs (one_thread): bit-equal sums
+    torch.set_num_threads(1)
     straight = joint_main.main(TINY + ['--epochs', '2', '--exp-root', str(root / 'straight')])
     joint_main.main(TINY + ['--epochs', '1', '--exp-root', str(root / 'resumed')])
     resumed = joint_main.main(TINY + ['--epochs', '2', '--exp-root', str(root / 'resumed')])
+    torch.set_num_threads(threads)
     return root, straight, resumed
 
 

@@ -125,14 +125,19 @@ def test_same_seed_same_run(tmp_path):
 @pytest.mark.parametrize('extra, message', [
     (['--model', 'fcn8s_crfq'], 'model name grammar'),  # the last --model wins
     (['--loss', 'l1'], '--loss'),
-    (['--eval', 'pred', '--epochs', '1'], 'test-only'),
     (['--test-batch-size', '2'], '--test-batch-size 1'),
     (['--train-aug-scale', '1.5'], '--train-aug-scale'),
     (['--batch-size', '0'], '--batch-size'),
 ])
-def test_bad_arguments_are_value_errors_naming_the_flag(tmp_path, extra, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_arguments_are_parser_errors_naming_the_flag(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:  # parser.error, as the joint-upsampling program
         run(tmp_path, '--model', 'tinyfcn', *extra)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_needs_a_test_only_run(tmp_path):
+    with pytest.raises(ValueError, match='test-only'):  # depends on the snapshots: checked when the run is planned
+        run(tmp_path, '--model', 'tinyfcn', '--eval', 'pred', '--epochs', 1)
 
 
 def test_reference_flags_and_defaults():
