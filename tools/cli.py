@@ -60,21 +60,33 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], prog: str,
         flag, pass through unchanged).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if debug_requested(argv):
-        main(argv)
-        return 0
     try:
-        main(argv)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 (this is the program's last line of defence)
-        lines = error_lines(err)
-        hint = f"(--debug or {DEBUG_ENV}=1 shows the traceback)"
-        print(f"{prog}: error: {lines[0]}", file=sys.stderr)
-        print(f"  {lines[1]} {hint}" if len(lines) > 1 else f"  {hint}", file=sys.stderr)
-        return 1
-    return 0
+        if debug_requested(argv):
+            main(argv)
+            return 0
+        try:
+            main(argv)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 (this is the program's last line of defence)
+            lines = error_lines(err)
+            hint = f"(--debug or {DEBUG_ENV}=1 shows the traceback)"
+            print(f"{prog}: error: {lines[0]}", file=sys.stderr)
+            print(f"  {lines[1]} {hint}" if len(lines) > 1 else f"  {hint}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the interpreter exits: left to the exit handlers, the
+    communication threads can be torn down in the wrong order and abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # The flags both task programs share (the 2019 programs had them all but --device, --num-threads, --non-strict,
