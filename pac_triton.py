@@ -101,6 +101,43 @@ if triton is not None:
         return y, (num >= 0) & (num % a == 0) & (y < out_size)
 
     @triton.jit
+    def _phase_pixels(program, phase_blocks, out_height, out_width, div_h, div_w, BLOCK_P: tl.constexpr):
+        """(phase_y, phase_x, y, x, valid) of the BLOCK_P output pixels of a program. Pixels are grouped by
+        phase (y mod div_h, x mod div_w): div is the stride of a transposed convolution, 1 otherwise."""
+        phase = program // phase_blocks
+        phase_y = phase // div_w
+        phase_x = phase % div_w
+        phase_width = (out_width + div_w - 1) // div_w
+        phase_size = ((out_height + div_h - 1) // div_h) * phase_width
+        local = (program % phase_blocks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        y = phase_y + div_h * (local // phase_width)
+        x = phase_x + div_w * (local % phase_width)
+        return phase_y, phase_x, y, x, (local < phase_size) & (y < out_height) & (x < out_width)
+
+    @triton.jit
+    def _guide_read(batch, y, x, i, j, pixel_ok, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w, guide_height, guide_width,
+                    sg_b, sg_h, sg_w):
+        """(offset, inside) of the guide feature that tap (i, j) of outputs (y, x) compares; the centre tap
+        is (KH // 2, KW // 2). Outside the guide the feature is zero."""
+        ty = y * ga_h + i * dil_h - gp_h
+        tx = x * ga_w + j * dil_w - gp_w
+        inside = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
+        return batch * sg_b + ty * sg_h + tx * sg_w, inside
+
+    @triton.jit
+    def _input_read(mask_ptr, batch, y, x, i, j, pixel_ok, a_h, a_w, poff_h, poff_w, div_h, div_w, dil_h, dil_w,
+                    height, width, sm_b, sm_h, sm_w, HAS_MASK: tl.constexpr):
+        """(iy, ix, inside, a) of the input pixel that tap (i, j) of outputs (y, x) reads: a is 1 on real pixels
+        (times the mask), 0 elsewhere."""
+        iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
+        ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
+        in_ok = pixel_ok & iy_ok & ix_ok
+        a = in_ok.to(tl.float32)
+        if HAS_MASK:
+            a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+        return iy, ix, in_ok, a
+
+    @triton.jit
     def _gaussian(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c,
                   BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
         """exp(-0.5 * |G[tap] - G[centre]|^2) for a block of pixels; reads outside the image give 0."""
@@ -134,21 +171,11 @@ if triton is not None:
         outs_local = (tl.program_id(1) % out_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
         out_ok = outs_local < group_out
         outs = group * group_out + outs_local
-        # Output pixels by phase (y mod div_h, x mod div_w): div is the stride of a transposed convolution, 1 otherwise.
-        phase = tl.program_id(0) // phase_blocks
-        phase_y = phase // div_w
-        phase_x = phase % div_w
-        phase_width = (out_width + div_w - 1) // div_w
-        phase_size = ((out_height + div_h - 1) // div_h) * phase_width
-        local = (tl.program_id(0) % phase_blocks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        y = phase_y + div_h * (local // phase_width)
-        x = phase_x + div_w * (local % phase_width)
-        pixel_ok = (local < phase_size) & (y < out_height) & (x < out_width)
+        phase_y, phase_x, y, x, pixel_ok = _phase_pixels(tl.program_id(0), phase_blocks, out_height, out_width,
+                                                         div_h, div_w, BLOCK_P)
         pixels = y * out_width + x
-        cy = y * ga_h + (KH // 2) * dil_h - gp_h
-        cx = x * ga_w + (KW // 2) * dil_w - gp_w
-        centre_ok = pixel_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
-        centre_off = batch * sg_b + cy * sg_h + cx * sg_w
+        centre_off, centre_ok = _guide_read(batch, y, x, KH // 2, KW // 2, pixel_ok, ga_h, ga_w, gp_h, gp_w, dil_h,
+                                            dil_w, guide_height, guide_width, sg_b, sg_h, sg_w)
 
         acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
         total = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -161,17 +188,11 @@ if triton is not None:
             hit = (((phase_y * a_h + i * dil_h - poff_h) % div_h == 0)
                    & ((phase_x * a_w + j * dil_w - poff_w) % div_w == 0))
             if hit:
-                ty = y * ga_h + i * dil_h - gp_h
-                tx = x * ga_w + j * dil_w - gp_w
-                t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
-                e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
-                              guide_channels, sg_c, BLOCK_P, BLOCK_G)
-                iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
-                ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
-                in_ok = pixel_ok & iy_ok & ix_ok
-                a = in_ok.to(tl.float32)
-                if HAS_MASK:
-                    a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+                tap_off, tap_ok = _guide_read(batch, y, x, i, j, pixel_ok, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w,
+                                              guide_height, guide_width, sg_b, sg_h, sg_w)
+                e = _gaussian(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c, BLOCK_P, BLOCK_G)
+                iy, ix, in_ok, a = _input_read(mask_ptr, batch, y, x, i, j, pixel_ok, a_h, a_w, poff_h, poff_w,
+                                               div_h, div_w, dil_h, dil_w, height, width, sm_b, sm_h, sm_w, HAS_MASK)
                 ke = e * a
                 if NORMALIZE:
                     total += ke
@@ -224,21 +245,11 @@ if triton is not None:
         """One program: BLOCK_P output pixels of one image. Writes dL/dD[t, p] (D: the squared guide
         distance of tap t) for every tap, float32 (B, KH*KW, H', W')."""
         batch = tl.program_id(1).to(tl.int64)
-        # Output pixels by phase (y mod div_h, x mod div_w): div is the stride of a transposed convolution, 1 otherwise.
-        phase = tl.program_id(0) // phase_blocks
-        phase_y = phase // div_w
-        phase_x = phase % div_w
-        phase_width = (out_width + div_w - 1) // div_w
-        phase_size = ((out_height + div_h - 1) // div_h) * phase_width
-        local = (tl.program_id(0) % phase_blocks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        y = phase_y + div_h * (local // phase_width)
-        x = phase_x + div_w * (local % phase_width)
-        pixel_ok = (local < phase_size) & (y < out_height) & (x < out_width)
+        phase_y, phase_x, y, x, pixel_ok = _phase_pixels(tl.program_id(0), phase_blocks, out_height, out_width,
+                                                         div_h, div_w, BLOCK_P)
         pixels = y * out_width + x
-        cy = y * ga_h + (KH // 2) * dil_h - gp_h
-        cx = x * ga_w + (KW // 2) * dil_w - gp_w
-        centre_ok = pixel_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
-        centre_off = batch * sg_b + cy * sg_h + cx * sg_w
+        centre_off, centre_ok = _guide_read(batch, y, x, KH // 2, KW // 2, pixel_ok, ga_h, ga_w, gp_h, gp_w, dil_h,
+                                            dil_w, guide_height, guide_width, sg_b, sg_h, sg_w)
         taps = tl.arange(0, BLOCK_T)
 
         # Per tap: e, a and dL/dK' where K' = e * a / S is the kernel used (before the normalisation's chain rule).
@@ -253,17 +264,11 @@ if triton is not None:
             hit = (((phase_y * a_h + i * dil_h - poff_h) % div_h == 0)
                    & ((phase_x * a_w + j * dil_w - poff_w) % div_w == 0))
             if hit:
-                ty = y * ga_h + i * dil_h - gp_h
-                tx = x * ga_w + j * dil_w - gp_w
-                t_ok = pixel_ok & (ty >= 0) & (ty < guide_height) & (tx >= 0) & (tx < guide_width)
-                e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok, centre_off, centre_ok,
-                              guide_channels, sg_c, BLOCK_P, BLOCK_G)
-                iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
-                ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
-                in_ok = pixel_ok & iy_ok & ix_ok
-                a = in_ok.to(tl.float32)
-                if HAS_MASK:
-                    a *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+                tap_off, tap_ok = _guide_read(batch, y, x, i, j, pixel_ok, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w,
+                                              guide_height, guide_width, sg_b, sg_h, sg_w)
+                e = _gaussian(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c, BLOCK_P, BLOCK_G)
+                iy, ix, in_ok, a = _input_read(mask_ptr, batch, y, x, i, j, pixel_ok, a_h, a_w, poff_h, poff_w,
+                                               div_h, div_w, dil_h, dil_w, height, width, sm_b, sm_h, sm_w, HAS_MASK)
                 x_off = batch * sx_b + iy * sx_h + ix * sx_w
                 g_off = batch * sd_b + y * sd_h + x * sd_w
                 dk = tl.zeros((BLOCK_P,), dtype=tl.float32)
