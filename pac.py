@@ -31,6 +31,8 @@ All implementations support every option, agree to float rounding, and run under
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -40,14 +42,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _ntuple
 
 __all__ = [
     "PacConv2d", "PacConvTranspose2d", "PacPool2d",
-    "pacconv2d", "pacconv_transpose2d", "pacpool2d", "packernel2d", "nd2col", "np_gaussian_2d",
+    "pacconv2d", "pacconv_transpose2d", "pacpool2d", "packernel2d",
+    "PacConv3d", "PacConvTranspose3d", "PacPool3d",
+    "pacconv3d", "pacconv_transpose3d", "pacpool3d", "packernel3d",
+    "nd2col", "np_gaussian_2d",
 ]
 
 IntPair = Union[int, Tuple[int, int]]
+IntTriple = Union[int, Tuple[int, int, int]]
+_SPATIAL_NAMES = {2: "H, W", 3: "D, H, W"}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 IMPLS = ("auto", "unfold", "taps", "triton")
@@ -66,37 +73,47 @@ _GPU_BAND_BYTES = 256 << 20
 
 def np_gaussian_2d(width: int, sigma: float = -1) -> np.ndarray:
     """Normalised 2-D Gaussian of odd ``width`` (``sigma <= 0`` means ``width / 4``), float32."""
+    return _np_gaussian(width, 2, sigma)
+
+
+def _np_gaussian(width: int, dims: int, sigma: float = -1) -> np.ndarray:
+    """Normalised ``dims``-D Gaussian of odd ``width`` (``sigma <= 0`` means ``width / 4``), float32."""
     if width % 2 != 1:
         raise ValueError(f"width must be odd, got {width}")
     if sigma <= 0:
         sigma = float(width) / 4
     r = np.arange(-(width // 2), width // 2 + 1, dtype=np.float32)
     g = np.exp(-r ** 2 / (2 * sigma ** 2))
-    g2 = np.outer(g, g)
-    return (g2 / g2.sum()).astype(np.float32)
+    gn = functools.reduce(np.multiply.outer, [g] * dims)
+    return (gn / gn.sum()).astype(np.float32)
+
+
+def _check_dims(name: str, t: torch.Tensor, dims: int) -> None:
+    """``t`` must be a tensor ``(B, C, *spatial)`` with ``dims`` spatial dimensions."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims + 2:
+        raise ValueError(f"{name} must be {dims + 2}-D (B, C, {_SPATIAL_NAMES[dims]}), got shape {tuple(t.shape)}")
 
 
 def _check_4d(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
+    _check_dims(name, t, 2)
 
 
-def _conv_out_hw(hw, k, s, p, d, name: str = "input") -> Tuple[int, int]:
+def _conv_out_size(size, k, s, p, d, name: str = "input") -> Tuple[int, ...]:
     """Output size of a (non-transposed) convolution or pooling; ValueError if it would be empty."""
-    out = tuple((hw[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in range(2))
+    out = tuple((size[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in range(len(k)))
     if min(out) <= 0:
-        raise ValueError(f"{name} of size {tuple(hw)} is too small for kernel_size={k}, stride={s}, padding={p}, "
+        raise ValueError(f"{name} of size {tuple(size)} is too small for kernel_size={k}, stride={s}, padding={p}, "
                          f"dilation={d}")
     return out
 
 
-def _transposed_out_hw(hw, k, s, p, op, d) -> Tuple[int, int]:
+def _transposed_out_size(size, k, s, p, op, d) -> Tuple[int, ...]:
     """Output size of a transposed convolution; ValueError if it would be empty."""
-    out = tuple((hw[a] - 1) * s[a] - 2 * p[a] + d[a] * (k[a] - 1) + 1 + op[a] for a in range(2))
+    out = tuple((size[a] - 1) * s[a] - 2 * p[a] + d[a] * (k[a] - 1) + 1 + op[a] for a in range(len(k)))
     if min(out) <= 0:
-        raise ValueError(f"input of size {tuple(hw)} gives an empty output for kernel_size={k}, stride={s}, "
+        raise ValueError(f"input of size {tuple(size)} gives an empty output for kernel_size={k}, stride={s}, "
                          f"padding={p}, output_padding={op}, dilation={d}")
     return out
 
@@ -105,25 +122,29 @@ def _transposed_in_size(size: int, k: int, s: int, p: int, op: int, d: int) -> i
     return (size - 1 - op + 2 * p - d * (k - 1)) // s + 1
 
 
-def _pad(x: torch.Tensor, padding: Tuple[int, int], mode: str = "zeros") -> torch.Tensor:
-    if padding == (0, 0):
+def _torch_pads(before, after=None) -> Tuple[int, ...]:
+    """Per-axis padding ``(before, after)`` in :func:`F.pad`'s order (last axis first)."""
+    after = before if after is None else after
+    return tuple(v for a in reversed(range(len(before))) for v in (before[a], after[a]))
+
+
+def _pad(x: torch.Tensor, padding: Tuple[int, ...], mode: str = "zeros") -> torch.Tensor:
+    if not any(padding):
         return x
-    pads = (padding[1], padding[1], padding[0], padding[0])
     if mode == "zeros":
-        return F.pad(x, pads)
-    return F.pad(x, pads, mode=mode)
+        return F.pad(x, _torch_pads(padding))
+    return F.pad(x, _torch_pads(padding), mode=mode)
 
 
 def _strided(start: int, count: int, step: int) -> slice:
     return slice(start, start + step * (count - 1) + 1, step)
 
 
-def _zero_insert(x: torch.Tensor, stride: Tuple[int, int]) -> torch.Tensor:
-    if stride == (1, 1):
+def _zero_insert(x: torch.Tensor, stride: Tuple[int, ...]) -> torch.Tensor:
+    if all(v == 1 for v in stride):
         return x
-    b, c, h, w = x.shape
-    z = x.new_zeros(b, c, (h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1)
-    z[:, :, ::stride[0], ::stride[1]] = x
+    z = x.new_zeros(*x.shape[:2], *((n - 1) * s + 1 for n, s in zip(x.shape[2:], stride)))
+    z[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
     return z
 
 
@@ -153,7 +174,7 @@ def _cast_all(dtype: Optional[torch.dtype], *tensors):
 def nd2col(input_nd: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0,
            output_padding: IntPair = 0, dilation: IntPair = 1, transposed: bool = False,
            use_pyinn_if_possible: bool = False) -> torch.Tensor:
-    """im2col returning ``(N, C, kh, kw, H', W')``.
+    """im2col returning ``(N, C, kh, kw, H', W')`` for a 4-D input, ``(N, C, kd, kh, kw, D', H', W')`` for a 5-D one.
 
     Non-transposed: the windows of a zero-padded convolution. Transposed: the windows of the
     equivalent stride-1 convolution over the zero-inserted, padded input, so ``(H', W')`` is the
@@ -164,25 +185,37 @@ def nd2col(input_nd: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, pa
         >>> nd2col(torch.ones(1, 2, 4, 4), 3, padding=1).shape
         torch.Size([1, 2, 3, 3, 4, 4])
     """
-    _check_4d("input_nd", input_nd)
-    k, s, p, op, d = (_pair(v) for v in (kernel_size, stride, padding, output_padding, dilation))
-    n, c, h, w = input_nd.shape
+    if not isinstance(input_nd, torch.Tensor):
+        raise TypeError(f"input_nd must be a torch.Tensor, got {type(input_nd).__name__}")
+    if input_nd.dim() not in (4, 5):
+        raise ValueError(f"input_nd must be 4-D (B, C, H, W) or 5-D (B, C, D, H, W), got shape {tuple(input_nd.shape)}")
+    dims = input_nd.dim() - 2
+    k, s, p, op, d = (_ntuple(dims)(v) for v in (kernel_size, stride, padding, output_padding, dilation))
     if transposed:
-        x = _transposed_padded_input(input_nd, k, s, p, op, d)
-        cols = F.unfold(x, k, dilation=d)
-        out_hw = _transposed_out_hw((h, w), k, s, p, op, d)
-    else:
-        cols = F.unfold(input_nd, k, dilation=d, padding=p, stride=s)
-        out_hw = _conv_out_hw((h, w), k, s, p, d)
-    return cols.view(n, c, k[0], k[1], *out_hw)
+        return _windows(_transposed_padded_input(input_nd, k, s, p, op, d), k, (1,) * dims, d)
+    _conv_out_size(input_nd.shape[2:], k, s, p, d)
+    return _windows(_pad(input_nd, p), k, s, d)
+
+
+def _windows(x: torch.Tensor, k, s, d) -> torch.Tensor:
+    """The windows ``(N, C, *k, *out)`` of a convolution over the (already padded) ``x``."""
+    n, c = x.shape[:2]
+    dims = len(k)
+    out = _conv_out_size(x.shape[2:], k, s, (0,) * dims, d)
+    if dims == 2:  # F.unfold: the form that ONNX and TorchScript translate
+        return F.unfold(x, k, dilation=d, stride=s).view(n, c, *k, *out)
+    v = x
+    for a in range(dims):
+        v = v.unfold(2 + a, (k[a] - 1) * d[a] + 1, s[a])
+    v = v[(..., *(slice(None, None, step) for step in d))]  # (N, C, *out, *k)
+    return v.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
 
 
 def _transposed_padded_input(x, k, s, p, op, d):
     """Zero-insert by the stride and pad by ``(k-1)d - p`` (plus output_padding at the far side);
     negative amounts crop."""
-    z = _zero_insert(x, s)
-    pad_h, pad_w = ((k[i] - 1) * d[i] - p[i] for i in range(2))
-    return F.pad(z, (pad_w, pad_w + op[1], pad_h, pad_h + op[0]))
+    before = tuple((k[a] - 1) * d[a] - p[a] for a in range(len(k)))
+    return F.pad(_zero_insert(x, s), _torch_pads(before, tuple(b + o for b, o in zip(before, op))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,39 +226,51 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _tap_dims(t: torch.Tensor) -> Tuple[int, ...]:
+    """The tap dimensions of a ``(B, C, *taps, *out)`` tensor."""
+    return tuple(range(2, 2 + (t.dim() - 2) // 2))
+
+
 def _native_taps(cols, kernel, weight, bias, groups):
-    """Readable reference: ``cols`` is the unfolded input (B, C, kh, kw, H', W')."""
-    b, c, kh, kw, h, w = cols.shape
+    """Readable reference: ``cols`` is the unfolded input (B, C, *k, *out)."""
     cols = cols * kernel
     if weight is None:
-        return cols.sum((2, 3))
+        return cols.sum(_tap_dims(cols))
+    b, c = cols.shape[:2]
+    dims = len(_tap_dims(cols))
+    out_size = cols.shape[2 + dims:]
     o = weight.shape[0]
-    cols = cols.reshape(b, groups, c // groups, kh, kw, h, w)
-    out = torch.einsum("bgcijyx,gocij->bgoyx", cols, weight.reshape(groups, o // groups, c // groups, kh, kw))
-    out = out.reshape(b, o, h, w)
+    cols = cols.reshape(b, groups, c // groups, -1, *out_size)
+    out = torch.einsum("bgct...,goct->bgo...", cols, weight.reshape(groups, o // groups, c // groups, -1))
+    out = out.reshape(b, o, *out_size)
     if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
+        out = out + bias.view(1, -1, *([1] * dims))
     return out
 
 
 def _native_distance(guide, centre, kernel_size, stride, dilation, asym, channel_wise):
-    b, c, h, w = centre.shape
-    cols = F.unfold(guide, kernel_size, dilation=dilation, stride=stride)
-    diff = cols.view(b, c, kernel_size[0], kernel_size[1], h, w) - centre.view(b, c, 1, 1, h, w)
+    b, c = centre.shape[:2]
+    cols = _windows(guide, kernel_size, stride, dilation)
+    diff = cols - centre.view(b, c, *([1] * len(kernel_size)), *centre.shape[2:])
     if asym:
         diff = F.relu(diff)
     dist = diff * diff
     return dist if channel_wise else dist.sum(1, keepdim=True)
 
 
-def _smoothed_centre(guide_padded, smooth_kernel, kernel_size, stride, dilation, out_hw):
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _smoothed_centre(guide_padded, smooth_kernel, kernel_size, stride, dilation, out_size):
     """Each guide channel correlated with ``smooth_kernel``, centred on the centre tap of every window."""
     c = guide_padded.shape[1]
-    ss = smooth_kernel.shape[-2:]
-    ext = [ss[a] // 2 - (kernel_size[a] // 2) * dilation[a] for a in range(2)]
-    g = F.pad(guide_padded, (ext[1], ext[1], ext[0], ext[0]))
+    dims = len(kernel_size)
+    ss = smooth_kernel.shape[-dims:]
+    ext = tuple(ss[a] // 2 - (kernel_size[a] // 2) * dilation[a] for a in range(dims))
+    g = F.pad(guide_padded, _torch_pads(ext))
     weight = smooth_kernel.reshape(1, 1, *ss).to(g.dtype).expand(c, 1, *ss)
-    return F.conv2d(g, weight, stride=stride, groups=c)[:, :, :out_hw[0], :out_hw[1]]
+    smoothed = _CONV[dims](g, weight, stride=stride, groups=c)
+    return smoothed[(slice(None), slice(None), *(slice(n) for n in out_size))]
 
 
 def _parse_kernel_type(kernel_type: str):
@@ -330,58 +375,96 @@ def _transposed_phases(k: int, s: int, p: int, d: int, out_size: int, before: in
     return phases
 
 
-def _phases(transposed: bool, k, s, p, d, out_hw, before=(0, 0)) -> Tuple[List[_Phase], List[_Phase]]:
+def _phases(transposed: bool, k, s, p, d, out_size, before=None) -> Tuple[List[_Phase], ...]:
+    """The output phases of every spatial axis."""
     if transposed:
-        return tuple(_transposed_phases(k[a], s[a], p[a], d[a], out_hw[a], before[a]) for a in range(2))
-    return tuple(_conv_phases(k[a], s[a], d[a], out_hw[a]) for a in range(2))
+        return tuple(_transposed_phases(k[a], s[a], p[a], d[a], out_size[a], before[a]) for a in range(len(k)))
+    return tuple(_conv_phases(k[a], s[a], d[a], out_size[a]) for a in range(len(k)))
 
 
 class _Band(NamedTuple):
-    """Output rows ``[t0, t1)`` of the phase ``rows`` (and all of ``cols``)."""
-    rows: _Phase
-    cols: _Phase
+    """Outputs ``[t0, t1)`` of the first axis's phase ``phases[0]`` and all outputs of the other axes' phases."""
+    phases: Tuple[_Phase, ...]
     t0: int
     t1: int
 
+    @property
+    def counts(self) -> Tuple[int, ...]:
+        return (self.t1 - self.t0,) + tuple(ph.count for ph in self.phases[1:])
 
-def _reads(band: _Band, guide: bool):
-    """(first row, row step, row dilation, first column, column step, column dilation) of what the taps of
-    ``band`` read in the padded input, or in the padded guide when ``guide``."""
+    @property
+    def taps(self) -> Tuple[int, ...]:
+        return tuple(ph.taps for ph in self.phases)
+
+    def out_index(self) -> tuple:
+        """Index of the band's outputs in a ``(B, C, *out)`` tensor."""
+        first, *rest = self.phases
+        return (slice(None), slice(None), first.out_slice(self.t0, self.t1), *(ph.out_slice(0, ph.count) for ph in rest))
+
+    def tap_index(self) -> tuple:
+        """Index of the band's taps in a ``(O, C, *k)`` weight."""
+        return (slice(None), slice(None), *(ph.tap_slice() for ph in self.phases))
+
+
+def _reads(band: _Band, guide: bool) -> List[Tuple[int, int, int]]:
+    """Per axis, (first position, step, tap dilation) of what the taps of ``band`` read in the padded input,
+    or in the padded guide when ``guide``."""
     fields = ("g_start", "g_step", "g_dil") if guide else ("x_start", "x_step", "x_dil")
-    (r0, rs, rd), (c0, cs, cd) = ([getattr(ph, f) for f in fields] for ph in (band.rows, band.cols))
-    return r0 + rs * band.t0, rs, rd, c0, cs, cd
+    reads = [tuple(getattr(ph, f) for f in fields) for ph in band.phases]
+    start, step, dil = reads[0]
+    reads[0] = (start + step * band.t0, step, dil)
+    return reads
 
 
 def _window(t: torch.Tensor, band: _Band, guide: bool = False) -> torch.Tensor:
-    """View ``(B, C, taps_rows, taps_cols, t1 - t0, count_cols)`` of what every tap of ``band`` reads
-    from the padded input ``t``, or from the padded guide when ``guide``."""
-    r0, rs, rd, c0, cs, cd = _reads(band, guide)
-    ny, nx = band.t1 - band.t0, band.cols.count
-    span_r, span_c = (band.rows.taps - 1) * rd + 1, (band.cols.taps - 1) * cd + 1
-    v = t[:, :, r0:r0 + (ny - 1) * rs + span_r, c0:c0 + (nx - 1) * cs + span_c]
-    v = v.unfold(2, span_r, rs).unfold(3, span_c, cs)[..., ::rd, ::cd]  # (B, C, ny, nx, taps_r, taps_c)
-    return v.permute(0, 1, 4, 5, 2, 3)
+    """View ``(B, C, *taps, *counts)`` of what every tap of ``band`` reads from the padded input ``t``, or
+    from the padded guide when ``guide``."""
+    reads, taps, counts = _reads(band, guide), band.taps, band.counts
+    spans = [(m - 1) * dil + 1 for m, (_, _, dil) in zip(taps, reads)]
+    v = t[(slice(None), slice(None), *(slice(start, start + (n - 1) * step + span)
+                                       for (start, step, _), n, span in zip(reads, counts, spans)))]
+    for a, ((_, step, _), span) in enumerate(zip(reads, spans)):
+        v = v.unfold(2 + a, span, step)
+    dims = len(reads)
+    v = v[(..., *(slice(None, None, dil) for _, _, dil in reads))]  # (B, C, *counts, *taps)
+    return v.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
 
 
 def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, band: _Band, guide: bool = False) -> None:
-    """``target[window] += grad_window``, summing overlapping taps (the adjoint of :func:`_window`)."""
-    r0, rs, rd, c0, cs, cd = _reads(band, guide)
-    b, c, tr, tc, ny, nx = grad_window.shape
+    """``target[window] += grad_window``, summing overlapping taps (the adjoint of :func:`_window`).
+
+    F.fold sums the taps of the last two axes; the taps of any leading axis (the depth of a 3-D layer)
+    are added one at a time, with that axis's outputs moved into the batch."""
+    reads, taps, counts = _reads(band, guide), band.taps, band.counts
+    lead = len(reads) - 2
+    b, c = grad_window.shape[:2]
+    (r0, rs, rd), (c0, cs, cd) = reads[lead:]
+    tr, tc, ny, nx = taps[lead], taps[lead + 1], counts[lead], counts[lead + 1]
     size = ((ny - 1) * rs + (tr - 1) * rd + 1, (nx - 1) * cs + (tc - 1) * cd + 1)
-    folded = F.fold(grad_window.reshape(b, c * tr * tc, ny * nx), size, (tr, tc), dilation=(rd, cd), stride=(rs, cs))
-    target[:, :, r0:r0 + size[0], c0:c0 + size[1]] += folded
+    lead_count = math.prod(counts[:lead])
+    count_dims = tuple(range(4, 4 + lead))
+    for lead_taps in itertools.product(*(range(m) for m in taps[:lead])):
+        g = grad_window[(slice(None), slice(None), *lead_taps)].movedim(count_dims, tuple(range(1, 1 + lead)))
+        folded = F.fold(g.reshape(b * lead_count, c * tr * tc, ny * nx), size, (tr, tc), dilation=(rd, cd),
+                        stride=(rs, cs))
+        folded = folded.view(b, *counts[:lead], c, *size).movedim(tuple(range(1, 1 + lead)), tuple(range(2, 2 + lead)))
+        index = (slice(None), slice(None),
+                 *(_strided(start + i * dil, n, step) for (start, step, dil), i, n in zip(reads, lead_taps, counts)),
+                 slice(r0, r0 + size[0]), slice(c0, c0 + size[1]))
+        target[index] += folded
 
 
-def _bands(rows: _Phase, cols: _Phase, row_bytes: int, device: torch.device, guide: bool) -> List[_Band]:
-    """Bands of output rows whose largest temporary is about ``_band_bytes(device)``. Each band is at least
-    as tall as its input (and guide) window, so bands two apart never read the same rows: the backward
-    folds the bands of one parity in parallel."""
-    spans = [((rows.taps - 1) * rows.x_dil + 1, rows.x_step)]
+def _bands(phases: Sequence[_Phase], row_bytes: int, device: torch.device, guide: bool) -> List[_Band]:
+    """Bands of outputs along the first axis whose largest temporary is about ``_band_bytes(device)``. Each
+    band is at least as tall as its input (and guide) window, so bands two apart never read the same
+    positions: the backward folds the bands of one parity in parallel."""
+    first = phases[0]
+    spans = [((first.taps - 1) * first.x_dil + 1, first.x_step)]
     if guide:
-        spans.append(((rows.taps - 1) * rows.g_dil + 1, rows.g_step))
+        spans.append(((first.taps - 1) * first.g_dil + 1, first.g_step))
     min_rows = max(-(-span // step) for span, step in spans)
-    size = max(1, min(rows.count, max(min_rows, _band_bytes(device) // max(row_bytes, 1))))
-    return [_Band(rows, cols, t0, min(rows.count, t0 + size)) for t0 in range(0, rows.count, size)]
+    size = max(1, min(first.count, max(min_rows, _band_bytes(device) // max(row_bytes, 1))))
+    return [_Band(tuple(phases), t0, min(first.count, t0 + size)) for t0 in range(0, first.count, size)]
 
 
 def _band_bytes(device: torch.device) -> int:
@@ -432,7 +515,7 @@ _INV_EPS = 1e-4
 
 
 def _contiguous_mul(window: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``window * other`` written in the contiguous ``(B, C, taps_r, taps_c, ny, nx)`` layout: left to
+    """``window * other`` written in the contiguous ``(B, C, *taps, *counts)`` layout: left to
     itself, torch would follow the strides of the window view and make every later reshape a copy."""
     shape = torch.broadcast_shapes(window.shape, other.shape)
     return torch.mul(window, other, out=window.new_empty(shape, dtype=torch.promote_types(window.dtype, other.dtype)))
@@ -440,15 +523,16 @@ def _contiguous_mul(window: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def _guide_differences(guide_win: torch.Tensor, centre: torch.Tensor, asym: bool) -> torch.Tensor:
     """``phi(tap - centre)`` of one band, contiguous; phi is ReLU for asymmetric kernels."""
-    diff = torch.sub(guide_win, centre[:, :, None, None], out=guide_win.new_empty(guide_win.shape))
+    centre = centre.view(*centre.shape[:2], *([1] * (centre.dim() - 2)), *centre.shape[2:])
+    diff = torch.sub(guide_win, centre, out=guide_win.new_empty(guide_win.shape))
     return diff.relu_() if asym else diff
 
 
 def _band_kernel(spec: _KernelSpec, guide_win, centre, valid_win, pattern_win, alpha, lam):
-    """Adaptive kernel ``(B, 1 or C, taps_r, taps_c, ny, nx)`` of one band, and the output mask flags.
+    """Adaptive kernel ``(B, 1 or C, *taps, *counts)`` of one band, and the output mask flags.
 
     ``guide_win`` is the window view of the padded guide, ``centre`` the centre features
-    ``(B, C, ny, nx)``; ``valid_win`` the window of the layer's mask (or of the real-pixel pattern when
+    ``(B, C, *counts)``; ``valid_win`` the window of the layer's mask (or of the real-pixel pattern when
     only normalising), ``pattern_win`` the real-pixel pattern (used with a mask and no normalisation).
     """
     diff = _guide_differences(guide_win, centre, spec.asym)
@@ -468,17 +552,18 @@ def _channel_view(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _restrict(spec: _KernelSpec, kernel, valid_win, pattern_win):
     """Zero the taps that fall on masked or non-existent pixels and renormalise. Returns the kernel,
-    the per-pixel divisor (or None) and the non-empty flags ``(B, 1 or C, ny, nx)`` (or None)."""
+    the per-pixel divisor (or None) and the non-empty flags ``(B, 1 or C, *counts)`` (or None)."""
     if valid_win is None:
         return kernel, None, None
+    taps = _tap_dims(kernel)
     kernel = kernel * valid_win
     if spec.normalize:
-        norm = kernel.sum((2, 3), keepdim=True)
+        norm = kernel.sum(taps, keepdim=True)
     else:  # a mask without normalisation: rescale by the fraction of valid taps
-        norm = valid_win.sum((2, 3), keepdim=True) / pattern_win.sum((2, 3), keepdim=True).clamp(min=1)
+        norm = valid_win.sum(taps, keepdim=True) / pattern_win.sum(taps, keepdim=True).clamp(min=1)
     empty = norm == 0
     norm = norm + empty.to(norm.dtype)
-    return kernel.div_(norm), norm, (~empty)[:, :, 0, 0]
+    return kernel.div_(norm), norm, (~empty)[(slice(None), slice(None), *([0] * len(taps)))]
 
 
 def _band_kernel_backward(spec: _KernelSpec, grad_kernel, guide_win, centre, valid_win, pattern_win, alpha, lam):
@@ -491,10 +576,11 @@ def _band_kernel_backward(spec: _KernelSpec, grad_kernel, guide_win, centre, val
         shifted = dist.add_(_INV_EPS)
         power = shifted.pow(0.5 * _channel_view(lam, dist))
         base = power + _channel_view(alpha, dist)
+    taps = _tap_dims(grad_kernel)
     if valid_win is not None:
         kernel, norm, _ = _restrict(spec, base, valid_win, pattern_win)
         if spec.normalize:  # d(K1 / sum K1): (g - sum(g K)) / sum K1
-            grad_kernel = (grad_kernel - (grad_kernel * kernel).sum((2, 3), keepdim=True)) / norm
+            grad_kernel = (grad_kernel - (grad_kernel * kernel).sum(taps, keepdim=True)) / norm
         else:
             grad_kernel = grad_kernel / norm
         grad_kernel = grad_kernel * valid_win
@@ -504,12 +590,12 @@ def _band_kernel_backward(spec: _KernelSpec, grad_kernel, guide_win, centre, val
     else:
         half_lam = 0.5 * _channel_view(lam, dist)
         grad_dist = grad_kernel * half_lam * power / shifted
-        dims = (0, 2, 3, 4, 5) if alpha.dim() else None
+        dims = tuple(d for d in range(grad_kernel.dim()) if d != 1) if alpha.dim() else None
         grad_alpha = grad_kernel.sum(dims) if dims else grad_kernel.sum()
         g_lam = grad_kernel * power * shifted.log() * 0.5
         grad_lambda = g_lam.sum(dims) if dims else g_lam.sum()
     grad_diff = diff.mul_(grad_dist).mul_(2)  # d(phi(diff)^2) = 2 phi(diff), for the identity and ReLU
-    return grad_diff, -grad_diff.sum((2, 3)), grad_alpha, grad_lambda
+    return grad_diff, -grad_diff.sum(taps), grad_alpha, grad_lambda
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,13 +603,13 @@ def _band_kernel_backward(spec: _KernelSpec, grad_kernel, guide_win, centre, val
 # ----------------------------------------------------------------------------------------------
 
 class _OpArgs(NamedTuple):
-    """The integer arguments of the ``pac::`` ops, decoded."""
-    k: Tuple[int, int]
-    s: Tuple[int, int]
-    p: Tuple[int, int]
-    op: Tuple[int, int]
-    d: Tuple[int, int]
-    out_hw: Tuple[int, int]
+    """The integer arguments of the ``pac::`` ops, decoded (one entry per spatial axis in each tuple)."""
+    k: Tuple[int, ...]
+    s: Tuple[int, ...]
+    p: Tuple[int, ...]
+    op: Tuple[int, ...]
+    d: Tuple[int, ...]
+    out_size: Tuple[int, ...]
     transposed: bool
     groups: int
     spec: Optional[_KernelSpec]  # None when the kernel is given
@@ -531,17 +617,17 @@ class _OpArgs(NamedTuple):
 
     @staticmethod
     def decode(geometry: Sequence[int], options: Sequence[int]) -> "_OpArgs":
-        kh, kw, sh, sw, ph, pw, oph, opw, dh, dw, oh, ow = geometry  # the output size is symbolic under export
+        dims = len(geometry) // 6  # the output size is symbolic under export
+        k, s, p, op, d, out_size = (tuple(geometry[i * dims:(i + 1) * dims]) for i in range(6))
         transposed, groups, kind, asym, channel_wise, normalize, mode = options
         spec = None if kind == _GIVEN else _KernelSpec(kind, bool(asym), bool(channel_wise), bool(normalize))
-        return _OpArgs((kh, kw), (sh, sw), (ph, pw), (oph, opw), (dh, dw), (oh, ow), bool(transposed), groups,
-                       spec, PADDING_MODES[mode])
+        return _OpArgs(k, s, p, op, d, out_size, bool(transposed), groups, spec, PADDING_MODES[mode])
 
 
-def _encode(k, s, p, op, d, out_hw, transposed, groups, kernel_type, channel_wise, normalize, padding_mode,
+def _encode(k, s, p, op, d, out_size, transposed, groups, kernel_type, channel_wise, normalize, padding_mode,
             kernel_given: bool):
     """The (geometry, options) integer lists of the ``pac::`` ops."""
-    geometry = [k[0], k[1], s[0], s[1], p[0], p[1], op[0], op[1], d[0], d[1], out_hw[0], out_hw[1]]
+    geometry = [*k, *s, *p, *op, *d, *out_size]
     if kernel_given:
         kind, asym = _GIVEN, False
     else:
@@ -563,39 +649,39 @@ def _as_read(image: torch.Tensor, a: _OpArgs, pads=None) -> torch.Tensor:
     return _pad(image, a.p, a.padding_mode)
 
 
-def _validity(mask, a: _OpArgs, in_hw, dtype, device, pads=None):
+def _validity(mask, a: _OpArgs, in_size, dtype, device, pads=None):
     """(valid, pattern) images laid out like the taps read: ``valid`` is the mask, or the real-pixel
     pattern when only normalising; ``pattern`` is needed with a mask and no normalisation."""
     if a.spec is None or (mask is None and not a.spec.normalize):
         return None, None
-    pattern = _as_read(torch.ones(1, 1, *in_hw, dtype=dtype, device=device), a, pads)
+    pattern = _as_read(torch.ones(1, 1, *in_size, dtype=dtype, device=device), a, pads)
     if mask is None:
         return pattern, None
     return _as_read(mask.to(dtype), a, pads), (None if a.spec.normalize else pattern)
 
 
 class _Prepared(NamedTuple):
-    x: torch.Tensor                 # the input as the taps read it (padded)
-    rows: List[_Phase]
-    cols: List[_Phase]
-    valid: Optional[torch.Tensor]   # mask (or real-pixel pattern when only normalising), laid out like x
+    x: torch.Tensor                  # the input as the taps read it (padded)
+    phases: Tuple[List[_Phase], ...]  # the output phases of every axis
+    valid: Optional[torch.Tensor]    # mask (or real-pixel pattern when only normalising), laid out like x
     pattern: Optional[torch.Tensor]  # real-pixel pattern, with a mask and no normalisation
-    unpad: Tuple[slice, slice]      # where the input sits in the padded x
+    unpad: tuple                     # index of the input in the padded x
 
 
 def _prepare_filter(x, mask, a: _OpArgs, kernel_dtype) -> _Prepared:
+    dims = len(a.k)
     if a.transposed:
-        h, w = x.shape[2:]
-        top, bottom = _transposed_pads(a.k[0], a.s[0], a.p[0], a.d[0], h, a.out_hw[0])
-        left, right = _transposed_pads(a.k[1], a.s[1], a.p[1], a.d[1], w, a.out_hw[1])
-        pads = (left, right, top, bottom)
-        rows, cols = _phases(True, a.k, a.s, a.p, a.d, a.out_hw, (top, left))
-        valid, pattern = _validity(mask, a, (h, w), kernel_dtype, x.device, pads)
-        return _Prepared(F.pad(x, pads), rows, cols, valid, pattern, (slice(top, top + h), slice(left, left + w)))
-    rows, cols = _phases(False, a.k, a.s, a.p, a.d, a.out_hw)
-    in_hw = (x.shape[2] - 2 * a.p[0], x.shape[3] - 2 * a.p[1])
-    valid, pattern = _validity(mask, a, in_hw, kernel_dtype, x.device)
-    return _Prepared(x, rows, cols, valid, pattern, (slice(None), slice(None)))
+        in_size = tuple(x.shape[2:])
+        before, after = zip(*(_transposed_pads(a.k[i], a.s[i], a.p[i], a.d[i], in_size[i], a.out_size[i])
+                              for i in range(dims)))
+        pads = _torch_pads(before, after)
+        phases = _phases(True, a.k, a.s, a.p, a.d, a.out_size, before)
+        valid, pattern = _validity(mask, a, in_size, kernel_dtype, x.device, pads)
+        unpad = (slice(None), slice(None), *(slice(b, b + n) for b, n in zip(before, in_size)))
+        return _Prepared(F.pad(x, pads), phases, valid, pattern, unpad)
+    in_size = tuple(x.shape[2 + i] - 2 * a.p[i] for i in range(dims))
+    valid, pattern = _validity(mask, a, in_size, kernel_dtype, x.device)
+    return _Prepared(x, _phases(False, a.k, a.s, a.p, a.d, a.out_size), valid, pattern, (...,))
 
 
 def _band_of(t: Optional[torch.Tensor], band: _Band):
@@ -604,48 +690,49 @@ def _band_of(t: Optional[torch.Tensor], band: _Band):
 
 def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, lam, band: _Band):
     """The kernel of one band: a slice of the given kernel, or computed from the guide."""
-    rows, cols, t0, t1 = band
-    out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
+    out = band.out_index()
     if a.spec is None:
-        return kernel[:, :, rows.tap_slice(), cols.tap_slice(), out_r, out_c], None
-    kernel, _, flags = _band_kernel(a.spec, _window(guide, band, guide=True), centre[:, :, out_r, out_c],
+        return kernel[band.tap_index() + out[2:]], None
+    kernel, _, flags = _band_kernel(a.spec, _window(guide, band, guide=True), centre[out],
                                     _band_of(prep.valid, band), _band_of(prep.pattern, band), alpha, lam)
     return kernel, flags
 
 
-def _band_rows_bytes(x, guide, rows: _Phase, cols: _Phase) -> int:
-    """Bytes of one output row's largest temporary: the modulated input, or the guide differences."""
+def _band_rows_bytes(x, guide, phases: Sequence[_Phase]) -> int:
+    """Bytes of one output row (along the first axis) of the largest temporary: the modulated input, or the
+    guide differences."""
     channels = max(x.shape[1], 0 if guide is None else guide.shape[1])
-    return x.shape[0] * channels * rows.taps * cols.taps * cols.count * max(x.element_size(), 4)
+    per_row = math.prod(ph.taps for ph in phases) * math.prod(ph.count for ph in phases[1:])
+    return x.shape[0] * channels * per_row * max(x.element_size(), 4)
 
 
-def _phase_weight(weight, groups, rows: _Phase, cols: _Phase):
+def _phase_weight(weight, groups, phases: Sequence[_Phase]):
     """The weight of a phase's taps as ``(groups, O / groups, C / groups * taps)``."""
     if weight is None:
         return None
-    return weight[:, :, rows.tap_slice(), cols.tap_slice()].reshape(groups, weight.shape[0] // groups, -1)
+    index = (slice(None), slice(None), *(ph.tap_slice() for ph in phases))
+    return weight[index].reshape(groups, weight.shape[0] // groups, -1)
 
 
 def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs):
     kernel_dtype = (kernel if a.spec is None else guide).dtype
     prep = _prepare_filter(x, mask, a, kernel_dtype)
     b, c = x.shape[:2]
-    out = x.new_zeros(b, c if weight is None else weight.shape[0], *a.out_hw)
+    out = x.new_zeros(b, c if weight is None else weight.shape[0], *a.out_size)
     flags_out = None
     if mask is not None and a.spec is not None:
-        flags_out = x.new_zeros(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_hw, dtype=kernel_dtype)
-    tasks = [(band, _phase_weight(weight, a.groups, rows, cols))
-             for rows in prep.rows for cols in prep.cols
-             for band in _bands(rows, cols, _band_rows_bytes(x, guide, rows, cols), x.device, guide is not None)]
+        flags_out = x.new_zeros(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_size, dtype=kernel_dtype)
+    tasks = [(band, _phase_weight(weight, a.groups, phases))
+             for phases in itertools.product(*prep.phases)
+             for band in _bands(phases, _band_rows_bytes(x, guide, phases), x.device, guide is not None)]
 
     def run(task) -> None:  # output phases and bands write disjoint outputs: all of them run in parallel
         band, w = task
-        out_r, out_c = band.rows.out_slice(band.t0, band.t1), band.cols.out_slice(0, band.cols.count)
         kb, flags = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
         if flags_out is not None:
-            flags_out[:, :, out_r, out_c] = flags.to(kernel_dtype)
+            flags_out[band.out_index()] = flags.to(kernel_dtype)
         modulated = _contiguous_mul(_window(prep.x, band), kb.to(x.dtype))
-        out[:, :, out_r, out_c] = _apply_weight(modulated, w, a.groups)
+        out[band.out_index()] = _apply_weight(modulated, w, a.groups)
 
     _map_bands(run, tasks, x.device)
     return out, (x.new_zeros(0) if flags_out is None else flags_out)
@@ -653,11 +740,13 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
 
 def _apply_weight(modulated, w, groups):
     """``sum_{c, taps} W * modulated`` as one batched matmul (or the per-channel sum when pooling)."""
+    taps = _tap_dims(modulated)
     if w is None:
-        return modulated.sum((2, 3), dtype=_acc_dtype(modulated.dtype)).to(modulated.dtype)
-    b, c, tr, tc, ny, nx = modulated.shape
-    out = torch.matmul(w, modulated.reshape(b, groups, c // groups * tr * tc, ny * nx))
-    return out.view(b, -1, ny, nx)
+        return modulated.sum(taps, dtype=_acc_dtype(modulated.dtype)).to(modulated.dtype)
+    b, c = modulated.shape[:2]
+    counts = modulated.shape[2 + len(taps):]
+    out = torch.matmul(w, modulated.reshape(b, groups, -1, math.prod(counts)))
+    return out.view(b, -1, *counts)
 
 
 def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs, needs):
@@ -678,37 +767,35 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     def run(band: _Band, w, gx, gguide):
         """Fold one band's input and guide gradients into ``gx`` and ``gguide``; return its weight and
         kernel-parameter gradients."""
-        rows, cols = band.rows, band.cols
-        ny, nx = band.t1 - band.t0, cols.count
-        out_r, out_c = rows.out_slice(band.t0, band.t1), cols.out_slice(0, nx)
+        counts, out = band.counts, band.out_index()
         kb, _ = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
         kbx = kb.to(x.dtype)
         xw = _window(prep.x, band)
-        go = grad_out[:, :, out_r, out_c]
+        go = grad_out[out]
         if w is None:  # pooling: every tap of a channel gets the channel's output gradient
-            g_mod = go[:, :, None, None]
+            g_mod = go.view(b, c, *([1] * len(counts)), *counts)
         else:
-            go = go.reshape(b, a.groups, -1, ny * nx)
-            g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, rows.taps, cols.taps, ny, nx)
+            go = go.reshape(b, a.groups, -1, math.prod(counts))
+            g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, *band.taps, *counts)
         if gx is not None:
             _fold_into(gx, _contiguous_mul(g_mod, kbx), band)
         g_weight = g_params = None
         if need_w:
-            modulated = _contiguous_mul(xw, kbx).view(b, a.groups, -1, ny * nx)
+            modulated = _contiguous_mul(xw, kbx).view(b, a.groups, -1, math.prod(counts))
             g_weight = torch.matmul(go, modulated.transpose(2, 3)).sum(0, dtype=acc)
         if need_kernel_grad:
             gkb = _contiguous_mul(xw, g_mod)
             gkb = gkb.sum(1, keepdim=True, dtype=kernel_dtype) if kb.shape[1] == 1 else gkb.to(kernel_dtype)
             if gk is not None:
-                gk[:, :, rows.tap_slice(), cols.tap_slice(), out_r, out_c] = gkb
+                gk[band.tap_index() + out[2:]] = gkb
             if gguide is not None or params.needed:
                 g_params = _kernel_band_backward_into(a.spec, gkb, guide, centre, prep.valid, prep.pattern, alpha, lam,
                                                       band, gguide, gcentre)
         return band, g_weight, g_params
 
-    phases = [(_phase_weight(weight, a.groups, rows, cols),
-               _bands(rows, cols, _band_rows_bytes(x, guide, rows, cols), x.device, guide is not None))
-              for rows in prep.rows for cols in prep.cols]
+    phases = [(_phase_weight(weight, a.groups, ph), _bands(ph, _band_rows_bytes(x, guide, ph), x.device,
+                                                           guide is not None))
+              for ph in itertools.product(*prep.phases)]
     if len(phases) == 1:  # bands two apart read disjoint rows: fold each parity in parallel
         w, bands = phases[0]
         results = [r for parity in (bands[0::2], bands[1::2])
@@ -728,11 +815,10 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
             results += group_results
     for band, g_weight, g_params in results:
         if g_weight is not None:
-            gw[:, :, band.rows.tap_slice(), band.cols.tap_slice()] += g_weight.view(
-                gw.shape[0], gw.shape[1], band.rows.taps, band.cols.taps)
+            gw[band.tap_index()] += g_weight.view(gw.shape[0], gw.shape[1], *band.taps)
         params.add(g_params)
     if gx is not None:
-        gx = gx[:, :, prep.unpad[0], prep.unpad[1]].to(x.dtype)
+        gx = gx[prep.unpad].to(x.dtype)
     if gw is not None:
         gw = gw.to(weight.dtype)
     return (gx, gw, gk, gguide, gcentre) + params.result()
@@ -761,61 +847,66 @@ class _ParamGrads:
 def _kernel_band_backward_into(spec, gkb, guide, centre, valid, pattern, alpha, lam, band: _Band, gguide, gcentre):
     """Backpropagate one band's kernel gradient into the guide and centre; return the band's
     ``(grad alpha, grad lambda)`` (None for a gaussian kernel)."""
-    rows, cols, t0, t1 = band
-    out_r, out_c = rows.out_slice(t0, t1), cols.out_slice(0, cols.count)
+    out = band.out_index()
     grad_win, grad_centre, ga, gl = _band_kernel_backward(
-        spec, gkb, _window(guide, band, guide=True), centre[:, :, out_r, out_c], _band_of(valid, band),
-        _band_of(pattern, band), alpha, lam)
+        spec, gkb, _window(guide, band, guide=True), centre[out], _band_of(valid, band), _band_of(pattern, band),
+        alpha, lam)
     if gguide is not None:
         _fold_into(gguide, grad_win, band, guide=True)
-        gcentre[:, :, out_r, out_c] += grad_centre
+        gcentre[out] += grad_centre
     return None if ga is None else (ga, gl)
 
 
 def _kernel_phases(guide, a: _OpArgs):
     """Window geometry of :func:`packernel2d` over the padded guide: a stride-1 'same' window for a
     transposed layer (the guide is at the output resolution), the layer's own window otherwise."""
-    win_s = (1, 1) if a.transposed else a.s
-    rows, cols = _phases(False, a.k, win_s, a.p, a.d, a.out_hw)
+    dims = len(a.k)
+    win_s = (1,) * dims if a.transposed else a.s
+    phases = tuple(ph[0] for ph in _phases(False, a.k, win_s, a.p, a.d, a.out_size))
     if a.transposed:
-        in_hw = tuple(_transposed_in_size(a.out_hw[i], a.k[i], a.s[i], a.p[i], a.op[i], a.d[i]) for i in range(2))
+        in_size = tuple(_transposed_in_size(a.out_size[i], a.k[i], a.s[i], a.p[i], a.op[i], a.d[i])
+                        for i in range(dims))
     else:
-        in_hw = (guide.shape[2] - 2 * a.p[0], guide.shape[3] - 2 * a.p[1])
-    return rows[0], cols[0], in_hw
+        in_size = tuple(guide.shape[2 + i] - 2 * a.p[i] for i in range(dims))
+    return phases, in_size
+
+
+def _first_axis_rows(t: torch.Tensor, band: _Band) -> torch.Tensor:
+    """The band's outputs of a ``(B, C, [*taps,] *out)`` tensor of a stride-1 window (no phases)."""
+    return t.narrow(t.dim() - len(band.phases), band.t0, band.t1 - band.t0)
 
 
 def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
-    rows, cols, in_hw = _kernel_phases(guide, a)
-    valid, pattern = _validity(mask, a, in_hw, guide.dtype, guide.device)
+    phases, in_size = _kernel_phases(guide, a)
+    valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
     b = guide.shape[0]
-    kernel = guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.k, *a.out_hw)
-    flags_out = None if mask is None else guide.new_zeros(b, kernel.shape[1], *a.out_hw)
+    kernel = guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.k, *a.out_size)
+    flags_out = None if mask is None else guide.new_zeros(b, kernel.shape[1], *a.out_size)
 
     def run(band: _Band) -> None:
-        t0, t1 = band.t0, band.t1
-        kb, _, flags = _band_kernel(a.spec, _window(guide, band, guide=True), centre[:, :, t0:t1],
+        kb, _, flags = _band_kernel(a.spec, _window(guide, band, guide=True), _first_axis_rows(centre, band),
                                     _band_of(valid, band), _band_of(pattern, band), alpha, lam)
-        kernel[..., t0:t1, :] = kb
+        _first_axis_rows(kernel, band).copy_(kb)
         if flags_out is not None:
-            flags_out[:, :, t0:t1] = flags.to(guide.dtype)
+            _first_axis_rows(flags_out, band).copy_(flags)
 
-    _map_bands(run, _bands(rows, cols, _band_rows_bytes(guide, None, rows, cols), guide.device, True), guide.device)
+    _map_bands(run, _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True), guide.device)
     return kernel, (guide.new_zeros(0) if flags_out is None else flags_out)
 
 
 def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, needs):
     need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
-    rows, cols, in_hw = _kernel_phases(guide, a)
-    valid, pattern = _validity(mask, a, in_hw, guide.dtype, guide.device)
+    phases, in_size = _kernel_phases(guide, a)
+    valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
     gguide, gcentre = torch.zeros_like(guide), torch.zeros_like(centre)
     params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_kernel = grad_kernel.to(guide.dtype)
 
     def run(band: _Band):
-        return _kernel_band_backward_into(a.spec, grad_kernel[..., band.t0:band.t1, :], guide, centre, valid, pattern,
+        return _kernel_band_backward_into(a.spec, _first_axis_rows(grad_kernel, band), guide, centre, valid, pattern,
                                           alpha, lam, band, gguide, gcentre)
 
-    bands = _bands(rows, cols, _band_rows_bytes(guide, None, rows, cols), guide.device, True)
+    bands = _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True)
     for parity in (bands[0::2], bands[1::2]):
         for g_params in _map_bands(run, parity, guide.device):
             params.add(g_params)
@@ -843,10 +934,10 @@ def _filter_op(x: Tensor, weight: Optional[Tensor], kernel: Optional[Tensor], gu
 def _(x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda, geometry, options):
     a = _OpArgs.decode(geometry, options)
     b, c = x.shape[:2]
-    out = x.new_empty(b, c if weight is None else weight.shape[0], *a.out_hw)
+    out = x.new_empty(b, c if weight is None else weight.shape[0], *a.out_size)
     if mask is None or a.spec is None:
         return out, x.new_empty(0)
-    return out, guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_hw)
+    return out, guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_size)
 
 
 @torch.library.custom_op("pac::filter_backward", mutates_args=())
@@ -895,8 +986,8 @@ def _kernel_op(guide: Tensor, centre: Tensor, mask: Optional[Tensor], inv_alpha:
 def _(guide, centre, mask, inv_alpha, inv_lambda, geometry, options):
     a = _OpArgs.decode(geometry, options)
     channels = centre.shape[1] if a.spec.channel_wise else 1
-    flags = guide.new_empty(0) if mask is None else guide.new_empty(guide.shape[0], channels, *a.out_hw)
-    return guide.new_empty(guide.shape[0], channels, *a.k, *a.out_hw), flags
+    flags = guide.new_empty(0) if mask is None else guide.new_empty(guide.shape[0], channels, *a.out_size)
+    return guide.new_empty(guide.shape[0], channels, *a.k, *a.out_size), flags
 
 
 @torch.library.custom_op("pac::kernel_backward", mutates_args=())
@@ -1062,30 +1153,30 @@ def _pac_triton():
 
 class _GuideGeometry(NamedTuple):
     guide: torch.Tensor        # the padded guide, float32 (float64 for a float64 guide)
-    centre: torch.Tensor       # the (smoothed) centre feature of every window, (B, C, H', W')
-    out_hw: Tuple[int, int]
-    in_hw: Tuple[int, int]     # the layer's input size
+    centre: torch.Tensor       # the (smoothed) centre feature of every window, (B, C, *out)
+    out_size: Tuple[int, ...]
+    in_size: Tuple[int, ...]   # the layer's input size
 
 
 def _guide_geometry(input, k, s, p, op, d, transposed, padding_mode, smooth_kernel) -> _GuideGeometry:
     """Pad the guide as the kernel's windows read it and take (or smooth) every window's centre."""
     guide = input if input.dtype == torch.float64 else input.float()
-    h, w = guide.shape[2:]
+    size, dims = tuple(guide.shape[2:]), len(k)
     if transposed:
-        win_s, win_p = (1, 1), tuple((k[a] - 1) * d[a] // 2 for a in range(2))
-        out_hw = (h, w)
-        in_hw = tuple(_transposed_in_size(sz, *args) for sz, args in zip((h, w), zip(k, s, p, op, d)))
+        win_s, win_p = (1,) * dims, tuple((k[a] - 1) * d[a] // 2 for a in range(dims))
+        out_size = size
+        in_size = tuple(_transposed_in_size(size[a], k[a], s[a], p[a], op[a], d[a]) for a in range(dims))
     else:
         win_s, win_p = s, p
-        out_hw = _conv_out_hw((h, w), k, s, p, d, name="the guide")
-        in_hw = (h, w)
+        out_size = _conv_out_size(size, k, s, p, d, name="the guide")
+        in_size = size
     guide_padded = _pad(guide, win_p, "zeros" if transposed else padding_mode)
     if smooth_kernel is not None:
-        centre = _smoothed_centre(guide_padded, smooth_kernel.to(guide.dtype), k, win_s, d, out_hw)
+        centre = _smoothed_centre(guide_padded, smooth_kernel.to(guide.dtype), k, win_s, d, out_size)
     else:
-        centre = guide_padded[:, :, _strided(k[0] // 2 * d[0], out_hw[0], win_s[0]),
-                              _strided(k[1] // 2 * d[1], out_hw[1], win_s[1])]
-    return _GuideGeometry(guide_padded, centre, out_hw, in_hw)
+        centre = guide_padded[(slice(None), slice(None),
+                               *(_strided(k[a] // 2 * d[a], out_size[a], win_s[a]) for a in range(dims)))]
+    return _GuideGeometry(guide_padded, centre, out_size, in_size)
 
 
 def _kernel_params(kernel_type: str, inv_alpha, inv_lambda, dtype):
@@ -1136,9 +1227,43 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
         >>> K.shape
         torch.Size([2, 1, 5, 5, 16, 16])
     """
-    _check_4d("input", input)
-    impl = _resolve_impl(impl, native_impl)
-    k, s, p, op, d = (_pair(v) for v in (kernel_size, stride, padding, output_padding, dilation))
+    return _packernel(2, input, mask, kernel_size, stride, padding, output_padding, dilation, kernel_type,
+                      smooth_kernel_type, smooth_kernel, inv_alpha, inv_lambda, channel_wise, normalize_kernel,
+                      transposed, padding_mode, _resolve_impl(impl, native_impl))
+
+
+def packernel3d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel_size: IntTriple = 0,
+                stride: IntTriple = 1, padding: IntTriple = 0, output_padding: IntTriple = 0,
+                dilation: IntTriple = 1, kernel_type: str = "gaussian", smooth_kernel_type: str = "none",
+                smooth_kernel: Optional[torch.Tensor] = None, inv_alpha: Optional[torch.Tensor] = None,
+                inv_lambda: Optional[torch.Tensor] = None, channel_wise: bool = False,
+                normalize_kernel: bool = False, transposed: bool = False, padding_mode: str = "zeros",
+                impl: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Compute the adaptive kernel ``K`` of a 3-D PAC layer from its guide ``(B, C, D, H, W)``.
+
+    The 3-D form of :func:`packernel2d` (same arguments; ``smooth_kernel`` is ``(1, 1, s, s, s)``, ``mask``
+    ``(B, 1, D, H, W)``).
+
+    Returns:
+        ``(K, output_mask)``: ``K`` of shape ``(B, 1 or C, kd, kh, kw, D', H', W')``; ``output_mask``
+        ``(B, 1 or C, D', H', W')`` only when ``mask`` is given.
+
+    Example:
+        >>> K, _ = packernel3d(torch.rand(1, 3, 8, 16, 16), kernel_size=3, padding=1)
+        >>> K.shape
+        torch.Size([1, 1, 3, 3, 3, 8, 16, 16])
+    """
+    return _packernel(3, input, mask, kernel_size, stride, padding, output_padding, dilation, kernel_type,
+                      smooth_kernel_type, smooth_kernel, inv_alpha, inv_lambda, channel_wise, normalize_kernel,
+                      transposed, padding_mode, _resolve_impl(impl))
+
+
+def _packernel(dims: int, input, mask, kernel_size, stride, padding, output_padding, dilation, kernel_type,
+               smooth_kernel_type, smooth_kernel, inv_alpha, inv_lambda, channel_wise, normalize, transposed,
+               padding_mode, impl):
+    """:func:`packernel2d` and :func:`packernel3d`."""
+    _check_dims("input", input, dims)
+    k, s, p, op, d = (_ntuple(dims)(v) for v in (kernel_size, stride, padding, output_padding, dilation))
     if any(v <= 0 or v % 2 == 0 for v in k):
         raise ValueError(f"kernel_size only accept odd numbers, got {k}")
     kind, _, _, asym, _ = _parse_kernel_type(kernel_type)
@@ -1147,20 +1272,19 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
         raise ValueError(f"smooth_kernel must be given when smooth_kernel_type is {smooth_kernel_type!r}")
     if kind == "inv" and (inv_alpha is None or inv_lambda is None):
         raise ValueError(f"inv_alpha and inv_lambda must be given for kernel_type {kernel_type!r}")
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    _check_padding_mode(padding_mode)
 
     with torch.autocast(input.device.type, enabled=False):
         geo = _guide_geometry(input, k, s, p, op, d, transposed, padding_mode,
                               smooth_kernel if smooth_kind != "none" else None)
         if mask is not None:
-            _check_mask(mask, input.shape[0], geo.in_hw)
+            _check_mask(mask, input.shape[0], geo.in_size)
         alpha, lam = _kernel_params(kernel_type, inv_alpha, inv_lambda, geo.guide.dtype)
         if _backend(_without_triton(impl), input.device) == "unfold":
-            return _native_kernel(geo, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize_kernel,
+            return _native_kernel(geo, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize,
                                   transposed, padding_mode)
-        geometry, options = _encode(k, s, p, op, d, geo.out_hw, transposed, 1, kernel_type, channel_wise,
-                                    normalize_kernel, padding_mode, kernel_given=False)
+        geometry, options = _encode(k, s, p, op, d, geo.out_size, transposed, 1, kernel_type, channel_wise,
+                                    normalize, padding_mode, kernel_given=False)
         kernel, flags = _kernel(geo.guide, geo.centre, mask, alpha, lam, geometry, options)
     return kernel, (flags if mask is not None else None)
 
@@ -1168,7 +1292,8 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None, kernel
 def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize,
                    transposed, padding_mode):
     """The 'unfold' implementation of :func:`packernel2d`: plain autograd through ``unfold``."""
-    win_s = (1, 1) if transposed else s
+    dims = len(k)
+    win_s = (1,) * dims if transposed else s
     dist = _native_distance(geo.guide, geo.centre, k, win_s, d, asym, channel_wise)
     if kind == "gaussian":
         kernel = torch.exp(-0.5 * dist)
@@ -1184,41 +1309,43 @@ def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha,
             return nd2col(m, k, s, p, op, d, transposed=transposed)
         return nd2col(_pad(m, p, padding_mode), k, s, 0, 0, d)
 
-    pattern = taps_of(geo.guide.new_ones(1, 1, *geo.in_hw))
+    taps = _tap_dims(kernel)
+    pattern = taps_of(geo.guide.new_ones(1, 1, *geo.in_size))
     if mask is not None:
         mask_cols = taps_of(mask.to(geo.guide.dtype))
         kernel = kernel * mask_cols
         if not normalize:
             # Windows without any real pixel have mask_cols == 0 everywhere: avoid 0 / 0.
-            norm = mask_cols.sum((2, 3), keepdim=True) / pattern.sum((2, 3), keepdim=True).clamp(min=1)
+            norm = mask_cols.sum(taps, keepdim=True) / pattern.sum(taps, keepdim=True).clamp(min=1)
     else:
         kernel = kernel * pattern
     if normalize:
-        norm = kernel.sum((2, 3), keepdim=True)
+        norm = kernel.sum(taps, keepdim=True)
     empty = norm == 0
     kernel = kernel / (norm + empty.to(norm.dtype))
-    output_mask = None if mask is None else (~empty).to(geo.guide.dtype).flatten(1, 3)
+    output_mask = None if mask is None else (~empty).to(geo.guide.dtype).flatten(1, 1 + dims)
     return kernel, output_mask
 
 
-def _check_mask(mask: torch.Tensor, batch: int, in_hw: Tuple[int, int]) -> None:
-    _check_4d("mask", mask)
-    if mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != tuple(in_hw):
-        raise ValueError(f"mask must have shape ({batch} or 1, 1, {in_hw[0]}, {in_hw[1]}) (the layer's input "
-                         f"size), got {tuple(mask.shape)}")
+def _check_mask(mask: torch.Tensor, batch: int, in_size: Tuple[int, ...]) -> None:
+    _check_dims("mask", mask, len(in_size))
+    if mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != tuple(in_size):
+        raise ValueError(f"mask must have shape ({batch} or 1, 1, {', '.join(map(str, in_size))}) (the layer's "
+                         f"input size), got {tuple(mask.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Functional convolution and pooling with a precomputed kernel
 # ----------------------------------------------------------------------------------------------
 
-def _check_kernel(kernel: torch.Tensor, batch: int, channels: int, k, out_hw) -> None:
+def _check_kernel(kernel: torch.Tensor, batch: int, channels: int, k, out_size) -> None:
     if not isinstance(kernel, torch.Tensor):
         raise TypeError(f"kernel must be a torch.Tensor, got {type(kernel).__name__}")
-    if (kernel.dim() != 6 or kernel.shape[0] != batch or kernel.shape[1] not in (1, channels)
-            or tuple(kernel.shape[2:4]) != tuple(k) or tuple(kernel.shape[4:]) != tuple(out_hw)):
+    dims = len(k)
+    if (kernel.dim() != 2 + 2 * dims or kernel.shape[0] != batch or kernel.shape[1] not in (1, channels)
+            or tuple(kernel.shape[2:2 + dims]) != tuple(k) or tuple(kernel.shape[2 + dims:]) != tuple(out_size)):
         expected = f"({batch}, 1{' or ' + str(channels) if channels != 1 else ''}, " \
-                   f"{k[0]}, {k[1]}, {out_hw[0]}, {out_hw[1]})"
+                   f"{', '.join(map(str, (*k, *out_size)))})"
         raise ValueError(f"kernel must have shape {expected} (batch, channels, kernel_size, output size), "
                          f"got {tuple(kernel.shape)}")
 
@@ -1244,26 +1371,26 @@ def _check_padding_mode(padding_mode: str) -> None:
 class _Layer(NamedTuple):
     """What a PAC layer call needs besides its tensors: the geometry of a stride-``s`` convolution over the
     input padded by ``p`` (``transposed``: of the transposed convolution) and its filter arrangement."""
-    k: Tuple[int, int]
-    s: Tuple[int, int]
-    p: Tuple[int, int]
-    op: Tuple[int, int]
-    d: Tuple[int, int]
+    k: Tuple[int, ...]
+    s: Tuple[int, ...]
+    p: Tuple[int, ...]
+    op: Tuple[int, ...]
+    d: Tuple[int, ...]
     transposed: bool
     groups: int
     padding_mode: str
 
-    def out_hw(self, in_hw) -> Tuple[int, int]:
+    def out_size(self, in_size) -> Tuple[int, ...]:
         if self.transposed:
-            return _transposed_out_hw(in_hw, self.k, self.s, self.p, self.op, self.d)
-        return _conv_out_hw(in_hw, self.k, self.s, self.p, self.d)
+            return _transposed_out_size(in_size, self.k, self.s, self.p, self.op, self.d)
+        return _conv_out_size(in_size, self.k, self.s, self.p, self.d)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the taps read it: padded by the layer (a transposed layer's op pads itself)."""
         return x if self.transposed else _pad(x, self.p, self.padding_mode)
 
     def unfolded(self, x: torch.Tensor) -> torch.Tensor:
-        """The windows ``(B, C, kh, kw, H', W')`` of the padded input, for the 'unfold' path."""
+        """The windows ``(B, C, *k, *out)`` of the padded input, for the 'unfold' path."""
         if self.transposed:
             return nd2col(x, self.k, self.s, self.p, self.op, self.d, transposed=True)
         return nd2col(x, self.k, self.s, 0, 0, self.d)
@@ -1271,37 +1398,73 @@ class _Layer(NamedTuple):
 
 def _filter_with_kernel(layer: _Layer, x, kernel, weight, bias, impl: str) -> torch.Tensor:
     """Filter ``x`` with a precomputed kernel on the chosen backend, under autocast's dtype when active."""
+    _check_kernel(kernel, x.shape[0], x.shape[1], layer.k, layer.out_size(x.shape[2:]))
     x, kernel, weight, bias = _cast_all(_autocast_dtype(x.device.type), x, kernel, weight, bias)
     kernel = kernel.to(x.dtype)
     x = layer.padded(x)
     if _backend(_without_triton(impl), x.device) == "unfold":
         with torch.autocast(x.device.type, enabled=False):
             return _native_taps(layer.unfolded(x), kernel, weight, bias, layer.groups)
-    geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, tuple(kernel.shape[-2:]),
+    dims = len(layer.k)
+    geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, tuple(kernel.shape[-dims:]),
                                 layer.transposed, layer.groups, "gaussian", False, False, layer.padding_mode,
                                 kernel_given=True)
     out, _ = _filter(x, weight, kernel, None, None, None, None, None, geometry, options)
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
+    return out if bias is None else out + bias.view(1, -1, *([1] * dims))
 
 
-def _conv_weight(weight, shared_filters: bool, groups: int, channels: int, transposed: bool):
-    """Check ``weight`` and return it in convolution layout ``(O, C / groups, kh, kw)`` with its groups."""
+def _conv_weight(weight, shared_filters: bool, groups: int, channels: int, transposed: bool, dims: int = 2):
+    """Check ``weight`` and return it in convolution layout ``(O, C / groups, *k)`` with its groups."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be 4-D, got shape {tuple(weight.shape)}")
-    k = tuple(weight.shape[-2:])
+    if weight.dim() != 2 + dims:
+        raise ValueError(f"weight must be {2 + dims}-D, got shape {tuple(weight.shape)}")
+    k = tuple(weight.shape[2:])
+    taps = "kd, kh, kw" if dims == 3 else "kh, kw"
     if shared_filters:
         _check_weight(weight, (1, 1) + k, "shared filters")
         return weight.expand(channels, 1, *k), channels
     if transposed:
-        _check_weight(weight, (channels, weight.shape[1]) + k, "in_channels, out_channels, kh, kw")
+        _check_weight(weight, (channels, weight.shape[1]) + k, f"in_channels, out_channels, {taps}")
         return weight.transpose(0, 1), 1
     if not isinstance(groups, int) or groups <= 0 or channels % groups or weight.shape[0] % groups:
         raise ValueError(f"groups must be a positive integer dividing the input channels ({channels}) and the output "
                          f"channels ({weight.shape[0]}), got {groups}")
-    _check_weight(weight, (weight.shape[0], channels // groups) + k, "out_channels, in_channels / groups, kh, kw")
+    _check_weight(weight, (weight.shape[0], channels // groups) + k, f"out_channels, in_channels / groups, {taps}")
     return weight, groups
+
+
+def _pacconv(dims: int, input, kernel, weight, bias, stride, padding, dilation, shared_filters, groups, padding_mode,
+             impl) -> torch.Tensor:
+    """:func:`pacconv2d` and :func:`pacconv3d`."""
+    _check_dims("input", input, dims)
+    _check_padding_mode(padding_mode)
+    weight, groups = _conv_weight(weight, shared_filters, groups, input.shape[1], False, dims)
+    _check_bias(bias, weight.shape[0])
+    tup = _ntuple(dims)
+    layer = _Layer(tuple(weight.shape[2:]), tup(stride), tup(padding), (0,) * dims, tup(dilation), False, groups,
+                   padding_mode)
+    return _filter_with_kernel(layer, input, kernel, weight, bias, impl)
+
+
+def _pacconv_transpose(dims: int, input, kernel, weight, bias, stride, padding, output_padding, dilation,
+                       shared_filters, impl) -> torch.Tensor:
+    """:func:`pacconv_transpose2d` and :func:`pacconv_transpose3d`."""
+    _check_dims("input", input, dims)
+    weight, groups = _conv_weight(weight, shared_filters, 1, input.shape[1], True, dims)
+    _check_bias(bias, weight.shape[0])
+    tup = _ntuple(dims)
+    layer = _Layer(tuple(weight.shape[2:]), tup(stride), tup(padding), tup(output_padding), tup(dilation), True,
+                   groups, "zeros")
+    return _filter_with_kernel(layer, input, kernel, weight, bias, impl)
+
+
+def _pacpool(dims: int, input, kernel, kernel_size, stride, padding, dilation, impl) -> torch.Tensor:
+    """:func:`pacpool2d` and :func:`pacpool3d`."""
+    _check_dims("input", input, dims)
+    tup = _ntuple(dims)
+    layer = _Layer(tup(kernel_size), tup(stride), tup(padding), (0,) * dims, tup(dilation), False, 1, "zeros")
+    return _filter_with_kernel(layer, input, kernel, None, None, impl)
 
 
 def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
@@ -1333,15 +1496,8 @@ def pacconv2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
         >>> pacconv2d(x, K, torch.rand(8, 4, 3, 3), padding=1).shape
         torch.Size([1, 8, 16, 16])
     """
-    _check_4d("input", input)
-    _check_padding_mode(padding_mode)
-    impl = _resolve_impl(impl, native_impl)
-    weight, groups = _conv_weight(weight, shared_filters, groups, input.shape[1], transposed=False)
-    _check_bias(bias, weight.shape[0])
-    layer = _Layer(tuple(weight.shape[-2:]), _pair(stride), _pair(padding), (0, 0), _pair(dilation), False, groups,
-                   padding_mode)
-    _check_kernel(kernel, input.shape[0], input.shape[1], layer.k, layer.out_hw(input.shape[2:]))
-    return _filter_with_kernel(layer, input, kernel, weight, bias, impl)
+    return _pacconv(2, input, kernel, weight, bias, stride, padding, dilation, shared_filters, groups, padding_mode,
+                    _resolve_impl(impl, native_impl))
 
 
 def pacconv_transpose2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
@@ -1373,14 +1529,8 @@ def pacconv_transpose2d(input: torch.Tensor, kernel: torch.Tensor, weight: torch
         >>> pacconv_transpose2d(x, K, torch.rand(4, 2, 5, 5), stride=2, padding=2, output_padding=1).shape
         torch.Size([1, 2, 16, 16])
     """
-    _check_4d("input", input)
-    impl = _resolve_impl(impl, native_impl)
-    weight, groups = _conv_weight(weight, shared_filters, 1, input.shape[1], transposed=True)
-    _check_bias(bias, weight.shape[0])
-    layer = _Layer(tuple(weight.shape[-2:]), _pair(stride), _pair(padding), _pair(output_padding), _pair(dilation),
-                   True, groups, "zeros")
-    _check_kernel(kernel, input.shape[0], input.shape[1], layer.k, layer.out_hw(input.shape[2:]))
-    return _filter_with_kernel(layer, input, kernel, weight, bias, impl)
+    return _pacconv_transpose(2, input, kernel, weight, bias, stride, padding, output_padding, dilation,
+                              shared_filters, _resolve_impl(impl, native_impl))
 
 
 def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1,
@@ -1401,11 +1551,65 @@ def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, s
         >>> pacpool2d(x, K, 3, stride=2, padding=1).shape
         torch.Size([1, 4, 8, 8])
     """
-    _check_4d("input", input)
-    impl = _resolve_impl(impl, native_impl)
-    layer = _Layer(_pair(kernel_size), _pair(stride), _pair(padding), (0, 0), _pair(dilation), False, 1, "zeros")
-    _check_kernel(kernel, input.shape[0], input.shape[1], layer.k, layer.out_hw(input.shape[2:]))
-    return _filter_with_kernel(layer, input, kernel, None, None, impl)
+    return _pacpool(2, input, kernel, kernel_size, stride, padding, dilation, _resolve_impl(impl, native_impl))
+
+
+def pacconv3d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor] = None, stride: IntTriple = 1, padding: IntTriple = 0,
+              dilation: IntTriple = 1, shared_filters: bool = False, groups: int = 1, padding_mode: str = "zeros",
+              impl: str = "auto") -> torch.Tensor:
+    """3-D pixel-adaptive convolution with a given adaptive kernel: :func:`pacconv2d` over ``(D, H, W)``.
+
+    Args:
+        input: ``(B, C, D, H, W)``.
+        kernel: ``(B, 1 or C, kd, kh, kw, D', H', W')`` (see :func:`packernel3d`).
+        weight: ``(O, C / groups, kd, kh, kw)``, or ``(1, 1, kd, kh, kw)`` with ``shared_filters``.
+        bias, stride, padding, dilation, groups, padding_mode, impl: as in :func:`pacconv2d`.
+
+    Shape:
+        Output ``(B, O, D', H', W')`` with ``D' = (D + 2p - d(kd - 1) - 1) // s + 1`` (and so on).
+
+    Example:
+        >>> x, guide = torch.rand(1, 4, 8, 16, 16), torch.rand(1, 3, 8, 16, 16)
+        >>> K, _ = packernel3d(guide, kernel_size=3, padding=1)
+        >>> pacconv3d(x, K, torch.rand(8, 4, 3, 3, 3), padding=1).shape
+        torch.Size([1, 8, 8, 16, 16])
+    """
+    return _pacconv(3, input, kernel, weight, bias, stride, padding, dilation, shared_filters, groups, padding_mode,
+                    _resolve_impl(impl))
+
+
+def pacconv_transpose3d(input: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, stride: IntTriple = 1, padding: IntTriple = 0,
+                        output_padding: IntTriple = 0, dilation: IntTriple = 1, shared_filters: bool = False,
+                        impl: str = "auto") -> torch.Tensor:
+    """3-D pixel-adaptive transposed convolution with a given adaptive kernel: :func:`pacconv_transpose2d`
+    over ``(D, H, W)`` (the weight ``(C_in, C_out, kd, kh, kw)`` is likewise not spatially flipped).
+
+    Shape:
+        Output ``(B, C_out, D', H', W')`` with ``D' = (D - 1)s - 2p + d(kd - 1) + 1 + output_padding``.
+
+    Example:
+        >>> x, guide = torch.rand(1, 4, 4, 8, 8), torch.rand(1, 3, 8, 16, 16)
+        >>> K, _ = packernel3d(guide, kernel_size=3, stride=2, padding=1, output_padding=1, transposed=True)
+        >>> pacconv_transpose3d(x, K, torch.rand(4, 2, 3, 3, 3), stride=2, padding=1, output_padding=1).shape
+        torch.Size([1, 2, 8, 16, 16])
+    """
+    return _pacconv_transpose(3, input, kernel, weight, bias, stride, padding, output_padding, dilation,
+                              shared_filters, _resolve_impl(impl))
+
+
+def pacpool3d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntTriple, stride: IntTriple = 1,
+              padding: IntTriple = 0, dilation: IntTriple = 1, impl: str = "auto") -> torch.Tensor:
+    """3-D pixel-adaptive pooling (a weighted sum of every window): :func:`pacpool2d` over ``(D, H, W)``.
+
+    Example:
+        >>> x, guide = torch.rand(1, 4, 8, 16, 16), torch.rand(1, 3, 8, 16, 16)
+        >>> K, _ = packernel3d(guide, kernel_size=3, stride=2, padding=1, normalize_kernel=True)
+        >>> pacpool3d(x, K, 3, stride=2, padding=1).shape
+        torch.Size([1, 4, 4, 8, 8])
+    """
+    return _pacpool(3, input, kernel, kernel_size, stride, padding, dilation, _resolve_impl(impl))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1413,7 +1617,7 @@ def pacpool2d(input: torch.Tensor, kernel: torch.Tensor, kernel_size: IntPair, s
 # ----------------------------------------------------------------------------------------------
 
 def _fill_uniform(weight, bias, in_channels: int, groups: int, shared_filters: bool) -> None:
-    bound = 1.0 / math.sqrt(in_channels // groups * weight.shape[2] * weight.shape[3])
+    bound = 1.0 / math.sqrt(in_channels // groups * math.prod(weight.shape[2:]))
     if shared_filters:  # kept from the 2019 code: the bound grows with the channel count
         bound *= in_channels
     weight.uniform_(-bound, bound)
@@ -1422,7 +1626,7 @@ def _fill_uniform(weight, bias, in_channels: int, groups: int, shared_filters: b
 
 
 def _fill_linear(weight, bias, stride, normalize_kernel: bool, channels: int) -> None:
-    """A bilinear upsampler: the outer product of two triangles, on the diagonal of the channels."""
+    """A bilinear (trilinear) upsampler: the outer product of triangles, on the diagonal of the channels."""
     profiles = []
     for k, s in zip(weight.shape[2:], stride):
         q = (k - (2 * s - 1)) // 2
@@ -1430,24 +1634,27 @@ def _fill_linear(weight, bias, stride, normalize_kernel: bool, channels: int) ->
         if normalize_kernel:
             prof *= np.array([(k - j - 1) // s + j // s + 1 for j in range(k)])
         profiles.append(prof)
-    w2d = torch.from_numpy(np.outer(*profiles)).to(weight)
+    taps = torch.from_numpy(functools.reduce(np.multiply.outer, profiles)).to(weight)
     weight.zero_()
     for ch in range(channels):
-        weight[ch, ch] = w2d
+        weight[ch, ch] = taps
     if bias is not None:
         bias.zero_()
 
 
 def _fill_crf(weight, bias, shared_filters: bool, perturbed: bool) -> None:
     """A spatial Gaussian without its centre, times a Potts compatibility ``1 - I`` unless shared."""
-    k = weight.shape[-1]
-    g = torch.from_numpy(np_gaussian_2d(k) * k * k).to(weight)
-    g[k // 2, k // 2] = 0
+    k, dims = weight.shape[-1], weight.dim() - 2
+    g = _np_gaussian(k, dims)
+    for _ in range(dims):  # scaled by k per axis, in the 2019 order of float32 products
+        g = g * k
+    g = torch.from_numpy(g).to(weight)
+    g[(k // 2,) * dims] = 0
     if shared_filters:
-        weight.copy_(g.view(1, 1, k, k))
+        weight.copy_(g.view(1, 1, *g.shape))
     else:
         compat = 1 - torch.eye(weight.shape[0], dtype=g.dtype, device=g.device)
-        weight.copy_(compat.view(*compat.shape, 1, 1) * g)
+        weight.copy_(compat.view(*compat.shape, *([1] * dims)) * g)
     if perturbed:
         weight.add_(torch.empty_like(weight).uniform_(-0.0005, 0.0005))
     if bias is not None:
@@ -1465,14 +1672,17 @@ class _PacKernelLayer(nn.Module):
     """The adaptive-kernel part shared by every PAC layer: window geometry, kernel type, smoothing,
     normalisation, padding and backend; the learnable kernel parameters; :meth:`compute_kernel`."""
 
+    _dims = 2  # spatial dimensions (the 3-D layers set 3)
+
     def __init__(self, *, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair,
                  padding: IntPair, dilation: IntPair, output_padding: IntPair, transposed: bool, pool_only: bool,
                  kernel_type: str, smooth_kernel_type: str, channel_wise: bool, normalize_kernel: bool,
                  shared_filters: bool, filler: str, groups: int, padding_mode: str, impl: str, native_impl: bool):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
+        tup = _ntuple(self._dims)
         self.kernel_size, self.stride, self.padding, self.dilation, self.output_padding = (
-            _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), _pair(output_padding))
+            tup(kernel_size), tup(stride), tup(padding), tup(dilation), tup(output_padding))
         self.transposed, self.pool_only = transposed, pool_only
         self.kernel_type, self.smooth_kernel_type = kernel_type, smooth_kernel_type
         self.channel_wise, self.normalize_kernel = channel_wise, normalize_kernel
@@ -1497,9 +1707,9 @@ class _PacKernelLayer(nn.Module):
         _parse_kernel_type(self.kernel_type)
         if any(v < 1 for v in self.stride + d):
             raise ValueError(f"stride and dilation must be positive, got stride={self.stride}, dilation={d}")
-        if any(p[a] < 0 or p[a] > d[a] * (k[a] - 1) // 2 for a in range(2)):
+        if any(p[a] < 0 or p[a] > d[a] * (k[a] - 1) // 2 for a in range(self._dims)):
             raise ValueError(f"padding must be between 0 and dilation * (kernel_size - 1) / 2 = "
-                             f"{tuple(d[a] * (k[a] - 1) // 2 for a in range(2))}, got {p}")
+                             f"{tuple(d[a] * (k[a] - 1) // 2 for a in range(self._dims))}, got {p}")
         if any(v < 0 for v in self.output_padding):
             raise ValueError(f"output_padding must be non-negative, got {self.output_padding}")
         if self.channel_wise and self.kernel_type.startswith("inv") and "fixed" not in self.kernel_type \
@@ -1521,13 +1731,16 @@ class _PacKernelLayer(nn.Module):
                 self.inv_alpha = nn.Parameter(torch.full(shape, alpha))
                 self.inv_lambda = nn.Parameter(torch.full(shape, lam))
         smooth_kind, width = _parse_smooth_kernel_type(self.smooth_kernel_type)
-        if smooth_kind == "gaussian":
-            g = torch.tensor([0.25, 0.5, 0.25])
-            self.register_buffer("smooth_kernel", torch.outer(g, g).view(1, 1, 3, 3))
+        shape = (1, 1) + (width,) * self._dims
+        if smooth_kind == "gaussian":  # the outer product of [1/4, 1/2, 1/4] over every axis
+            g = taps = torch.tensor([0.25, 0.5, 0.25])
+            for _ in range(self._dims - 1):
+                taps = taps[..., None] * g
+            self.register_buffer("smooth_kernel", taps.view(shape))
         elif smooth_kind == "average":
-            self.register_buffer("smooth_kernel", torch.full((1, 1, width, width), 1.0 / width ** 2))
+            self.register_buffer("smooth_kernel", torch.full(shape, 1.0 / width ** self._dims))
         elif smooth_kind == "full":
-            self.smooth_kernel = nn.Parameter(torch.full((1, 1, width, width), 1.0 / width ** 2))
+            self.smooth_kernel = nn.Parameter(torch.full(shape, 1.0 / width ** self._dims))
 
     def reset_parameters(self) -> None:
         """Re-initialise the learnable kernel parameters."""
@@ -1540,15 +1753,12 @@ class _PacKernelLayer(nn.Module):
 
     def compute_kernel(self, input_for_kernel: torch.Tensor, input_mask: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The adaptive kernel of this layer for a guide (see :func:`packernel2d`)."""
-        return packernel2d(input_for_kernel, input_mask, kernel_size=self.kernel_size, stride=self.stride,
-                           padding=self.padding, output_padding=self.output_padding, dilation=self.dilation,
-                           kernel_type=self.kernel_type, smooth_kernel_type=self.smooth_kernel_type,
-                           smooth_kernel=getattr(self, "smooth_kernel", None),
-                           inv_alpha=getattr(self, "inv_alpha", None), inv_lambda=getattr(self, "inv_lambda", None),
-                           channel_wise=self.channel_wise, normalize_kernel=self.normalize_kernel,
-                           transposed=self.transposed, padding_mode=self.padding_mode,
-                           impl=self.impl)
+        """The adaptive kernel of this layer for a guide (see :func:`packernel2d` and :func:`packernel3d`)."""
+        return _packernel(self._dims, input_for_kernel, input_mask, self.kernel_size, self.stride, self.padding,
+                          self.output_padding, self.dilation, self.kernel_type, self.smooth_kernel_type,
+                          getattr(self, "smooth_kernel", None), getattr(self, "inv_alpha", None),
+                          getattr(self, "inv_lambda", None), self.channel_wise, self.normalize_kernel, self.transposed,
+                          self.padding_mode, self.impl)
 
     def _layer(self, groups: int) -> _Layer:
         return _Layer(self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation, self.transposed,
@@ -1558,12 +1768,12 @@ class _PacKernelLayer(nn.Module):
         """The guide must match the input's batch and the input size (the output size when transposed)."""
         if guide is None:
             raise ValueError("input_for_kernel (the guide) is required when no precomputed kernel is given")
-        _check_4d("input_for_kernel", guide)
-        guide_hw = self._layer(1).out_hw(input.shape[2:]) if self.transposed else tuple(input.shape[2:])
-        if tuple(guide.shape[2:]) != tuple(guide_hw) or guide.shape[0] != input.shape[0]:
+        _check_dims("input_for_kernel", guide, self._dims)
+        size = self._layer(1).out_size(input.shape[2:]) if self.transposed else tuple(input.shape[2:])
+        if tuple(guide.shape[2:]) != tuple(size) or guide.shape[0] != input.shape[0]:
             where = "output" if self.transposed else "input"
             raise ValueError(f"input_for_kernel must match the layer's {where} batch and size "
-                             f"({input.shape[0]}, *, {guide_hw[0]}, {guide_hw[1]}), got {tuple(guide.shape)}")
+                             f"({input.shape[0]}, *, {', '.join(map(str, size))}), got {tuple(guide.shape)}")
         return guide
 
     def _filter(self, input: torch.Tensor, guide: Optional[torch.Tensor], kernel: Optional[torch.Tensor],
@@ -1594,19 +1804,19 @@ class _PacKernelLayer(nn.Module):
             alpha, lam = _kernel_params(self.kernel_type, getattr(self, "inv_alpha", None),
                                         getattr(self, "inv_lambda", None), geo.guide.dtype)
         if mask is not None:
-            _check_mask(mask, input.shape[0], geo.in_hw)
+            _check_mask(mask, input.shape[0], geo.in_size)
         x, weight, bias = _cast_all(_autocast_dtype(input.device.type), input, weight, bias)
-        geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, geo.out_hw, layer.transposed,
+        geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, geo.out_size, layer.transposed,
                                     groups, self.kernel_type, self.channel_wise, self.normalize_kernel,
                                     layer.padding_mode, kernel_given=False)
         out, flags = _filter(layer.padded(x), weight, None, geo.guide, geo.centre, mask, alpha, lam,
                                           geometry, options)
         if bias is not None:
-            out = out + bias.view(1, -1, 1, 1)
+            out = out + bias.view(1, -1, *([1] * self._dims))
         return out, (flags if mask is not None else None)
 
     def _triton_supports(self, triton, input, guide, mask) -> bool:
-        return triton.supports("pool" if self.pool_only else "conv_transpose" if self.transposed else "conv",
+        return self._dims == 2 and triton.supports("pool" if self.pool_only else "conv_transpose" if self.transposed else "conv",
                                input, guide, kernel_type=self.kernel_type, smooth_kernel_type=self.smooth_kernel_type,
                                normalize_kernel=self.normalize_kernel, channel_wise=self.channel_wise,
                                shared_filters=self.shared_filters, groups=self.groups, padding_mode=self.padding_mode,
@@ -1617,13 +1827,14 @@ class _PacKernelLayer(nn.Module):
         s = "kernel_size={kernel_size}, kernel_type={kernel_type}"
         if not self.pool_only:
             s = "{in_channels}, {out_channels}, " + s
-        if self.stride != (1, 1):
+        ones, zeros = (1,) * self._dims, (0,) * self._dims
+        if self.stride != ones:
             s += ", stride={stride}"
-        if self.padding != (0, 0):
+        if self.padding != zeros:
             s += ", padding={padding}"
-        if self.dilation != (1, 1):
+        if self.dilation != ones:
             s += ", dilation={dilation}"
-        if self.output_padding != (0, 0):
+        if self.output_padding != zeros:
             s += ", output_padding={output_padding}"
         if not self.pool_only and self.bias is None:
             s += ", bias=False"
@@ -1645,24 +1856,24 @@ class _PacKernelLayer(nn.Module):
 
 
 class _PacConvLayer(_PacKernelLayer):
-    """The convolution part of :class:`PacConv2d` and :class:`PacConvTranspose2d`: weight, bias, fillers."""
+    """The convolution part of the PAC convolutions and transposed convolutions: weight, bias, fillers."""
 
     def __init__(self, *, in_channels: int, out_channels: int, bias: bool, shared_filters: bool, filler: str,
                  groups: int = 1, **kernel_options):
         super().__init__(in_channels=in_channels, out_channels=out_channels, pool_only=False, channel_wise=False,
                          shared_filters=shared_filters, filler=filler, groups=groups, **kernel_options)
         self._validate_conv_options()
-        kh, kw = self.kernel_size
+        k = self.kernel_size
         if filler in ("pool", "crf_pool"):
-            self.register_buffer("weight", torch.ones(1, 1, kh, kw))
+            self.register_buffer("weight", torch.ones(1, 1, *k))
             if filler == "crf_pool":
-                self.weight[0, 0, kh // 2, kw // 2] = 0
+                self.weight[(0, 0, *(v // 2 for v in k))] = 0
         elif shared_filters:
-            self.weight = nn.Parameter(torch.empty(1, 1, kh, kw))
+            self.weight = nn.Parameter(torch.empty(1, 1, *k))
         elif self.transposed:
-            self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kh, kw))
+            self.weight = nn.Parameter(torch.empty(in_channels, out_channels, *k))
         else:
-            self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
+            self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self._register_kernel_parameters()
         self.reset_parameters()
@@ -1682,11 +1893,11 @@ class _PacConvLayer(_PacKernelLayer):
             raise ValueError(f"filler={self.filler!r} needs shared_filters=True")
         k, s = self.kernel_size, self.stride
         if self.filler == "linear" and (not self.transposed or self.in_channels != self.out_channels
-                                        or any(k[a] < 2 * s[a] - 1 for a in range(2))):
+                                        or any(k[a] < 2 * s[a] - 1 for a in range(self._dims))):
             raise ValueError("filler='linear' needs a transposed layer with in_channels == out_channels and "
                              f"kernel_size >= 2 * stride - 1, got transposed={self.transposed}, channels "
                              f"{self.in_channels}->{self.out_channels}, kernel_size={k}, stride={s}")
-        if self.filler in ("crf", "crf_perturbed") and (k[0] != k[1] or self.in_channels != self.out_channels):
+        if self.filler in ("crf", "crf_perturbed") and (len(set(k)) != 1 or self.in_channels != self.out_channels):
             raise ValueError(f"filler={self.filler!r} needs a square kernel and in_channels == out_channels, got "
                              f"kernel_size={k}, channels {self.in_channels}->{self.out_channels}")
 
@@ -1702,10 +1913,23 @@ class _PacConvLayer(_PacKernelLayer):
                 _fill_crf(self.weight, self.bias, self.shared_filters, self.filler == "crf_perturbed")
         super().reset_parameters()
 
-    def _check_input(self, input: torch.Tensor) -> None:
-        _check_4d("input_2d", input)
+    def _conv_forward(self, input: torch.Tensor, guide: Optional[torch.Tensor], kernel: Optional[torch.Tensor],
+                      mask: Optional[torch.Tensor]) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        name = f"input_{self._dims}d"
+        _check_dims(name, input, self._dims)
         if input.shape[1] != self.in_channels:
-            raise ValueError(f"input_2d must have in_channels={self.in_channels} channels, got {input.shape[1]}")
+            raise ValueError(f"{name} must have in_channels={self.in_channels} channels, got {input.shape[1]}")
+        weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, self.transposed,
+                                      self._dims)
+        if self.transposed:
+            def functional(k):
+                return _pacconv_transpose(self._dims, input, k, self.weight, self.bias, self.stride, self.padding,
+                                          self.output_padding, self.dilation, self.shared_filters, self.impl)
+        else:
+            def functional(k):
+                return _pacconv(self._dims, input, k, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                self.shared_filters, self.groups, self.padding_mode, self.impl)
+        return self._filter(input, guide, kernel, mask, weight, self.bias, groups, functional)
 
 
 def _with_mask(output: torch.Tensor, output_mask: Optional[torch.Tensor]):
@@ -1766,13 +1990,7 @@ class PacConv2d(_PacConvLayer):
             - output: ``(B, C_out, H', W')`` with ``H' = (H + 2p - d(kh - 1) - 1) // s + 1``; output_mask:
               ``(B, 1, H', W')``.
         """
-        self._check_input(input_2d)
-        weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, False)
-        return self._filter(
-            input_2d, input_for_kernel, kernel, mask, weight, self.bias, groups,
-            lambda k: pacconv2d(input_2d, k, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                self.shared_filters, groups=self.groups, padding_mode=self.padding_mode,
-                                impl=self.impl))
+        return self._conv_forward(input_2d, input_for_kernel, kernel, mask)
 
     def _triton_forward(self, triton, input, guide, mask):
         weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, False)
@@ -1825,20 +2043,46 @@ class PacConvTranspose2d(_PacConvLayer):
             - output: ``(B, C_out, H', W')`` with ``H' = (H - 1)s - 2p + d(kh - 1) + 1 + output_padding``;
               output_mask: ``(B, 1, H', W')``.
         """
-        self._check_input(input_2d)
-        weight, groups = _conv_weight(self.weight, self.shared_filters, 1, self.in_channels, True)
-        return self._filter(
-            input_2d, input_for_kernel, kernel, mask, weight, self.bias, groups,
-            lambda k: pacconv_transpose2d(input_2d, k, self.weight, self.bias, self.stride, self.padding,
-                                          self.output_padding, self.dilation, self.shared_filters,
-                                          impl=self.impl))
+        return self._conv_forward(input_2d, input_for_kernel, kernel, mask)
 
     def _triton_forward(self, triton, input, guide, mask):
         return triton.pac_conv_transpose2d(input, guide, self.weight, self.bias, self.stride, self.padding,
                                            self.output_padding, self.dilation, self.normalize_kernel, mask=mask)
 
 
-class PacPool2d(_PacKernelLayer):
+class _PacPoolLayer(_PacKernelLayer):
+    """The pooling layers: an adaptive kernel and no weight."""
+
+    def __init__(self, *, kernel_size, stride, padding, dilation, kernel_type: str, smooth_kernel_type: str,
+                 channel_wise: bool, normalize_kernel: bool, out_channels: int, impl: str, native_impl: bool = False):
+        super().__init__(in_channels=-1, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, output_padding=0, transposed=False, pool_only=True,
+                         kernel_type=kernel_type, smooth_kernel_type=smooth_kernel_type, channel_wise=channel_wise,
+                         normalize_kernel=normalize_kernel, shared_filters=False, filler="uniform", groups=1,
+                         padding_mode="zeros", impl=impl, native_impl=native_impl)
+        self._register_kernel_parameters()
+        self.reset_parameters()
+
+    def _pool_forward(self, input: torch.Tensor, guide: Optional[torch.Tensor], kernel: Optional[torch.Tensor],
+                      mask: Optional[torch.Tensor]) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        name = f"input_{self._dims}d"
+        _check_dims(name, input, self._dims)
+        channels = input.shape[1]
+        if self.out_channels > 0 and self.out_channels != channels:
+            raise ValueError(f"{name} must have out_channels={self.out_channels} channels, got {channels}")
+        if self.channel_wise:
+            source = kernel if kernel is not None else guide
+            if isinstance(source, torch.Tensor) and source.shape[1] != channels:
+                raise ValueError("input and kernel must have the same number of channels when channel_wise=True: "
+                                 f"input has {channels}, {'kernel' if kernel is not None else 'guide'} "
+                                 f"{source.shape[1]}")
+        return self._filter(
+            input, guide, kernel, mask, None, None, 1,
+            lambda k: _pacpool(self._dims, input, k, self.kernel_size, self.stride, self.padding, self.dilation,
+                               self.impl))
+
+
+class PacPool2d(_PacPoolLayer):
     """Pixel-adaptive pooling: a weighted sum of every window (an average with ``normalize_kernel``).
 
     Note ``stride`` defaults to 1 (not to ``kernel_size`` as in :class:`torch.nn.AvgPool2d`).
@@ -1859,13 +2103,10 @@ class PacPool2d(_PacKernelLayer):
                  kernel_type: str = "gaussian", smooth_kernel_type: str = "none", channel_wise: bool = False,
                  normalize_kernel: bool = False, out_channels: int = -1, native_impl: bool = False,
                  impl: str = "auto"):
-        super().__init__(in_channels=-1, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
-                         padding=padding, dilation=dilation, output_padding=0, transposed=False, pool_only=True,
+        super().__init__(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
                          kernel_type=kernel_type, smooth_kernel_type=smooth_kernel_type, channel_wise=channel_wise,
-                         normalize_kernel=normalize_kernel, shared_filters=False, filler="uniform", groups=1,
-                         padding_mode="zeros", impl=impl, native_impl=native_impl)
-        self._register_kernel_parameters()
-        self.reset_parameters()
+                         normalize_kernel=normalize_kernel, out_channels=out_channels, impl=impl,
+                         native_impl=native_impl)
 
     def forward(self, input_2d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
                 kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
@@ -1887,21 +2128,131 @@ class PacPool2d(_PacKernelLayer):
             - output: ``(B, C, H', W')`` with ``H' = (H + 2p - d(kh - 1) - 1) // s + 1``; output_mask:
               ``(B, 1 or C, H', W')``.
         """
-        _check_4d("input_2d", input_2d)
-        channels = input_2d.shape[1]
-        if self.out_channels > 0 and self.out_channels != channels:
-            raise ValueError(f"input_2d must have out_channels={self.out_channels} channels, got {channels}")
-        if self.channel_wise:
-            source = kernel if kernel is not None else input_for_kernel
-            if isinstance(source, torch.Tensor) and source.shape[1] != channels:
-                raise ValueError("input and kernel must have the same number of channels when channel_wise=True: "
-                                 f"input has {channels}, {'kernel' if kernel is not None else 'guide'} "
-                                 f"{source.shape[1]}")
-        return self._filter(
-            input_2d, input_for_kernel, kernel, mask, None, None, 1,
-            lambda k: pacpool2d(input_2d, k, self.kernel_size, self.stride, self.padding, self.dilation,
-                                impl=self.impl))
+        return self._pool_forward(input_2d, input_for_kernel, kernel, mask)
 
     def _triton_forward(self, triton, input, guide, mask):
         return triton.pac_pool2d(input, guide, self.kernel_size, self.stride, self.padding, self.dilation,
                                  self.normalize_kernel, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-D layers: the same engine over (D, H, W)
+# ----------------------------------------------------------------------------------------------
+
+class PacConv3d(_PacConvLayer):
+    """3-D pixel-adaptive convolution: :class:`PacConv2d` over volumes or videos ``(B, C, D, H, W)``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias, groups, padding_mode: as in
+            :class:`torch.nn.Conv3d` (``kernel_size`` odd, ``padding <= dilation*(k-1)/2``).
+        kernel_type, smooth_kernel_type, normalize_kernel, shared_filters, filler, impl: see :class:`PacConv2d`;
+            smoothing kernels and fillers are their 3-D forms. ``'auto'`` runs 'taps' (the Triton kernels are
+            2-D only).
+
+    Example:
+        >>> conv = PacConv3d(4, 8, kernel_size=3, padding=1)
+        >>> conv(torch.rand(1, 4, 8, 16, 16), torch.rand(1, 3, 8, 16, 16)).shape
+        torch.Size([1, 8, 8, 16, 16])
+    """
+
+    _dims = 3
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntTriple, stride: IntTriple = 1,
+                 padding: IntTriple = 0, dilation: IntTriple = 1, bias: bool = True, kernel_type: str = "gaussian",
+                 smooth_kernel_type: str = "none", normalize_kernel: bool = False, shared_filters: bool = False,
+                 filler: str = "uniform", groups: int = 1, padding_mode: str = "zeros", impl: str = "auto"):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, output_padding=0, transposed=False, bias=bias,
+                         kernel_type=kernel_type, smooth_kernel_type=smooth_kernel_type,
+                         normalize_kernel=normalize_kernel, shared_filters=shared_filters, filler=filler,
+                         groups=groups, padding_mode=padding_mode, impl=impl, native_impl=False)
+
+    def forward(self, input_3d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
+                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Filter ``input_3d`` with kernels adapted to the guide ``input_for_kernel``.
+
+        Args and returns as :meth:`PacConv2d.forward`.
+
+        Shape:
+            - input_3d: ``(B, C_in, D, H, W)``; input_for_kernel: ``(B, C_g, D, H, W)``; mask:
+              ``(B or 1, 1, D, H, W)``; kernel: ``(B, 1 or C_in, kd, kh, kw, D', H', W')``.
+            - output: ``(B, C_out, D', H', W')`` with ``D' = (D + 2p - d(kd - 1) - 1) // s + 1`` (and so on);
+              output_mask: ``(B, 1, D', H', W')``.
+        """
+        return self._conv_forward(input_3d, input_for_kernel, kernel, mask)
+
+
+class PacConvTranspose3d(_PacConvLayer):
+    """3-D pixel-adaptive transposed convolution: :class:`PacConvTranspose2d` over ``(B, C, D, H, W)``.
+
+    The weight has the :class:`torch.nn.ConvTranspose3d` layout ``(C_in, C_out, kd, kh, kw)`` and is applied
+    without the spatial flip; the guide has the *output* resolution; ``filler='linear'`` initialises a
+    trilinear upsampler.
+
+    Example:
+        >>> up = PacConvTranspose3d(4, 4, kernel_size=3, stride=2, padding=1, output_padding=1)
+        >>> up(torch.rand(1, 4, 4, 8, 8), torch.rand(1, 3, 8, 16, 16)).shape
+        torch.Size([1, 4, 8, 16, 16])
+    """
+
+    _dims = 3
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntTriple, stride: IntTriple = 1,
+                 padding: IntTriple = 0, output_padding: IntTriple = 0, dilation: IntTriple = 1, bias: bool = True,
+                 kernel_type: str = "gaussian", smooth_kernel_type: str = "none", normalize_kernel: bool = False,
+                 shared_filters: bool = False, filler: str = "uniform", impl: str = "auto"):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, output_padding=output_padding, transposed=True,
+                         bias=bias, kernel_type=kernel_type, smooth_kernel_type=smooth_kernel_type,
+                         normalize_kernel=normalize_kernel, shared_filters=shared_filters, filler=filler,
+                         padding_mode="zeros", impl=impl, native_impl=False)
+
+    def forward(self, input_3d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
+                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Upsample ``input_3d`` with kernels adapted to the output-resolution guide ``input_for_kernel``.
+
+        Args and returns as :meth:`PacConvTranspose2d.forward`.
+
+        Shape:
+            - input_3d: ``(B, C_in, D, H, W)``; input_for_kernel: ``(B, C_g, D', H', W')``; mask:
+              ``(B or 1, 1, D, H, W)``; kernel: ``(B, 1 or C_in, kd, kh, kw, D', H', W')``.
+            - output: ``(B, C_out, D', H', W')`` with ``D' = (D - 1)s - 2p + d(kd - 1) + 1 + output_padding``;
+              output_mask: ``(B, 1, D', H', W')``.
+        """
+        return self._conv_forward(input_3d, input_for_kernel, kernel, mask)
+
+
+class PacPool3d(_PacPoolLayer):
+    """3-D pixel-adaptive pooling: :class:`PacPool2d` over ``(B, C, D, H, W)`` (``stride`` defaults to 1).
+
+    Example:
+        >>> pool = PacPool3d(kernel_size=3, stride=2, padding=1, normalize_kernel=True)
+        >>> pool(torch.rand(1, 4, 8, 16, 16), torch.rand(1, 3, 8, 16, 16)).shape
+        torch.Size([1, 4, 4, 8, 8])
+    """
+
+    _dims = 3
+
+    def __init__(self, kernel_size: IntTriple, stride: IntTriple = 1, padding: IntTriple = 0,
+                 dilation: IntTriple = 1, kernel_type: str = "gaussian", smooth_kernel_type: str = "none",
+                 channel_wise: bool = False, normalize_kernel: bool = False, out_channels: int = -1,
+                 impl: str = "auto"):
+        super().__init__(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         kernel_type=kernel_type, smooth_kernel_type=smooth_kernel_type, channel_wise=channel_wise,
+                         normalize_kernel=normalize_kernel, out_channels=out_channels, impl=impl)
+
+    def forward(self, input_3d: torch.Tensor, input_for_kernel: Optional[torch.Tensor],
+                kernel: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Pool ``input_3d`` over windows weighted by kernels adapted to the guide ``input_for_kernel``.
+
+        Args and returns as :meth:`PacPool2d.forward`.
+
+        Shape:
+            - input_3d: ``(B, C, D, H, W)``; input_for_kernel: ``(B, C_g, D, H, W)``; mask: ``(B or 1, 1, D, H, W)``;
+              kernel: ``(B, 1 or C, kd, kh, kw, D', H', W')``.
+            - output: ``(B, C, D', H', W')``; output_mask: ``(B, 1 or C, D', H', W')``.
+        """
+        return self._pool_forward(input_3d, input_for_kernel, kernel, mask)

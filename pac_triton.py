@@ -42,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from pac import _check_4d, _conv_out_hw, _transposed_out_hw
+from pac import _check_4d, _conv_out_size, _transposed_out_size
 
 try:
     import triton
@@ -879,7 +879,7 @@ def pac_conv2d(x: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor, bias:
                          f"and groups={groups}, got {tuple(weight.shape)}")
     _check_kernel_size(k)
     _check_bias_shape(bias, o)
-    out_hw = _conv_out_hw(x.shape[2:], k, s, p, d)
+    out_hw = _conv_out_size(x.shape[2:], k, s, p, d)
     x, weight, bias = _cast_params(x, weight, bias)
     geometry = [*k, *out_hw, *x.shape[2:], *s, *p, 1, 1, *s, *p, *d]
     return _run(x, guide, weight, bias, mask, geometry, groups, normalize_kernel)
@@ -908,7 +908,7 @@ def pac_conv_transpose2d(x: torch.Tensor, guide: torch.Tensor, weight: torch.Ten
     op, d = _pair_arg("output_padding", output_padding, 0), _pair_arg("dilation", dilation, 1)
     k = tuple(weight.shape[2:])
     _check_kernel_size(k)
-    out_hw = _transposed_out_hw(x.shape[2:], k, s, p, op, d)
+    out_hw = _transposed_out_size(x.shape[2:], k, s, p, op, d)
     _check_call("pac_conv_transpose2d", x, guide, out_hw, mask, normalize_kernel)
     c = x.shape[1]
     if weight.shape[0] != c:
@@ -939,7 +939,7 @@ def pac_pool2d(x: torch.Tensor, guide: torch.Tensor, kernel_size: IntPair, strid
     k = _pair_arg("kernel_size", kernel_size, 1)
     _check_kernel_size(k)
     s, p, d = _pair_arg("stride", stride, 1), _pair_arg("padding", padding, 0), _pair_arg("dilation", dilation, 1)
-    out_hw = _conv_out_hw(x.shape[2:], k, s, p, d)
+    out_hw = _conv_out_size(x.shape[2:], k, s, p, d)
     x = x.to(_compute_dtype(x))
     geometry = [*k, *out_hw, *x.shape[2:], *s, *p, 1, 1, *s, *p, *d]
     return _run(x, guide, None, None, mask, geometry, 1, normalize_kernel)

@@ -2,9 +2,11 @@
 
     python bench/bench_layers.py                          # 256x256 and 512x512, default implementation
     python bench/bench_layers.py --sizes 256 --impls auto unfold --threads 1
+    python bench/bench_layers.py --dims 3                 # the 3-D layers: 32^3 and 64^3
 
-Pairs: PacConv2d / nn.Conv2d, PacConvTranspose2d (stride 2) / nn.ConvTranspose2d, PacPool2d / nn.AvgPool2d.
-Workload: batch 1, 32 -> 32 channels, 16-channel guide, 5x5 kernels; sizes are output resolutions.
+Pairs: PacConv2d / nn.Conv2d, PacConvTranspose2d (stride 2) / nn.ConvTranspose2d, PacPool2d / nn.AvgPool2d, and
+their 3-D forms with --dims 3. Workload: batch 1, 32 -> 32 channels, 16-channel guide, 5x5 kernels (3-D: 16 -> 16
+channels, 8-channel guide, 3x3x3 kernels); sizes are output resolutions (cubes in 3-D).
 Each (layer, implementation, size) is measured in two fresh subprocesses (bench/_common.py): one times medians of
 --repeats calls, no grad and forward+backward, for every --threads setting in turn (0: torch's default); the other
 measures peak memory, the growth of the peak RSS during one call over the RSS with inputs and parameters allocated,
@@ -18,33 +20,37 @@ import os
 
 from _common import IMPLS, DEFAULT_IMPL, mb, median_time, pac_kwargs, peak_growth, ratio, run_worker, set_threads
 
-CHANNELS, GUIDE_CHANNELS, KERNEL = 32, 16, 5
+# (channels, guide channels, kernel size, default sizes) per number of spatial dimensions
+WORKLOADS = {2: (32, 16, 5, [256, 512]), 3: (16, 8, 3, [32, 64])}
 LAYERS = ("conv", "conv_transpose", "pool")
-BASELINE = {"conv": "nn.Conv2d", "conv_transpose": "nn.ConvTranspose2d", "pool": "nn.AvgPool2d"}
+BASELINE = {"conv": "nn.Conv{d}d", "conv_transpose": "nn.ConvTranspose{d}d", "pool": "nn.AvgPool{d}d"}
 MODES = ("nograd", "fwdbwd")
 
 
-def _build(layer: str, impl: str, size: int):
+def _build(layer: str, impl: str, size: int, dims: int):
     """Inputs and a closure running one case's module; ``impl`` is 'torch' or a key of ``IMPLS``."""
     import torch
     import torch.nn as nn
     import pac
 
     torch.manual_seed(0)
-    c, k = CHANNELS, KERNEL
+    c, guide_channels, k, _ = WORKLOADS[dims]
     in_size = size // 2 if layer == "conv_transpose" else size
-    x = torch.randn(1, c, in_size, in_size, requires_grad=True)
-    guide = torch.randn(1, GUIDE_CHANNELS, size, size, requires_grad=True)
+    x = torch.randn(1, c, *(in_size,) * dims, requires_grad=True)
+    guide = torch.randn(1, guide_channels, *(size,) * dims, requires_grad=True)
     if impl == "torch":
-        module = {"conv": lambda: nn.Conv2d(c, c, k, padding=k // 2),
-                  "conv_transpose": lambda: nn.ConvTranspose2d(c, c, k, stride=2, padding=k // 2, output_padding=1),
-                  "pool": lambda: nn.AvgPool2d(k, stride=1, padding=k // 2)}[layer]()
+        conv, conv_transpose, pool = {2: (nn.Conv2d, nn.ConvTranspose2d, nn.AvgPool2d),
+                                      3: (nn.Conv3d, nn.ConvTranspose3d, nn.AvgPool3d)}[dims]
+        module = {"conv": lambda: conv(c, c, k, padding=k // 2),
+                  "conv_transpose": lambda: conv_transpose(c, c, k, stride=2, padding=k // 2, output_padding=1),
+                  "pool": lambda: pool(k, stride=1, padding=k // 2)}[layer]()
         return (x,), lambda: module(x)
     kw = pac_kwargs(impl)
-    module = {"conv": lambda: pac.PacConv2d(c, c, k, padding=k // 2, **kw),
-              "conv_transpose": lambda: pac.PacConvTranspose2d(c, c, k, stride=2, padding=k // 2, output_padding=1,
-                                                               **kw),
-              "pool": lambda: pac.PacPool2d(k, stride=1, padding=k // 2, **kw)}[layer]()
+    conv, conv_transpose, pool = {2: (pac.PacConv2d, pac.PacConvTranspose2d, pac.PacPool2d),
+                                  3: (pac.PacConv3d, pac.PacConvTranspose3d, pac.PacPool3d)}[dims]
+    module = {"conv": lambda: conv(c, c, k, padding=k // 2, **kw),
+              "conv_transpose": lambda: conv_transpose(c, c, k, stride=2, padding=k // 2, output_padding=1, **kw),
+              "pool": lambda: pool(k, stride=1, padding=k // 2, **kw)}[layer]()
     return (x, guide), lambda: module(x, guide)
 
 
@@ -65,15 +71,15 @@ def _modes(inputs, run) -> dict:
     return {"nograd": no_grad, "fwdbwd": forward_backward}
 
 
-def _worker(kind: str, layer: str, impl: str, size: int, repeats: int, threads: str) -> dict:
+def _worker(kind: str, layer: str, impl: str, size: int, dims: int, repeats: int, threads: str) -> dict:
     """kind 'time': medians of both modes for every thread count of the comma-separated ``threads``;
     kind 'memory': the peak memory of both modes, with one thread."""
     if kind == "memory":
         set_threads(1)
-        for fn in _modes(*_build(layer, impl, 8)).values():
+        for fn in _modes(*_build(layer, impl, 8, dims)).values():
             fn()  # warm-up on a tiny input: lazy imports, autograd engine, allocator set-up
-        return {f"{mode}_bytes": peak_growth(fn) for mode, fn in _modes(*_build(layer, impl, size)).items()}
-    modes = _modes(*_build(layer, impl, size))
+        return {f"{mode}_bytes": peak_growth(fn) for mode, fn in _modes(*_build(layer, impl, size, dims)).items()}
+    modes = _modes(*_build(layer, impl, size, dims))
     result = {}
     for count in map(int, threads.split(",")):
         result[count] = {"threads": set_threads(count),
@@ -83,30 +89,33 @@ def _worker(kind: str, layer: str, impl: str, size: int, repeats: int, threads: 
 
 def _measure(layer: str, impl: str, size: int, args) -> dict:
     threads = ",".join(map(str, args.threads))
-    timed = run_worker(__file__, ("time", layer, impl, size, args.repeats, threads))
-    result = run_worker(__file__, ("memory", layer, impl, size, 1, 1), memory=True)
+    timed = run_worker(__file__, ("time", layer, impl, size, args.dims, args.repeats, threads))
+    result = run_worker(__file__, ("memory", layer, impl, size, args.dims, 1, 1), memory=True)
     result["time"] = {t: timed if "error" in timed else timed[str(t)] for t in args.threads}
     return result
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="output resolutions")
+    parser.add_argument("--dims", type=int, default=2, choices=sorted(WORKLOADS), help="spatial dimensions")
+    parser.add_argument("--sizes", type=int, nargs="+", help="output resolutions (default 256 512; 3-D: 32 64)")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
     parser.add_argument("--impls", nargs="+", default=[DEFAULT_IMPL], choices=list(IMPLS), help="PAC implementations")
     parser.add_argument("--threads", type=int, nargs="+", default=[0, 1], help="torch threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        kind, layer, impl, size, repeats, threads = args.worker
-        print(json.dumps(_worker(kind, layer, impl, int(size), int(repeats), threads)))
+        kind, layer, impl, size, dims, repeats, threads = args.worker
+        print(json.dumps(_worker(kind, layer, impl, int(size), int(dims), int(repeats), threads)))
         return
+    channels, guide_channels, k, default_sizes = WORKLOADS[args.dims]
+    args.sizes = args.sizes or default_sizes
 
     import torch
 
-    print(f"torch {torch.__version__}, batch 1, {CHANNELS}->{CHANNELS} channels, {GUIDE_CHANNELS}-channel guide, "
-          f"{KERNEL}x{KERNEL}; x = ratio to the torch layer; load average {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}, batch 1, {channels}->{channels} channels, {guide_channels}-channel guide, "
+          f"{'x'.join([str(k)] * args.dims)}; x = ratio to the torch layer; load average {os.getloadavg()[0]:.2f}")
     print("times in ms (no grad, forward+backward) per thread count; peak memory in MB with 1 thread\n")
     header = f"{'layer':<16}{'size':>5}  {'impl':<20}"
     for threads in args.threads:
@@ -119,7 +128,7 @@ def main(argv=None) -> None:
             results = {impl: _measure(layer, impl, size, args) for impl in ["torch", *args.impls]}
             base = results["torch"]
             for impl, r in results.items():
-                name = BASELINE[layer] if impl == "torch" else f"PAC {impl}"
+                name = BASELINE[layer].format(d=args.dims) if impl == "torch" else f"PAC {impl}"
                 line = f"{layer:<16}{size:>5}  {name:<20}"
                 for threads in args.threads:
                     t, bt = r["time"][threads], base["time"][threads]

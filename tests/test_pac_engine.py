@@ -88,7 +88,7 @@ def test_fused_conv_transpose_gradcheck(options):
     options = {"kernel_size": 3, **options}
     module = PacConvTranspose2d(2, 2, impl="taps", **options)
     x = rand(1, 2, 3, 3)
-    out_hw = module._layer(1).out_hw(x.shape[2:])
+    out_hw = module._layer(1).out_size(x.shape[2:])
     gradcheck_module(module, x, rand(1, 2, *out_hw))
 
 
