@@ -276,11 +276,12 @@ def _accumulate(out: torch.Tensor, out_pos, taps: torch.Tensor, weight: torch.Te
         return
     weight = weight.flatten(2)
     in_per_group, out_per_group = taps.shape[1] // groups, out.shape[1] // groups
+    group_outs = []
     for g in range(groups):
         group_taps = taps[:, g * in_per_group:(g + 1) * in_per_group]
         group_weight = weight[g * out_per_group:(g + 1) * out_per_group]
-        out[index][:, g * out_per_group:(g + 1) * out_per_group] += torch.einsum('bct,oct->bo', group_taps,
-                                                                                  group_weight)
+        group_outs.append((group_taps[:, None] * group_weight[None]).sum((2, 3)))  # (B, O/groups)
+    out[index] += torch.cat(group_outs, 1)
 
 
 def _add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
