@@ -112,7 +112,8 @@ def check_module_against_reference(module, x, guide, mask=None, **geometry):
 
 
 def transposed_out_size(in_size, k, s, p, op, d):
-    return [conv_transpose_out_size(n, *args) for n, args in zip(in_size, zip(*(ntuple(v, 3) for v in (k, s, p, op, d))))]
+    per_axis = zip(*(ntuple(v, 3) for v in (k, s, p, op, d)))
+    return [conv_transpose_out_size(n, *args) for n, args in zip(in_size, per_axis)]
 
 
 def copy_conv_parameters(source, target, flip=False):
@@ -326,7 +327,8 @@ def test_pool_geometries_match_reference(impl, k, s, p, d):
 def test_conv_transpose_geometries_match_reference(impl, k, s, p, op, d):
     module = pac.PacConvTranspose3d(2, 3, k, s, p, op, d, impl=impl).double()
     x = rand(2, 2, 2, 3, 2)
-    check_module_against_reference(module, x, rand(2, 2, *transposed_out_size(x.shape[2:], k, s, p, op, d)), kernel_size=k, stride=s, padding=p,
+    guide = rand(2, 2, *transposed_out_size(x.shape[2:], k, s, p, op, d))
+    check_module_against_reference(module, x, guide, kernel_size=k, stride=s, padding=p,
                                    output_padding=op, dilation=d, transposed=True)
 
 
@@ -486,7 +488,8 @@ def test_functional_forms_match_reference(impl):
     shared = rand(1, 1, 3, 3, 3)
     torch.testing.assert_close(pac.pacconv3d(x, kernel, shared, padding=1, shared_filters=True, impl=impl),
                                ref_pacconv_nd(x, ref_k, shared, padding=1, shared_filters=True))
-    torch.testing.assert_close(pac.pacpool3d(x, kernel, 3, padding=1, impl=impl), ref_pacpool_nd(x, ref_k, 3, padding=1))
+    torch.testing.assert_close(pac.pacpool3d(x, kernel, 3, padding=1, impl=impl),
+                               ref_pacpool_nd(x, ref_k, 3, padding=1))
     t_guide = rand(2, 3, 6, 8, 6)
     t_kernel, _ = pac.packernel3d(t_guide, kernel_size=3, stride=2, padding=1, output_padding=1, transposed=True,
                                   impl=impl)

@@ -113,8 +113,8 @@ def test_padding_mode_with_mask_equals_explicitly_padded_inputs(mode, normalize)
     assert_same_kernel(got, expected)
 
 
-@pytest.mark.parametrize('geometry', [dict(stride=1, padding=1, dilation=1), dict(stride=(2, 1), padding=(2, 0),
-                                                                                dilation=(2, 1))], ids=['k3p1', 'mixed'])
+@pytest.mark.parametrize('geometry', [dict(stride=1, padding=1, dilation=1),
+                                      dict(stride=(2, 1), padding=(2, 0), dilation=(2, 1))], ids=['k3p1', 'mixed'])
 @pytest.mark.parametrize('mode', ['zeros', 'reflect', 'circular'])
 @pytest.mark.parametrize('shared,groups', [(False, 1), (False, 2), (True, 1)], ids=['dense', 'groups2', 'shared'])
 def test_conv_2d_equals_2d_reference(geometry, mode, shared, groups):
