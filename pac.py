@@ -42,7 +42,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.utils import _ntuple
 
 __all__ = [
     "PacConv2d", "PacConvTranspose2d", "PacPool2d",
@@ -136,6 +135,24 @@ def _pad(x: torch.Tensor, padding: Tuple[int, ...], mode: str = "zeros") -> torc
     return F.pad(x, _torch_pads(padding), mode=mode)
 
 
+def _geometry(dims: int, **values) -> Tuple[Tuple[int, ...], ...]:
+    """Each of ``values`` (kernel_size=..., stride=...) as a ``dims``-tuple: an int is repeated, a sequence
+    must have ``dims`` entries."""
+    result = []
+    for name, value in values.items():
+        if isinstance(value, (int, np.integer)):
+            result.append((int(value),) * dims)
+            continue
+        try:
+            entries = tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            entries = ()
+        if len(entries) != dims:
+            raise ValueError(f"{name} must be an int or a sequence of {dims} ints, got {value!r}")
+        result.append(entries)
+    return tuple(result)
+
+
 def _strided(start: int, count: int, step: int) -> slice:
     return slice(start, start + step * (count - 1) + 1, step)
 
@@ -190,7 +207,8 @@ def nd2col(input_nd: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, pa
     if input_nd.dim() not in (4, 5):
         raise ValueError(f"input_nd must be 4-D (B, C, H, W) or 5-D (B, C, D, H, W), got shape {tuple(input_nd.shape)}")
     dims = input_nd.dim() - 2
-    k, s, p, op, d = (_ntuple(dims)(v) for v in (kernel_size, stride, padding, output_padding, dilation))
+    k, s, p, op, d = _geometry(dims, kernel_size=kernel_size, stride=stride, padding=padding,
+                               output_padding=output_padding, dilation=dilation)
     if transposed:
         return _windows(_transposed_padded_input(input_nd, k, s, p, op, d), k, (1,) * dims, d)
     _conv_out_size(input_nd.shape[2:], k, s, p, d)
@@ -818,7 +836,7 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
             gw[band.tap_index()] += g_weight.view(gw.shape[0], gw.shape[1], *band.taps)
         params.add(g_params)
     if gx is not None:
-        gx = gx[prep.unpad].to(x.dtype)
+        gx = gx[prep.unpad].to(x.dtype).contiguous()  # as the fake kernel promises
     if gw is not None:
         gw = gw.to(weight.dtype)
     return (gx, gw, gk, gguide, gcentre) + params.result()
@@ -954,8 +972,10 @@ def _filter_backward_op(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], k
 
 @_filter_backward_op.register_fake
 def _(grad_out, x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda, geometry, options, needs):
+    # The input and weight gradients are contiguous; the others are laid out like their tensors (zeros_like).
     inputs = (x, weight, kernel, guide, centre, inv_alpha, inv_lambda)
-    return [t.new_empty(t.shape) if n and t is not None else x.new_empty(0) for t, n in zip(inputs, needs)]
+    return [x.new_empty(0) if not n or t is None else t.new_empty(t.shape) if i < 2 else torch.empty_like(t)
+            for i, (t, n) in enumerate(zip(inputs, needs))]
 
 
 def _filter_setup_context(ctx, inputs, output):
@@ -1004,7 +1024,7 @@ def _kernel_backward_op(grad_kernel: Tensor, guide: Tensor, centre: Tensor, mask
 @_kernel_backward_op.register_fake
 def _(grad_kernel, guide, centre, mask, inv_alpha, inv_lambda, geometry, options, needs):
     inputs = (guide, centre, inv_alpha, inv_lambda)
-    return [t.new_empty(t.shape) if n and t is not None else guide.new_empty(0) for t, n in zip(inputs, needs)]
+    return [torch.empty_like(t) if n and t is not None else guide.new_empty(0) for t, n in zip(inputs, needs)]
 
 
 def _kernel_setup_context(ctx, inputs, output):
@@ -1263,7 +1283,8 @@ def _packernel(dims: int, input, mask, kernel_size, stride, padding, output_padd
                padding_mode, impl):
     """:func:`packernel2d` and :func:`packernel3d`."""
     _check_dims("input", input, dims)
-    k, s, p, op, d = (_ntuple(dims)(v) for v in (kernel_size, stride, padding, output_padding, dilation))
+    k, s, p, op, d = _geometry(dims, kernel_size=kernel_size, stride=stride, padding=padding,
+                               output_padding=output_padding, dilation=dilation)
     if any(v <= 0 or v % 2 == 0 for v in k):
         raise ValueError(f"kernel_size only accept odd numbers, got {k}")
     kind, _, _, asym, _ = _parse_kernel_type(kernel_type)
@@ -1323,8 +1344,10 @@ def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha,
         norm = kernel.sum(taps, keepdim=True)
     empty = norm == 0
     kernel = kernel / (norm + empty.to(norm.dtype))
-    output_mask = None if mask is None else (~empty).to(geo.guide.dtype).flatten(1, 1 + dims)
-    return kernel, output_mask
+    if mask is None:
+        return kernel, None
+    # one flag per kernel (a mask of batch 1 still gives a batch of flags, as on the 'taps' path)
+    return kernel, (~empty).expand(*kernel.shape[:2], *empty.shape[2:]).to(geo.guide.dtype).flatten(1, 1 + dims)
 
 
 def _check_mask(mask: torch.Tensor, batch: int, in_size: Tuple[int, ...]) -> None:
@@ -1441,9 +1464,8 @@ def _pacconv(dims: int, input, kernel, weight, bias, stride, padding, dilation, 
     _check_padding_mode(padding_mode)
     weight, groups = _conv_weight(weight, shared_filters, groups, input.shape[1], False, dims)
     _check_bias(bias, weight.shape[0])
-    tup = _ntuple(dims)
-    layer = _Layer(tuple(weight.shape[2:]), tup(stride), tup(padding), (0,) * dims, tup(dilation), False, groups,
-                   padding_mode)
+    s, p, d = _geometry(dims, stride=stride, padding=padding, dilation=dilation)
+    layer = _Layer(tuple(weight.shape[2:]), s, p, (0,) * dims, d, False, groups, padding_mode)
     return _filter_with_kernel(layer, input, kernel, weight, bias, impl)
 
 
@@ -1453,17 +1475,16 @@ def _pacconv_transpose(dims: int, input, kernel, weight, bias, stride, padding, 
     _check_dims("input", input, dims)
     weight, groups = _conv_weight(weight, shared_filters, 1, input.shape[1], True, dims)
     _check_bias(bias, weight.shape[0])
-    tup = _ntuple(dims)
-    layer = _Layer(tuple(weight.shape[2:]), tup(stride), tup(padding), tup(output_padding), tup(dilation), True,
-                   groups, "zeros")
+    s, p, op, d = _geometry(dims, stride=stride, padding=padding, output_padding=output_padding, dilation=dilation)
+    layer = _Layer(tuple(weight.shape[2:]), s, p, op, d, True, groups, "zeros")
     return _filter_with_kernel(layer, input, kernel, weight, bias, impl)
 
 
 def _pacpool(dims: int, input, kernel, kernel_size, stride, padding, dilation, impl) -> torch.Tensor:
     """:func:`pacpool2d` and :func:`pacpool3d`."""
     _check_dims("input", input, dims)
-    tup = _ntuple(dims)
-    layer = _Layer(tup(kernel_size), tup(stride), tup(padding), (0,) * dims, tup(dilation), False, 1, "zeros")
+    k, s, p, d = _geometry(dims, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
+    layer = _Layer(k, s, p, (0,) * dims, d, False, 1, "zeros")
     return _filter_with_kernel(layer, input, kernel, None, None, impl)
 
 
@@ -1680,9 +1701,9 @@ class _PacKernelLayer(nn.Module):
                  shared_filters: bool, filler: str, groups: int, padding_mode: str, impl: str, native_impl: bool):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        tup = _ntuple(self._dims)
-        self.kernel_size, self.stride, self.padding, self.dilation, self.output_padding = (
-            tup(kernel_size), tup(stride), tup(padding), tup(dilation), tup(output_padding))
+        self.kernel_size, self.stride, self.padding, self.dilation, self.output_padding = _geometry(
+            self._dims, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+            output_padding=output_padding)
         self.transposed, self.pool_only = transposed, pool_only
         self.kernel_type, self.smooth_kernel_type = kernel_type, smooth_kernel_type
         self.channel_wise, self.normalize_kernel = channel_wise, normalize_kernel
