@@ -473,16 +473,33 @@ def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, band: _Band, gui
 
 
 def _bands(phases: Sequence[_Phase], row_bytes: int, device: torch.device, guide: bool) -> List[_Band]:
-    """Bands of outputs along the first axis whose largest temporary is about ``_band_bytes(device)``. Each
-    band is at least as tall as its input (and guide) window, so bands two apart never read the same
-    positions: the backward folds the bands of one parity in parallel."""
+    """Bands of outputs along the first axis whose largest temporary is about ``_band_bytes(device)``. A band
+    is as tall as its input (and guide) window when that costs at most twice the budget, so that bands two
+    apart never read the same positions (see :func:`_disjoint_sets`); a 3-D layer's rows can be too large."""
     first = phases[0]
+    budget = _band_bytes(device)
+    min_rows = max(-(-span // step) for span, step in _read_spans(first, guide))
+    size = max(1, budget // max(row_bytes, 1), min(min_rows, 2 * budget // max(row_bytes, 1)))
+    size = min(first.count, size)
+    return [_Band(tuple(phases), t0, min(first.count, t0 + size)) for t0 in range(0, first.count, size)]
+
+
+def _read_spans(first: _Phase, guide: bool) -> List[Tuple[int, int]]:
+    """(rows read by one output, rows between outputs) along the first axis, in the input and the guide."""
     spans = [((first.taps - 1) * first.x_dil + 1, first.x_step)]
     if guide:
         spans.append(((first.taps - 1) * first.g_dil + 1, first.g_step))
-    min_rows = max(-(-span // step) for span, step in spans)
-    size = max(1, min(first.count, max(min_rows, _band_bytes(device) // max(row_bytes, 1))))
-    return [_Band(tuple(phases), t0, min(first.count, t0 + size)) for t0 in range(0, first.count, size)]
+    return spans
+
+
+def _disjoint_sets(bands: List[_Band], guide: bool) -> List[List[_Band]]:
+    """``bands`` dealt into sets whose members read disjoint rows of the input (and of the guide): the
+    backward folds the bands of one set in parallel, and the sets one after the other (deterministic)."""
+    size = bands[0].t1 - bands[0].t0
+    # band i reads rows from i*size*step on, (size-1)*step + span of them: bands m apart are disjoint
+    # when (m-1)*size*step >= span - step
+    sets = 1 + max(max(0, -(-(span - step) // (size * step))) for span, step in _read_spans(bands[0].phases[0], guide))
+    return [bands[i::sets] for i in range(sets)]
 
 
 def _band_bytes(device: torch.device) -> int:
@@ -814,10 +831,10 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     phases = [(_phase_weight(weight, a.groups, ph), _bands(ph, _band_rows_bytes(x, guide, ph), x.device,
                                                            guide is not None))
               for ph in itertools.product(*prep.phases)]
-    if len(phases) == 1:  # bands two apart read disjoint rows: fold each parity in parallel
+    if len(phases) == 1:  # the bands of a disjoint set read disjoint rows: fold each set in parallel
         w, bands = phases[0]
-        results = [r for parity in (bands[0::2], bands[1::2])
-                   for r in _map_bands(lambda band: run(band, w, gx, gguide), parity, x.device)]
+        results = [r for disjoint in _disjoint_sets(bands, guide is not None)
+                   for r in _map_bands(lambda band: run(band, w, gx, gguide), disjoint, x.device)]
     else:  # output phases read overlapping inputs: fixed groups of phases, each folding into its own buffers
         groups = [phases[i::torch.get_num_threads()] for i in range(min(len(phases), torch.get_num_threads()))]
 
@@ -925,8 +942,8 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
                                           alpha, lam, band, gguide, gcentre)
 
     bands = _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True)
-    for parity in (bands[0::2], bands[1::2]):
-        for g_params in _map_bands(run, parity, guide.device):
+    for disjoint in _disjoint_sets(bands, True):
+        for g_params in _map_bands(run, disjoint, guide.device):
             params.add(g_params)
     return (gguide, gcentre) + params.result()
 

@@ -148,6 +148,42 @@ def test_band_size_does_not_change_results(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("k,s,d", [(3, 1, 1), (5, 1, 1), (5, 2, 1), (3, 1, 3), (7, 3, 2)])
+@pytest.mark.parametrize("band_bytes", [1, 3000, 1 << 30])
+def test_bands_of_a_disjoint_set_read_disjoint_rows(monkeypatch, k, s, d, band_bytes):
+    """The backward folds the bands of one set in parallel: their input and guide rows must not overlap."""
+    monkeypatch.setattr(pac, "_CPU_BAND_BYTES", band_bytes)
+    first = pac._conv_phases(k, s, d, 40)[0]
+    bands = pac._bands([first, first], 1000, torch.device("cpu"), guide=True)
+    assert [b.t0 for b in bands] == sorted({b.t0 for b in bands}) and bands[-1].t1 == 40
+    for disjoint in pac._disjoint_sets(bands, guide=True):
+        for guide in (False, True):
+            rows = [{r0 + t * step + i * dil for t in range(b.t1 - b.t0) for i in range(k)}
+                    for b in disjoint for r0, step, dil in [pac._reads(b, guide)[0]]]
+            assert sum(map(len, rows)) == len(set().union(*rows))
+
+
+def test_one_row_bands_fold_like_one_band(monkeypatch):
+    """3-D rows larger than the band budget make one-row bands folded in several sets, on two threads."""
+    x, guide = rand(1, 2, 7, 5, 4), rand(1, 2, 7, 5, 4)
+    module = pac.PacConv3d(2, 2, 5, padding=2, kernel_type="inv_0.5_-0.5", impl="taps").double()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for band_bytes in (1 << 30, 1):
+            monkeypatch.setattr(pac, "_CPU_BAND_BYTES", band_bytes)
+            xs, gs = x.detach().clone().requires_grad_(), guide.detach().clone().requires_grad_()
+            out = module(xs, gs)
+            out.backward(torch.linspace(-1, 1, out.numel(), dtype=DT).view(out.shape))
+            results.append((out, xs.grad, gs.grad, module.weight.grad.clone()))
+            module.zero_grad()
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- the registered ops
 
 
