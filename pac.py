@@ -1453,7 +1453,7 @@ def _filter_with_kernel(layer: _Layer, x, kernel, weight, bias, impl: str) -> to
     return out if bias is None else out + bias.view(1, -1, *([1] * dims))
 
 
-def _conv_weight(weight, shared_filters: bool, groups: int, channels: int, transposed: bool, dims: int = 2):
+def _conv_weight(weight, shared_filters: bool, groups: int, channels: int, transposed: bool, dims: int):
     """Check ``weight`` and return it in convolution layout ``(O, C / groups, *k)`` with its groups."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -2031,7 +2031,7 @@ class PacConv2d(_PacConvLayer):
         return self._conv_forward(input_2d, input_for_kernel, kernel, mask)
 
     def _triton_forward(self, triton, input, guide, mask):
-        weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, False)
+        weight, groups = _conv_weight(self.weight, self.shared_filters, self.groups, self.in_channels, False, 2)
         return triton.pac_conv2d(input, guide, weight, self.bias, self.stride, self.padding, self.dilation, groups,
                                  self.normalize_kernel, mask=mask)
 
