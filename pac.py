@@ -10,11 +10,14 @@ pixel and tap, by an adaptive kernel ``K`` computed from a guide ``F``::
     K[b, i, j, y, x] = f( sum_c (F[b, c, tap(i, j)] - F[b, c, centre])^2 )
 
 with ``f(D) = exp(-D / 2)`` ('gaussian') or ``f(D) = alpha + (D + 1e-4)^(lambda / 2)`` ('inv_*').
+The 3-D layers (``PacConv3d``, ``PacConvTranspose3d``, ``PacPool3d``, ``packernel3d``) are the same equations
+over ``(D, H, W)``, on the same engine: its geometry is per spatial axis, and the 2-D and 3-D functions and modules
+are thin front ends over it.
 
 Every layer and functional form takes ``impl``:
 
 - ``'taps'`` (what ``'auto'`` runs on CPU): registered ``torch.library`` ops (``pac::filter``,
-  ``pac::kernel`` and their backward ops). They work band by band over the output rows; for each
+  ``pac::kernel`` and their backward ops). They work band by band over the first output axis; for each
   band a few large operations compute the kernel from the guide, modulate the input windows and
   apply the weight as one matrix product. ``K`` is never stored and backward recomputes it, so the
   extra memory is one band. Transposed convolutions are computed one output phase at a time (each
