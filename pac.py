@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -510,6 +511,30 @@ def _band_bytes(device: torch.device) -> int:
 
 
 _executors: dict = {}
+_thread_state = threading.local()  # .coordinator of a calling thread; .threads inside a coordinated op
+
+
+def _coordinated_op(fn):
+    """Run ``fn(tensor, ...)``, the body of a ``pac::`` op, on a coordinator thread with one torch thread when the
+    caller has several (one coordinator per calling thread): the op's own set-up and reductions (padding,
+    zero-filled buffers, sums) then never wait for a descheduled OpenMP thread, and its bands use as many
+    workers as the caller has threads."""
+    @functools.wraps(fn)
+    def run(*args):
+        threads = torch.get_num_threads()
+        if args[0].device.type != "cpu" or threads <= 1 or getattr(_thread_state, "threads", None):
+            return fn(*args)
+
+        def coordinate():
+            _thread_state.threads = threads
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                return fn(*args)
+
+        if getattr(_thread_state, "coordinator", None) is None:
+            _thread_state.coordinator = ThreadPoolExecutor(1, thread_name_prefix="pac-op",
+                                                           initializer=torch.set_num_threads, initargs=(1,))
+        return _thread_state.coordinator.submit(coordinate).result()
+    return run
 
 
 def _map_bands(fn, items: list, device: torch.device) -> list:
@@ -521,7 +546,7 @@ def _map_bands(fn, items: list, device: torch.device) -> list:
     descheduled worker delays only its own bands. (A worker's thread count is its own: the caller's is
     untouched, so the OpenMP team of the caller's next operation is not rebuilt.)
     """
-    threads = torch.get_num_threads()
+    threads = getattr(_thread_state, "threads", None) or torch.get_num_threads()
     if device.type != "cpu" or threads <= 1:
         return [fn(item) for item in items]
     if threads not in _executors:
@@ -752,6 +777,7 @@ def _phase_weight(weight, groups, phases: Sequence[_Phase]):
     return weight[index].reshape(groups, weight.shape[0] // groups, -1)
 
 
+@_coordinated_op
 def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs):
     kernel_dtype = (kernel if a.spec is None else guide).dtype
     prep = _prepare_filter(x, mask, a, kernel_dtype)
@@ -787,6 +813,7 @@ def _apply_weight(modulated, w, groups):
     return out.view(b, -1, *counts)
 
 
+@_coordinated_op
 def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs, needs):
     need_x, need_w, need_k, need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
     kernel_dtype = (kernel if a.spec is None else guide).dtype
@@ -914,6 +941,7 @@ def _first_axis_rows(t: torch.Tensor, band: _Band) -> torch.Tensor:
     return t.narrow(t.dim() - len(band.phases), band.t0, band.t1 - band.t0)
 
 
+@_coordinated_op
 def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
     phases, in_size = _kernel_phases(guide, a)
     valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
@@ -932,6 +960,7 @@ def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
     return kernel, (guide.new_zeros(0) if flags_out is None else flags_out)
 
 
+@_coordinated_op
 def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, needs):
     need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
     phases, in_size = _kernel_phases(guide, a)

@@ -1,6 +1,8 @@
 """The 'taps' engine: the fused path (kernel computed inside ``pac::filter`` from the guide) checked with
 float64 gradcheck on every input and parameter for every option, the registered ops with
 ``torch.library.opcheck``, and PyTorch's transforms and exporters on the default path."""
+import threading
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -182,6 +184,33 @@ def test_one_row_bands_fold_like_one_band(monkeypatch):
         torch.set_num_threads(previous)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_ops_run_single_threaded_on_their_own_threads(monkeypatch):
+    """With two torch threads, an op's body runs on a one-thread coordinator and its bands on one-thread workers;
+    the caller keeps its two threads."""
+    seen = []
+
+    def record(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.append((name, threading.current_thread().name, torch.get_num_threads()))
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(pac, name, wrapped)
+
+    record("_prepare_filter", pac._prepare_filter)
+    record("_band_kernel", pac._band_kernel)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        module = PacConv2d(3, 4, 3, padding=1, impl="taps")
+        module(torch.rand(1, 3, 8, 8, requires_grad=True), torch.rand(1, 2, 8, 8)).sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    bodies = [s for s in seen if s[0] == "_prepare_filter"]
+    bands = [s for s in seen if s[0] == "_band_kernel"]
+    assert len(bodies) == 2 and all(name.startswith("pac-op") and threads == 1 for _, name, threads in bodies)
+    assert bands and all(name.startswith("pac-band") and threads == 1 for _, name, threads in bands)
 
 
 # ---------------------------------------------------------------- the registered ops
