@@ -885,3 +885,25 @@ def test_torch_compile_inductor(impl):
         out.sum().backward()
         assert x.grad is not None
         x.grad = None
+
+
+def test_export_with_dynamic_sizes_and_per_sample_gradients():
+    """The 'taps' ops are generic over the spatial dims: torch.export keeps B, D, H, W dynamic, and vmap(grad) gives
+    per-sample gradients."""
+    module = pac.PacConv3d(2, 3, 3, padding=1, normalize_kernel=True)
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO, 4: torch.export.Dim.AUTO}
+    program = torch.export.export(module, (torch.rand(2, 2, 4, 5, 6), torch.rand(2, 2, 4, 5, 6)),
+                                  dynamic_shapes=(dims, dims))
+    x, guide = torch.rand(3, 2, 5, 6, 3), torch.rand(3, 2, 5, 6, 3)
+    torch.testing.assert_close(program.module()(x, guide), module(x, guide))
+
+    params = {name: p.detach() for name, p in module.named_parameters()}
+
+    def loss(p, xi, gi):
+        return torch.func.functional_call(module, p, (xi[None], gi[None])).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, guide)
+    for i in range(3):
+        module.zero_grad()
+        module(x[i:i + 1], guide[i:i + 1]).square().sum().backward()
+        torch.testing.assert_close(per_sample["weight"][i], module.weight.grad)
