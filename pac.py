@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -512,6 +513,15 @@ def _band_bytes(device: torch.device) -> int:
 
 _executors: dict = {}
 _thread_state = threading.local()  # .coordinator of a calling thread; .threads inside a coordinated op
+
+
+def _forget_threads() -> None:
+    """In a forked child the pools' threads do not exist: start new pools when they are next needed."""
+    _executors.clear()
+    _thread_state.__dict__.clear()
+
+
+os.register_at_fork(after_in_child=_forget_threads)
 
 
 def _coordinated_op(fn):

@@ -368,3 +368,29 @@ def test_onnx_export_with_dynamic_shapes_runs_in_onnxruntime(tmp_path, dynamo):
     other = net_inputs(3, 12, 7)
     (out,) = session.run(None, {name: t.numpy() for name, t in zip(names, other)})
     torch.testing.assert_close(torch.from_numpy(out), net(*other), rtol=1e-4, atol=1e-5)
+
+
+def _filter_in_child(queue) -> None:
+    torch.set_num_threads(2)
+    out = PacConv2d(3, 4, 3, padding=1, impl="taps")(torch.rand(1, 3, 16, 16), torch.rand(1, 2, 16, 16))
+    queue.put(tuple(out.shape))
+
+
+def test_a_forked_child_gets_new_worker_threads():
+    """A child forked after the parent's PAC calls must not wait on the parent's pool threads (they are gone)."""
+    import multiprocessing
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        PacConv2d(3, 4, 3, padding=1, impl="taps")(torch.rand(1, 3, 16, 16), torch.rand(1, 2, 16, 16))
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_filter_in_child, args=(queue,))
+        child.start()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+        assert not child.is_alive() and child.exitcode == 0 and queue.get(timeout=5) == (1, 4, 16, 16)
+    finally:
+        torch.set_num_threads(previous)
