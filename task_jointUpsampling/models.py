@@ -444,11 +444,9 @@ def init_color_guide_(net: PacJointUpsample, scale: float) -> PacJointUpsample:
     return net
 
 
-def _pass_first_channel_(conv: nn.Module, taps: torch.Tensor, only: bool) -> None:
-    """Make output channel 0 of ``conv`` (a Conv2d, or a transposed layer with (C_in, C_out, kh, kw) weights) apply
-    ``taps`` to input channel 0, with no bias; with ``only``, every other output channel is zeroed as well."""
-    transposed = conv.weight.shape[1] == conv.out_channels and conv.weight.shape[0] == conv.in_channels \
-        and not isinstance(conv, nn.Conv2d)
+def _pass_first_channel_(conv: nn.Module, taps: torch.Tensor, only: bool = False, transposed: bool = False) -> None:
+    """Make output channel 0 of ``conv`` apply ``taps`` to input channel 0, with no bias; with ``only``, every
+    other output channel is zeroed as well. ``transposed``: the weight is laid out (C_in, C_out, kh, kw)."""
     weight = conv.weight.transpose(0, 1) if transposed else conv.weight  # (C_out, C_in, kh, kw)
     if only:
         weight.zero_()
@@ -493,26 +491,26 @@ def init_passthrough_(net: nn.Module) -> nn.Module:
         if net.u_bn or any(isinstance(m, nn.BatchNorm2d) for m in (*net.branch_t, *net.branch_f)):
             raise ValueError('init_passthrough_ needs a PacJointUpsample without batch norm (t_bn, u_bn, f_bn)')
         for conv in (m for m in net.branch_t if isinstance(m, nn.Conv2d)):
-            _pass_first_channel_(conv, _centre_tap(conv), only=False)
+            _pass_first_channel_(conv, _centre_tap(conv))
         for convt in net.up_convts:
             k = convt.weight.shape[-1]
             line = torch.zeros(k, dtype=convt.weight.dtype)
             line[k // 2 - 1:k // 2 + 2] = torch.tensor([0.5, 1.0, 0.5])
-            _pass_first_channel_(convt, line[:, None] * line[None, :], only=False)
+            _pass_first_channel_(convt, line[:, None] * line[None, :], transposed=True)
         convs = [m for m in net.branch_f if isinstance(m, nn.Conv2d)]
         for conv in convs[:-1]:
-            _pass_first_channel_(conv, _centre_tap(conv), only=False)
+            _pass_first_channel_(conv, _centre_tap(conv))
         # the interpolation puts low-res pixel j at high-res pixel factor * j; 'center' sampling took it from
         # factor * j + (factor - 1) // 2: the output layer shifts by that much
         shift = min((net.factor - 1) // 2, convs[-1].kernel_size[0] // 2)  # (x8 and up: off by a pixel or more)
         _pass_first_channel_(convs[-1], _centre_tap(convs[-1], -shift, -shift), only=True)
         return net
     if isinstance(net, DJIF):
-        for branch, last_only in ((net.branch_t, True), (net.branch_joint, True)):
+        for branch in (net.branch_t, net.branch_joint):
             convs = [m for m in branch if isinstance(m, nn.Conv2d)]
             for conv in convs[:-1]:
-                _pass_first_channel_(conv, _centre_tap(conv), only=False)
-            _pass_first_channel_(convs[-1], _centre_tap(convs[-1]), only=last_only)
+                _pass_first_channel_(conv, _centre_tap(conv))
+            _pass_first_channel_(convs[-1], _centre_tap(convs[-1]), only=True)
         return net
     raise TypeError(f'net must be a DJIF or a PacJointUpsample, got {type(net).__name__}')
 
