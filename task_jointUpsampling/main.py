@@ -66,7 +66,7 @@ def train_and_test(args: argparse.Namespace, plan: experiment.Plan | None = None
 
 # ---------------------------------------------------------------------------------------------- compare / demo
 # Every trained model gets the same budget: 7 epochs of 75 batches of 4 crops of 64x64 (x4: 16x16 inputs), lr 1e-3
-# then 1e-4 for the last epoch, trained on the measure itself (per-image RMSE), and starts as an upsampler of its
+# for 5 epochs then 1e-4 (epochs 6 and 7), trained on the measure itself (per-image RMSE), and starts as an upsampler of its
 # input (--passthrough-init; PacJointUpsample's kernels start as colour kernels, --color-guide-init 3). They train on
 # scene family A and are tested on A's test scenes and on the held-out family B.
 DEMO_PRESET = dict(dataset='Synthetic', factor=4, compare=['Bilinear', 'JBU', 'DJIF', 'PacJointUpsample'], epochs=7,

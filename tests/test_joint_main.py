@@ -217,9 +217,12 @@ def test_sintel_flow_evaluation_with_resized_guide(http_server, monkeypatch, tmp
 
 
 @pytest.mark.slow  # the README's demo as it runs (about 5 minutes)
-def test_demo_ranks_pac_first_on_the_heldout_scenes(tmp_path):
+def test_demo_ranks_as_the_readme_says(tmp_path):
     rows = joint_main.main(['--demo', '--exp-root', str(tmp_path)])
-    heldout = {row['model']: row['rmse heldout'] for row in rows}
     assert [row['model'] for row in rows][::2] == ['Bilinear', 'DJIF'] and rows[1]['model'].startswith('JBU_')
-    assert min(heldout, key=heldout.get) == 'PacJointUpsample'  # the README's claim
+    jbu = rows[1]['model']
+    for column in ('rmse', 'rmse heldout'):  # family A's test scenes, the held-out family B
+        error = {row['model']: row[column] for row in rows}
+        # the README: the hand-set JBU is lowest in five minutes; PacJointUpsample is the best learned model
+        assert error[jbu] < error['PacJointUpsample'] < error['DJIF'] < error['Bilinear']
     assert (tmp_path / 'compare.png').is_file() and (tmp_path / 'results.txt').is_file()
