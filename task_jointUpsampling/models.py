@@ -467,7 +467,7 @@ def _centre_tap(conv: nn.Module, dy: int = 0, dx: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def init_passthrough_(net: nn.Module) -> nn.Module:
-    """Initialise a DJIF or PacJointUpsample so that it starts as a plain upsampler of its target, and learns from there.
+    """Initialise a DJIF or PacJointUpsample so that it starts as a plain upsampler of its target and learns from there.
 
     Trained from PyTorch's default init, these networks first have to learn to carry the target through every
     layer, which takes far more than a short run. This init makes channel 0 of every layer carry it: a centre tap
