@@ -152,18 +152,24 @@ class AssembleJointUpsamplingInputs:
         self.lowres_mode, self.zero_guidance = lowres_mode, zero_guidance
         self.rng = rng if rng is not None else random
 
-    def __call__(self, guidance: np.ndarray, target: np.ndarray):
+    def __call__(self, guidance: np.ndarray, target: np.ndarray, source: np.ndarray | None = None):
+        """``source`` (shaped like ``target``), when given, is what the low-res input is sampled from instead of
+        the target: e.g. a noisy sensor depth whose holes were filled, while the target is the clean depth."""
         guidance, target = np.asarray(guidance), np.asarray(target, dtype=np.float32)
         if target.ndim == 2:
             target = target[None]
         if guidance.ndim != 3 or target.ndim != 3 or guidance.shape[1:] != target.shape[1:]:
             raise ValueError(f'guidance (C, H, W) and target (C, H, W) or (H, W) must share H and W, '
                              f'got {guidance.shape} and {target.shape}')
+        source = target if source is None else np.asarray(source, dtype=np.float32)
+        source = source[None] if source.ndim == 2 else source
+        if source.shape != target.shape:
+            raise ValueError(f'source must have the shape of target {target.shape}, got {source.shape}')
         if self.crop is not None:
-            guidance, target = self._random_crop(guidance, target)
+            guidance, target, source = self._random_crop(guidance, target, source)
         if self.flip and self.rng.random() < 0.5:
-            guidance, target = guidance[:, :, ::-1], target[:, :, ::-1]
-        low_res = get_lowres(target, self.factor, self.lowres_mode)
+            guidance, target, source = guidance[:, :, ::-1], target[:, :, ::-1], source[:, :, ::-1]
+        low_res = get_lowres(source, self.factor, self.lowres_mode)
         b = self.output_crop
         if b > 0:
             target = target[:, b:-b, b:-b]
@@ -178,12 +184,12 @@ class AssembleJointUpsamplingInputs:
             outputs[1] = outputs[1] * 0
         return tuple(torch.from_numpy(np.ascontiguousarray(o, dtype=np.float32)) for o in outputs)
 
-    def _random_crop(self, guidance: np.ndarray, target: np.ndarray):
-        (ch, cw), (h, w) = self.crop, target.shape[1:]
+    def _random_crop(self, guidance: np.ndarray, *targets: np.ndarray):
+        (ch, cw), (h, w) = self.crop, guidance.shape[1:]
         if ch > h or cw > w:
             raise ValueError(f'crop {self.crop} is larger than the image ({h}, {w})')
         top, left = self.rng.randint(0, h - ch), self.rng.randint(0, w - cw)
-        return guidance[:, top:top + ch, left:left + cw], target[:, top:top + ch, left:left + cw]
+        return tuple(a[:, top:top + ch, left:left + cw] for a in (guidance, *targets))
 
 
 # ---------------------------------------------------------------------------------------------- NYU Depth V2

@@ -30,7 +30,7 @@ __all__ = [
     'convert_to_single_channel', 'recover_from_single_channel', 'repeat_for_channel',
     'th_rmse', 'th_epe',
     'Identity', 'Bilinear', 'JointBilateral', 'DJIF', 'DJIFWide', 'PacJointUpsample', 'PacJointUpsampleLite',
-    'init_color_guide_', 'MODEL_NAMES', 'create_model',
+    'init_color_guide_', 'init_passthrough_', 'MODEL_NAMES', 'create_model',
 ]
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -442,6 +442,77 @@ def init_color_guide_(net: PacJointUpsample, scale: float) -> PacJointUpsample:
         _copy_channels_(conv, [(c, c) for c in range(n)], gain=1.0)
     _copy_channels_(convs[-1], [(i * net.k_ch + c, c) for i in range(net.num_ups) for c in range(n)], gain=scale)
     return net
+
+
+def _pass_first_channel_(conv: nn.Module, taps: torch.Tensor, only: bool = False, transposed: bool = False) -> None:
+    """Make output channel 0 of ``conv`` apply ``taps`` to input channel 0, with no bias; with ``only``, every
+    other output channel is zeroed as well. ``transposed``: the weight is laid out (C_in, C_out, kh, kw)."""
+    weight = conv.weight.transpose(0, 1) if transposed else conv.weight  # (C_out, C_in, kh, kw)
+    if only:
+        weight.zero_()
+    weight[0].zero_()
+    weight[0, 0] = taps
+    if conv.bias is not None:
+        conv.bias[0] = 0.0
+        if only:
+            conv.bias.zero_()
+
+
+def _centre_tap(conv: nn.Module, dy: int = 0, dx: int = 0) -> torch.Tensor:
+    kh, kw = conv.weight.shape[-2:]
+    taps = torch.zeros(kh, kw, dtype=conv.weight.dtype, device=conv.weight.device)
+    taps[kh // 2 + dy, kw // 2 + dx] = 1.0
+    return taps
+
+
+@torch.no_grad()
+def init_passthrough_(net: nn.Module) -> nn.Module:
+    """Initialise a DJIF or PacJointUpsample so that it starts as a plain upsampler of its target and learns from there.
+
+    Trained from PyTorch's default init, these networks first have to learn to carry the target through every
+    layer, which takes far more than a short run. This init makes channel 0 of every layer carry it: a centre tap
+    of 1 from channel 0 (the inputs are non-negative, normalised targets, so the ReLUs keep it), linear
+    interpolation in each x2 PacConvTranspose2d, and an output layer that reads channel 0 only (its other weights
+    start at zero; they get gradients at the first step). DJIF then starts as bilinear upsampling; a
+    PacJointUpsample multiplies the interpolation by its adaptive kernels, so with :func:`init_color_guide_` it
+    starts as a colour-guided (unnormalised) interpolation. The guide branches and every other weight keep their
+    initialisation; state_dict keys and shapes are unchanged.
+
+    Returns:
+        ``net``, modified in place.
+
+    Example:
+        >>> net = init_passthrough_(DJIF(factor=4))
+        >>> low, guide = torch.rand(1, 1, 8, 8), torch.rand(1, 3, 32, 32)
+        >>> torch.allclose(net(low, guide)[..., 4:-4, 4:-4], Bilinear(4)(low)[..., 4:-4, 4:-4], atol=1e-6)
+        True
+    """
+    if isinstance(net, PacJointUpsample):
+        if net.u_bn or any(isinstance(m, nn.BatchNorm2d) for m in (*net.branch_t, *net.branch_f)):
+            raise ValueError('init_passthrough_ needs a PacJointUpsample without batch norm (t_bn, u_bn, f_bn)')
+        for conv in (m for m in net.branch_t if isinstance(m, nn.Conv2d)):
+            _pass_first_channel_(conv, _centre_tap(conv))
+        for convt in net.up_convts:
+            k = convt.weight.shape[-1]
+            line = torch.zeros(k, dtype=convt.weight.dtype)
+            line[k // 2 - 1:k // 2 + 2] = torch.tensor([0.5, 1.0, 0.5])
+            _pass_first_channel_(convt, line[:, None] * line[None, :], transposed=True)
+        convs = [m for m in net.branch_f if isinstance(m, nn.Conv2d)]
+        for conv in convs[:-1]:
+            _pass_first_channel_(conv, _centre_tap(conv))
+        # the interpolation puts low-res pixel j at high-res pixel factor * j; 'center' sampling took it from
+        # factor * j + (factor - 1) // 2: the output layer shifts by that much
+        shift = min((net.factor - 1) // 2, convs[-1].kernel_size[0] // 2)  # (x8 and up: off by a pixel or more)
+        _pass_first_channel_(convs[-1], _centre_tap(convs[-1], -shift, -shift), only=True)
+        return net
+    if isinstance(net, DJIF):
+        for branch in (net.branch_t, net.branch_joint):
+            convs = [m for m in branch if isinstance(m, nn.Conv2d)]
+            for conv in convs[:-1]:
+                _pass_first_channel_(conv, _centre_tap(conv))
+            _pass_first_channel_(convs[-1], _centre_tap(convs[-1]), only=True)
+        return net
+    raise TypeError(f'net must be a DJIF or a PacJointUpsample, got {type(net).__name__}')
 
 
 # ---------------------------------------------------------------------------------------------- factory

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from task_jointUpsampling.datasets import AssembleJointUpsamplingInputs, NYUDepthV2, Sintel, center_crop
-from task_jointUpsampling.models import PacJointUpsample, create_model, init_color_guide_, th_epe, th_rmse
+from task_jointUpsampling.models import (DJIF, PacJointUpsample, create_model, init_color_guide_, init_passthrough_,
+                                         th_epe, th_rmse)
 from task_jointUpsampling.synthetic import Synthetic
 from task_jointUpsampling.visualize import save_sample_images
 from tools import experiment
@@ -43,15 +44,17 @@ DATASETS = {'NYUDepthV2': _DEPTH, 'Synthetic': _DEPTH, 'Sintel': _FLOW, 'Sintel-
             'Sintel-final': _FLOW, 'Sintel-albedo': _FLOW}
 
 
-def build_dataset(args: argparse.Namespace, split: str, transform: Callable, training: bool):
-    """The dataset named by ``--dataset`` for ``split``, samples passed through ``transform``."""
+def build_dataset(args: argparse.Namespace, split: str, transform: Callable, training: bool, family: str = ''):
+    """The dataset named by ``--dataset`` for ``split``, samples passed through ``transform``. Synthetic scenes
+    are of ``family`` (default ``--synthetic-family``), their low-res input sampled from the sensor depth."""
     if args.dataset == 'NYUDepthV2':
         return NYUDepthV2(args.data_root, split=split, val_ratio=args.val_ratio, transform=transform,
                           cache_all=training, download=args.download, url=args.nyu_url or None)
     if args.dataset == 'Synthetic':
         num_train, num_test = args.synthetic_samples
         return Synthetic(split=split, num_samples=num_train if training else num_test, size=args.synthetic_size,
-                         seed=args.synthetic_seed, transform=transform)
+                         seed=args.synthetic_seed, transform=transform, family=family or args.synthetic_family,
+                         sensor=True)
     image_pass = 'clean' if args.dataset == 'Sintel' else args.dataset.split('-', 1)[1]
     return Sintel(args.data_root, split=split, fields=(f'{image_pass}_1', 'flow'), transform=transform,
                   cache_all=training, download=args.download)
@@ -59,8 +62,11 @@ def build_dataset(args: argparse.Namespace, split: str, transform: Callable, tra
 
 # ---------------------------------------------------------------------------------------------- model plumbing
 def build_model(args: argparse.Namespace, channels: int) -> nn.Module:
-    """The ``--model``; PAC models start from the colour-guide init when ``--color-guide-init`` is set."""
+    """The ``--model``; DJIF and PAC models start as upsamplers with ``--passthrough-init``, PAC models from the
+    colour-guide init when ``--color-guide-init`` is set."""
     net = create_model(args.model, args.factor, channels=channels, guide_channels=3)
+    if args.passthrough_init and isinstance(net, (DJIF, PacJointUpsample)):
+        init_passthrough_(net)
     if args.color_guide_init > 0 and isinstance(net, PacJointUpsample):
         init_color_guide_(net, args.color_guide_init)
     return net
@@ -172,9 +178,11 @@ class JointUpsamplingTask(experiment.Task):
             self._train_set = build_dataset(self.args, self.args.train_split or 'train', transform, True)
         return self._train_set
 
-    def test_set(self):
+    def test_set(self, split: str = '', family: str = ''):
+        """The test set; ``split`` and ``family`` (Synthetic) replace ``--test-split`` and ``--synthetic-family``."""
         transform = AssembleJointUpsamplingInputs(self.args.factor, crop=None, flip=False, **self.inputs)
-        dataset = build_dataset(self.args, self.args.test_split or self.info.test_split, transform, False)
+        dataset = build_dataset(self.args, split or self.args.test_split or self.info.test_split, transform, False,
+                                family)
         self.test_size = len(dataset)
         return dataset
 

@@ -84,8 +84,10 @@ def save_sample_images(folder: Path, first_index: int, kind: str, guide: torch.T
 
 def save_comparison(path: Path, kind: str, guide: torch.Tensor, low_raw: torch.Tensor,
                     preds_raw: dict[str, torch.Tensor], target: torch.Tensor,
-                    captions: dict[str, Sequence[str]] | None = None) -> Path:
-    """One PNG grid, a row per sample: guide, low-res input, each model's prediction and the ground truth.
+                    captions: dict[str, Sequence[str]] | None = None,
+                    row_labels: Sequence[str] | None = None, unit: str = 'm') -> Path:
+    """One PNG grid, a row per sample: guide, low-res input, each model's prediction and the ground truth, with
+    a colour bar per row (depth in ``unit``; flow: the radius of the colour wheel in px).
 
     Args:
         path: the PNG to write (atomically).
@@ -93,12 +95,17 @@ def save_comparison(path: Path, kind: str, guide: torch.Tensor, low_raw: torch.T
         guide, low_raw, target: as in :func:`save_sample_images`.
         preds_raw: model name -> (B, C, H', W') prediction in raw units.
         captions: optional model name -> B texts (e.g. each sample's error) shown under its pictures.
+        row_labels: optional B texts shown left of each row.
+        unit: the depth unit of the colour bars.
     """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     _check_kind(kind)
     count = target.shape[0]
     titles = ['guide', 'input', *preds_raw, 'ground truth']
-    figure = Figure(figsize=(2.0 * len(titles), 2.1 * count))
+    figure = Figure(figsize=(2.0 * len(titles) + 0.6, 2.1 * count))
     axes = figure.subplots(count, len(titles), squeeze=False)
     for row in range(count):
         pictures = _pictures(kind, guide[row], low_raw[row], {n: p[row] for n, p in preds_raw.items()}, target[row])
@@ -111,5 +118,14 @@ def save_comparison(path: Path, kind: str, guide: torch.Tensor, low_raw: torch.T
                 ax.set_title(titles[col], fontsize=9)
             if captions and name in captions:
                 ax.set_xlabel(captions[name][row], fontsize=8)
-    figure.tight_layout()
+        if row_labels is not None:
+            axes[row, 0].set_ylabel(row_labels[row], fontsize=9)
+        gt = target[row].detach().float().cpu()
+        if kind == 'depth':
+            scale = ScalarMappable(Normalize(float(gt.min()), float(gt.max())), colormaps['plasma'])
+            label = f'depth ({unit})'
+        else:
+            scale = ScalarMappable(Normalize(0, float(gt.square().sum(0).sqrt().max())), colormaps['gray'])
+            label = 'wheel radius (px)'
+        figure.colorbar(scale, ax=axes[row].tolist(), fraction=0.02, pad=0.01).set_label(label, fontsize=8)
     return atomic_savefig(figure, path, dpi=100)

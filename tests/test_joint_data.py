@@ -127,31 +127,88 @@ def test_sintel_split_file_md5_and_rule():
 
 
 # ---------------------------------------------------------------------------------------------- Synthetic
-def test_synthetic_is_reproducible_and_edges_align():
-    a, b = Synthetic(split='train', num_samples=3, size=48, seed=7), Synthetic(split='train', num_samples=3, size=48,
-                                                                               seed=7)
+def test_synthetic_is_reproducible_per_seed_split_and_family():
+    a, b = (Synthetic(split='train', num_samples=3, size=48, seed=7) for _ in range(2))
     image, depth = a[2]
     assert image.shape == (3, 48, 48) and image.dtype == np.uint8 and depth.shape == (48, 48)
     assert np.array_equal(image, b[2][0]) and np.array_equal(depth, b[2][1])
-    assert not np.array_equal(depth, Synthetic(split='test', num_samples=3, size=48, seed=7)[2][1])
+    for other in (Synthetic(split='test', num_samples=3, size=48, seed=7),
+                  Synthetic(split='train', num_samples=3, size=48, seed=8),
+                  Synthetic(split='train', num_samples=3, size=48, seed=7, family='B')):
+        assert not np.array_equal(depth, other[2][1])
     assert 0.5 <= depth.min() and depth.max() <= 10
-    # every depth edge is a colour edge: where depth jumps by > 0.3 m, the colour changes too
-    for image, depth in (a[i] for i in range(3)):
-        jumps = np.abs(np.diff(depth, axis=1)) > 0.3
-        colour_step = np.abs(np.diff(image.astype(int), axis=2)).sum(0)
-        assert jumps.any() and np.median(colour_step[jumps]) > 30
     with pytest.raises(ValueError, match='split'):
         Synthetic(split='extra')
+    with pytest.raises(ValueError, match='family'):
+        Synthetic(family='C')
 
 
-def test_synthetic_has_colour_edges_without_depth_edges():
-    # the decals: strong colour steps where the depth is smooth, which a filter trusting every colour edge copies
-    misleading = 0
-    for image, depth in Synthetic(split='train', num_samples=4, size=64, seed=3):
-        flat = np.abs(np.diff(depth, axis=1)) < 0.05
-        colour_step = np.abs(np.diff(image.astype(int), axis=2)).sum(0)
-        misleading += int(((colour_step > 60) & flat).sum())
-    assert misleading > 100
+def _edges(image, depth):
+    """Horizontal neighbours: depth jumps (> 0.3 m), smooth depth (< 0.05 m) and the colour step (sum over RGB)."""
+    step = np.abs(np.diff(depth, axis=1))
+    return step > 0.3, step < 0.05, np.abs(np.diff(image.astype(int), axis=2)).sum(0)
+
+
+@pytest.mark.parametrize('family', ['A', 'B'])
+def test_synthetic_has_texture_traps_and_camouflaged_depth_edges(family):
+    texture_traps = camouflaged = jumps_total = 0
+    for image, depth in Synthetic(split='train', num_samples=8, size=64, seed=3, family=family):
+        jumps, smooth, colour_step = _edges(image, depth)
+        texture_traps += int(((colour_step > 60) & smooth).sum())  # strong colour edges on smooth depth
+        camouflaged += int(((colour_step < 40) & jumps).sum())  # depth edges with no more than noise in colour
+        jumps_total += int(jumps.sum())
+    assert texture_traps > 300
+    assert 0.05 * jumps_total < camouflaged < 0.5 * jumps_total  # some depth edges are weak, most are not
+
+
+def test_synthetic_surfaces_are_curved_and_slanted():
+    curved = slanted = 0
+    for _, depth in Synthetic(split='train', num_samples=6, size=64, seed=5):
+        d = depth.astype(np.float64)
+        gx, gxx = np.diff(d, axis=1)[:, :-1], np.diff(d, n=2, axis=1)
+        smooth = np.abs(gx) < 0.05
+        slanted += int((np.abs(gx[smooth]) > 1e-3).sum())
+        curved += int((np.abs(gxx[smooth]) > 1e-3).sum())
+    assert slanted > 1000 and curved > 500
+
+
+def test_synthetic_families_differ():
+    """The held-out family has other statistics: noisier images and sensor, more holes, other colours."""
+    def statistics(family):
+        noise, holes, saturation = [], [], []
+        for image, depth, sensor in Synthetic(split='val', num_samples=8, size=64, seed=1, family=family,
+                                              sensor=True):
+            error = (sensor - depth) / depth ** 2
+            holes.append(np.mean(np.abs(error) > 0.05))  # filled holes: far from the measured value
+            noise.append(np.median(np.abs(error)))
+            rgb = image.astype(float)
+            saturation.append(np.mean(rgb.max(0) - rgb.min(0)))
+        return np.mean(noise), np.mean(holes), np.mean(saturation)
+    (noise_a, holes_a, sat_a), (noise_b, holes_b, sat_b) = statistics('A'), statistics('B')
+    assert noise_b > 1.5 * noise_a and holes_b > holes_a and sat_b < sat_a
+
+
+def test_synthetic_sensor_depth_is_noisy_with_filled_holes_and_feeds_the_input_only():
+    image, depth, sensor = Synthetic(split='test', num_samples=1, size=64, seed=2, sensor=True)[0]
+    assert sensor.shape == depth.shape and sensor.dtype == np.float32 and np.isfinite(sensor).all()
+    assert 0.5 <= sensor.min() and sensor.max() <= 10
+    assert np.abs(sensor - depth).mean() > 0.005  # noise and filled holes
+    assert np.array_equal(Synthetic(split='test', num_samples=1, size=64, seed=2)[0][1], depth)  # same scene
+    # the transform samples the low-res input from the sensor depth; the target (loss, measures) is the clean depth
+    low, guide, target, raw_range = AssembleJointUpsamplingInputs(4, flip=False, normalize_target=True)(
+        image, depth, sensor)
+    torch.testing.assert_close(target[0], torch.from_numpy(depth))
+    low_raw = low[0] * (raw_range[0, 1] - raw_range[0, 0]) + raw_range[0, 0]
+    torch.testing.assert_close(low_raw, torch.from_numpy(get_lowres(sensor, 4)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='source'):
+        AssembleJointUpsamplingInputs(4)(image, depth, sensor[:32])
+
+
+def test_synthetic_sample_picture(tmp_path):
+    from task_jointUpsampling.synthetic import save_scene_samples
+    path = save_scene_samples(str(tmp_path / 'scenes.png'), count=1, size=32)
+    with Image.open(path) as picture:
+        assert picture.format == 'PNG'
 
 
 # ---------------------------------------------------------------------------------------------- NYU download

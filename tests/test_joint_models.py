@@ -2,14 +2,17 @@
 channel folding and the metrics on hand-computed cases."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pac
+from task_jointUpsampling.datasets import get_lowres
 from task_jointUpsampling.models import (DJIF, Bilinear, DJIFWide, Identity, JointBilateral, PacJointUpsample,
                                          PacJointUpsampleLite, convert_to_single_channel, create_model,
-                                         init_color_guide_, recover_from_single_channel, repeat_for_channel, th_epe, th_rmse)
+                                         init_color_guide_, init_passthrough_, recover_from_single_channel,
+                                         repeat_for_channel, th_epe, th_rmse)
 
 
 def conv_stack_shapes(prefix, channels, k=5):
@@ -257,6 +260,36 @@ def test_color_guide_init_makes_kernels_follow_colour_edges():
         kernels[init] = k[0, 0, 2, 3, 8, 7].item()  # from pixel (8, 7) to its right neighbour across the edge
     assert kernels['default'] > 0.9  # default init: the kernel hardly sees the edge
     assert kernels['color'] < 1e-6  # exp(-0.5 * 3 * 5^2)
+
+
+def test_passthrough_init_starts_djif_as_bilinear():
+    torch.manual_seed(0)
+    net = DJIF(4)
+    layout = layout_of(net)
+    assert init_passthrough_(net) is net and layout_of(net) == layout
+    low, guide = torch.rand(2, 1, 8, 8), torch.rand(2, 3, 32, 32)
+    # the 1x1 layers of the 2019 padding add a 2-pixel frame; inside it the network is bilinear upsampling
+    torch.testing.assert_close(net(low, guide)[..., 4:-4, 4:-4], Bilinear(4)(low)[..., 4:-4, 4:-4])
+
+
+def test_passthrough_init_starts_pac_as_a_guided_interpolation():
+    torch.manual_seed(0)
+    net = init_color_guide_(init_passthrough_(PacJointUpsample(4)), scale=3.0)
+    # a constant guide: every kernel is 1, and a linear ramp sampled at the 'center' pixels comes back exactly
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    ramp = (0.3 * yy + 0.7 * xx) / 64
+    low = torch.from_numpy(get_lowres(ramp, 4))[None, None]
+    out = net(low, torch.full((1, 3, 64, 64), 0.5))[0, 0]
+    torch.testing.assert_close(out[8:-8, 8:-8], torch.from_numpy(ramp)[8:-8, 8:-8], rtol=0, atol=1e-4)
+    # a colour edge in the guide weakens the interpolation across it (unnormalised kernels): the output dips there
+    guide = torch.full((1, 3, 64, 64), 0.2)
+    guide[..., 32:] = 0.8
+    edge = net(torch.ones(1, 1, 16, 16), guide)[0, 0, 32]
+    assert edge[31].item() < 0.9 and edge[16].item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(TypeError, match='DJIF or a PacJointUpsample'):
+        init_passthrough_(Bilinear(4))
+    with pytest.raises(ValueError, match='batch norm'):
+        init_passthrough_(PacJointUpsample(4, f_bn=True))
 
 
 def test_bad_arguments_raise_clear_errors():
