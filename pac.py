@@ -511,64 +511,83 @@ def _band_bytes(device: torch.device) -> int:
     return _CPU_BAND_BYTES if device.type == "cpu" else _GPU_BAND_BYTES
 
 
-_executors: dict = {}
+# CPU thread pools whose threads run single-threaded torch ops: the band workers (one pool per torch thread
+# count) and, per calling thread, the coordinator that runs the body of each ``pac::`` op.
+_band_pools: dict = {}
 _thread_state = threading.local()  # .coordinator of a calling thread; .threads inside a coordinated op
+_pools_lock = threading.Lock()
 
 
 def _forget_threads() -> None:
     """In a forked child the pools' threads do not exist: start new pools when they are next needed."""
-    _executors.clear()
+    _band_pools.clear()
     _thread_state.__dict__.clear()
 
 
 os.register_at_fork(after_in_child=_forget_threads)
 
 
+def _single_threaded() -> None:
+    torch.get_num_threads()  # torch's lazy per-thread set-up first: it would later reset the count to the process's
+    torch.set_num_threads(1)  # (the last count any thread set)
+
+
+def _start_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` single-threaded threads, all started before it is returned."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=_single_threaded)
+    started = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        pool.submit(started.wait)
+    started.wait()
+    return pool
+
+
 def _coordinated_op(fn):
     """Run ``fn(tensor, ...)``, the body of a ``pac::`` op, on a coordinator thread with one torch thread when the
     caller has several (one coordinator per calling thread): the op's own set-up and reductions (padding,
-    zero-filled buffers, sums) then never wait for a descheduled OpenMP thread, and its bands use as many
-    workers as the caller has threads."""
+    zero-filled buffers, sums) then never wait for a descheduled OpenMP thread, and its bands run on as many
+    workers as the caller has threads (see :func:`_map_bands`)."""
     @functools.wraps(fn)
     def run(*args):
         threads = torch.get_num_threads()
         if args[0].device.type != "cpu" or threads <= 1 or getattr(_thread_state, "threads", None):
             return fn(*args)
+        with _pools_lock:
+            started = False
+            if getattr(_thread_state, "coordinator", None) is None:
+                _thread_state.coordinator, started = _start_pool("pac-op", 1), True
+            if threads not in _band_pools:
+                _band_pools[threads], started = _start_pool("pac-band", threads), True
+            if started:  # a worker's set_num_threads(1) also set the count that torch gives to new threads
+                torch.set_num_threads(threads)  # (this thread's own count is unchanged)
 
         def coordinate():
             _thread_state.threads = threads
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
                 return fn(*args)
 
-        if getattr(_thread_state, "coordinator", None) is None:
-            _thread_state.coordinator = ThreadPoolExecutor(1, thread_name_prefix="pac-op",
-                                                           initializer=torch.set_num_threads, initargs=(1,))
         return _thread_state.coordinator.submit(coordinate).result()
     return run
 
 
-def _map_bands(fn, items: list, device: torch.device) -> list:
+def _map_bands(fn, items: list) -> list:
     """``[fn(item) for item in items]``, where an item is a band (or a list of bands).
 
-    On a CPU with several torch threads the items run on as many worker threads, each of which runs
-    single-threaded torch ops. A band is a few large operations, and a multi-threaded operation waits for
-    its slowest thread at every step: next to other busy processes those waits dominate, while here a
-    descheduled worker delays only its own bands. (A worker's thread count is its own: the caller's is
-    untouched, so the OpenMP team of the caller's next operation is not rebuilt.)
+    Inside a coordinated op (a CPU caller with several torch threads) the items run on as many worker threads,
+    each of which runs single-threaded torch ops. A band is a few large operations, and a multi-threaded
+    operation waits for its slowest thread at every step: next to other busy processes those waits dominate,
+    while here a descheduled worker delays only its own bands.
     """
-    threads = getattr(_thread_state, "threads", None) or torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1:
+    threads = getattr(_thread_state, "threads", None)
+    if threads is None:
         return [fn(item) for item in items]
-    if threads not in _executors:
-        _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pac-band",
-                                                 initializer=torch.set_num_threads, initargs=(1,))
 
     def run(item):
         # Grad mode and autocast are per thread: a worker starts with both at their defaults.
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             return fn(item)
 
-    return list(_executors[threads].map(run, items))
+    return list(_band_pools[threads].map(run, items))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -808,7 +827,7 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
         modulated = _contiguous_mul(_window(prep.x, band), kb.to(x.dtype))
         out[band.out_index()] = _apply_weight(modulated, w, a.groups)
 
-    _map_bands(run, tasks, x.device)
+    _map_bands(run, tasks)
     return out, (x.new_zeros(0) if flags_out is None else flags_out)
 
 
@@ -874,16 +893,17 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     if len(phases) == 1:  # the bands of a disjoint set read disjoint rows: fold each set in parallel
         w, bands = phases[0]
         results = [r for disjoint in _disjoint_sets(bands, guide is not None)
-                   for r in _map_bands(lambda band: run(band, w, gx, gguide), disjoint, x.device)]
+                   for r in _map_bands(lambda band: run(band, w, gx, gguide), disjoint)]
     else:  # output phases read overlapping inputs: fixed groups of phases, each folding into its own buffers
-        groups = [phases[i::torch.get_num_threads()] for i in range(min(len(phases), torch.get_num_threads()))]
+        workers = getattr(_thread_state, "threads", None) or 1
+        groups = [phases[i::workers] for i in range(min(len(phases), workers))]
 
         def run_group(group):
             own = [None if t is None else torch.zeros_like(t) for t in (gx, gguide)]
             return own, [run(band, w, *own) for w, bands in group for band in bands]
 
         results = []
-        for own, group_results in _map_bands(run_group, groups, x.device):  # summed in a fixed order
+        for own, group_results in _map_bands(run_group, groups):  # summed in a fixed order
             for total, part in zip((gx, gguide), own):
                 if total is not None:
                     total += part
@@ -966,7 +986,7 @@ def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
         if flags_out is not None:
             _first_axis_rows(flags_out, band).copy_(flags)
 
-    _map_bands(run, _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True), guide.device)
+    _map_bands(run, _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True))
     return kernel, (guide.new_zeros(0) if flags_out is None else flags_out)
 
 
@@ -985,7 +1005,7 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
 
     bands = _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True)
     for disjoint in _disjoint_sets(bands, True):
-        for g_params in _map_bands(run, disjoint, guide.device):
+        for g_params in _map_bands(run, disjoint):
             params.add(g_params)
     return (gguide, gcentre) + params.result()
 
