@@ -135,19 +135,28 @@ def test_every_weight_tap_gets_its_gradient():
     torch.testing.assert_close(module.weight.grad, weight.grad)
 
 
-def test_band_size_does_not_change_results(monkeypatch):
-    """Outputs and gradients are the same whether a layer runs as one band or as one band per row."""
-    x, guide = rand(2, 3, 11, 9), rand(2, 2, 22, 18)
-    module = PacConvTranspose2d(3, 2, 5, 2, 2, 1, normalize_kernel=True, impl="taps").double()
-    results = []
-    for band_bytes in (1 << 30, 1):
-        monkeypatch.setattr(pac, "_CPU_BAND_BYTES", band_bytes)
-        xs, gs = x.detach().clone().requires_grad_(), guide.detach().clone().requires_grad_()
-        out = module(xs, gs)
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=DT).view(out.shape))
-        results.append((out, xs.grad, gs.grad))
+def assert_band_size_does_not_change_results(monkeypatch, module, x, guide, threads):
+    """Outputs and all gradients are the same with one band and with one band per row, on ``threads`` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for band_bytes in (1 << 30, 1):
+            monkeypatch.setattr(pac, "_CPU_BAND_BYTES", band_bytes)
+            xs, gs = x.detach().clone().requires_grad_(), guide.detach().clone().requires_grad_()
+            out = module(xs, gs)
+            out.backward(torch.linspace(-1, 1, out.numel(), dtype=DT).view(out.shape))
+            results.append((out, xs.grad, gs.grad, module.weight.grad.clone()))
+            module.zero_grad()
+    finally:
+        torch.set_num_threads(previous)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_band_size_does_not_change_results(monkeypatch):
+    module = PacConvTranspose2d(3, 2, 5, 2, 2, 1, normalize_kernel=True, impl="taps").double()
+    assert_band_size_does_not_change_results(monkeypatch, module, rand(2, 3, 11, 9), rand(2, 2, 22, 18), threads=2)
 
 
 @pytest.mark.parametrize("k,s,d", [(3, 1, 1), (5, 1, 1), (5, 2, 1), (3, 1, 3), (7, 3, 2)])
@@ -167,23 +176,8 @@ def test_bands_of_a_disjoint_set_read_disjoint_rows(monkeypatch, k, s, d, band_b
 
 def test_one_row_bands_fold_like_one_band(monkeypatch):
     """3-D rows larger than the band budget make one-row bands folded in several sets, on two threads."""
-    x, guide = rand(1, 2, 7, 5, 4), rand(1, 2, 7, 5, 4)
     module = pac.PacConv3d(2, 2, 5, padding=2, kernel_type="inv_0.5_-0.5", impl="taps").double()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        results = []
-        for band_bytes in (1 << 30, 1):
-            monkeypatch.setattr(pac, "_CPU_BAND_BYTES", band_bytes)
-            xs, gs = x.detach().clone().requires_grad_(), guide.detach().clone().requires_grad_()
-            out = module(xs, gs)
-            out.backward(torch.linspace(-1, 1, out.numel(), dtype=DT).view(out.shape))
-            results.append((out, xs.grad, gs.grad, module.weight.grad.clone()))
-            module.zero_grad()
-    finally:
-        torch.set_num_threads(previous)
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+    assert_band_size_does_not_change_results(monkeypatch, module, rand(1, 2, 7, 5, 4), rand(1, 2, 7, 5, 4), threads=2)
 
 
 def test_ops_run_single_threaded_on_their_own_threads(monkeypatch):
