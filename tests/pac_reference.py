@@ -75,7 +75,7 @@ def parse_kernel_type(kernel_type: str) -> Tuple[str, Optional[float], Optional[
     raise ValueError(f'unknown kernel_type {kernel_type!r}')
 
 
-def _source_index(pos: int, size: int, pad: int, padding_mode: str) -> Optional[int]:
+def source_index(pos: int, size: int, pad: int, padding_mode: str) -> Optional[int]:
     """Map a (possibly out-of-image) position to an image index, or None for a zero read.
 
     ``pad`` is the width of the border filled by ``padding_mode`` (ignored for 'zeros').
@@ -96,8 +96,8 @@ def _source_index(pos: int, size: int, pad: int, padding_mode: str) -> Optional[
 def read_pixel(image: torch.Tensor, y: int, x: int, pad: Tuple[int, int] = (0, 0),
                padding_mode: str = 'zeros') -> torch.Tensor:
     """Return image[:, :, y, x] of shape (B, C), with out-of-image positions resolved by padding_mode."""
-    yy = _source_index(y, image.shape[-2], pad[0], padding_mode)
-    xx = _source_index(x, image.shape[-1], pad[1], padding_mode)
+    yy = source_index(y, image.shape[-2], pad[0], padding_mode)
+    xx = source_index(x, image.shape[-1], pad[1], padding_mode)
     if yy is None or xx is None:
         return image.new_zeros(image.shape[:2])
     return image[:, :, yy, xx]

@@ -34,9 +34,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-IntTuple = Union[int, Sequence[int]]
+# the per-axis geometry, the padding rule and the kernel-type grammar are those of the 2-D reference
+from pac_reference import (PADDING_MODES, conv_out_size, conv_transpose_in_size, conv_transpose_out_size,
+                           parse_kernel_type, source_index)
 
-PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
+IntTuple = Union[int, Sequence[int]]
 
 
 # ---------------------------------------------------------------- geometry
@@ -50,24 +52,6 @@ def ntuple(value: IntTuple, n: int) -> Tuple[int, ...]:
     if len(value) != n:
         raise ValueError(f'expected an int or {n} values, got {value}')
     return value
-
-
-def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    """Output length of a (non-transposed) convolution or pooling along one dimension."""
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def conv_transpose_out_size(size: int, k: int, s: int, p: int, op: int, d: int) -> int:
-    """Output length of a transposed convolution along one dimension."""
-    return (size - 1) * s - 2 * p + d * (k - 1) + 1 + op
-
-
-def conv_transpose_in_size(out_size: int, k: int, s: int, p: int, op: int, d: int) -> int:
-    """Input length of a transposed convolution whose output length is ``out_size``."""
-    span = out_size + 2 * p - d * (k - 1) - 1 - op
-    if span < 0 or span % s != 0:
-        raise ValueError(f'output size {out_size} is not reachable with k={k} s={s} p={p} op={op} d={d}')
-    return span // s + 1
 
 
 def positions(shape: Sequence[int]):
@@ -98,24 +82,6 @@ def transposed_source(out_pos, tap, in_size, k, s, p, d) -> Optional[Tuple[int, 
     return tuple(source)
 
 
-def source_index(pos: int, size: int, pad: int, padding_mode: str) -> Optional[int]:
-    """Map a (possibly out-of-image) position to an image index, or None for a zero read.
-
-    ``pad`` is the width of the border filled by ``padding_mode`` (ignored for 'zeros').
-    """
-    if 0 <= pos < size:
-        return pos
-    if padding_mode == 'zeros' or pos < -pad or pos >= size + pad:
-        return None
-    if padding_mode == 'replicate':
-        return min(max(pos, 0), size - 1)
-    if padding_mode == 'circular':
-        return pos % size
-    if padding_mode == 'reflect':  # mirror without repeating the edge voxel
-        return -pos if pos < 0 else 2 * (size - 1) - pos
-    raise ValueError(f'unknown padding_mode {padding_mode!r}')
-
-
 def source_voxel(pos, size, pad, padding_mode: str) -> Optional[Tuple[int, ...]]:
     """The image voxel a position reads (after padding), or None for a zero read."""
     index = tuple(source_index(q, n, pp, padding_mode) for q, n, pp in zip(pos, size, pad))
@@ -132,17 +98,6 @@ def read_voxel(image: torch.Tensor, pos, pad=None, padding_mode: str = 'zeros') 
 
 
 # ---------------------------------------------------------------- the adaptive kernel
-
-
-def parse_kernel_type(kernel_type: str) -> Tuple[str, Optional[float], Optional[float], bool]:
-    """``'gaussian'`` -> ('gaussian', None, None, False); ``'inv_0.2_-1_asym_fixed'`` -> ('inv', 0.2, -1.0, True)."""
-    parts = kernel_type.split('_')
-    asym = 'asym' in parts[1:]
-    if parts[0] == 'gaussian':
-        return 'gaussian', None, None, asym
-    if parts[0] == 'inv' and len(parts) >= 3:
-        return 'inv', float(parts[1]), float(parts[2]), asym
-    raise ValueError(f'unknown kernel_type {kernel_type!r}')
 
 
 def _kernel_function(dist: torch.Tensor, family: str, alpha, lam) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import pac
+from layer_helpers import max_abs_over_resets, rand, randomise_kernel_params, unpack
 import pac_reference_nd as reference
 from pac_reference_nd import conv_transpose_out_size, gaussian_nd, linear_profile, ntuple, smoothing_kernel_nd
 
@@ -49,10 +50,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-def rand(*shape, dtype=DT, grad=False):
-    return torch.randn(*shape, dtype=dtype, requires_grad=grad)
-
-
 def random_mask(*shape, keep=0.6):
     return (torch.rand(*shape) < keep).to(DT)
 
@@ -61,23 +58,9 @@ def raises(match: str):
     return pytest.raises((ValueError, TypeError), match=match)
 
 
-def unpack(result):
-    """Module outputs are a tensor, or (tensor, output_mask) when a mask was given."""
-    return result if isinstance(result, tuple) else (result, None)
-
-
 def detached(module, name):
     value = getattr(module, name, None)
     return None if value is None else value.detach()
-
-
-def randomise_kernel_params(module):
-    """Move learnable kernel parameters away from their init so the test sees them being used."""
-    with torch.no_grad():
-        for name in ('inv_alpha', 'inv_lambda', 'smooth_kernel'):
-            value = getattr(module, name, None)
-            if isinstance(value, nn.Parameter):
-                value.add_(0.1 * torch.rand_like(value))
 
 
 def reference_output(module, x, kernel, geometry):
@@ -645,14 +628,6 @@ def test_initial_kernel_parameter_values():
 
 
 # ---------------------------------------------------------------- fillers
-
-
-def max_abs_over_resets(module, names, resets=10):
-    largest = 0.0
-    for _ in range(resets):
-        module.reset_parameters()
-        largest = max(largest, max(getattr(module, name).abs().max().item() for name in names))
-    return largest
 
 
 @pytest.mark.parametrize('make,bound', [

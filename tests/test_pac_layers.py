@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import pac
+from layer_helpers import max_abs_over_resets, rand, randomise_kernel_params, unpack
 from pac import PacConv2d, PacConvTranspose2d, PacPool2d, packernel2d, pacconv2d, pacconv_transpose2d, pacpool2d
 from pac_reference import (gaussian_2d, ref_im2col, ref_kernel, ref_pacconv2d,
                            ref_pacconv_transpose2d, ref_pacpool2d, smoothing_kernel)
@@ -25,28 +26,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-def rand(*shape, dtype=DT, grad=False):
-    return torch.randn(*shape, dtype=dtype, requires_grad=grad)
-
-
-def unpack(result):
-    """Module outputs are a tensor, or (tensor, output_mask) when a mask was given."""
-    return result if isinstance(result, tuple) else (result, None)
-
-
 def module_kernel_params(module):
     """Learnable/registered kernel parameters of ``module`` as reference keyword arguments."""
     return dict(inv_alpha=getattr(module, 'inv_alpha', None), inv_lambda=getattr(module, 'inv_lambda', None),
                 smooth_kernel=getattr(module, 'smooth_kernel', None))
-
-
-def randomise_kernel_params(module):
-    """Move learnable kernel parameters away from their init so the test sees them being used."""
-    with torch.no_grad():
-        for name in ('inv_alpha', 'inv_lambda', 'smooth_kernel'):
-            value = getattr(module, name, None)
-            if isinstance(value, nn.Parameter):
-                value.add_(0.1 * torch.rand_like(value))
 
 
 def check_module_against_reference(module, x, guide, mask=None, **geometry):
@@ -668,15 +651,6 @@ def test_reset_parameters_restores_kernel_parameters():
 
 
 # ---------------------------------------------------------------- fillers (spec 1.6)
-
-
-def max_abs_over_resets(module, names, resets=20):
-    """Largest |value| of the named tensors over several reset_parameters() draws."""
-    largest = 0.0
-    for _ in range(resets):
-        module.reset_parameters()
-        largest = max(largest, max(getattr(module, name).abs().max().item() for name in names))
-    return largest
 
 
 @pytest.mark.parametrize('make,bound', [
