@@ -20,7 +20,9 @@ Every layer and functional form takes ``impl``:
   ``pac::kernel`` and their backward ops). They work band by band over the first output axis; for each
   band a few large operations compute the kernel from the guide, modulate the input windows and
   apply the weight as one matrix product. ``K`` is never stored and backward recomputes it, so the
-  extra memory is one band. Transposed convolutions are computed one output phase at a time (each
+  extra memory is one band. On a CPU the element-wise passes over a band's taps (guide distances,
+  modulation, pooling and their gradients) are plain C loops from :mod:`pac_cpu`, compiled on first
+  use; without a C compiler the same steps run as torch operations. Transposed convolutions are computed one output phase at a time (each
   tap reads a stride-1 window of the input), so they never pay for zero insertion.
 - ``'unfold'`` (the 2019 flag ``native_impl=True``): plain autograd through ``unfold``, the readable
   reference. It materialises the unfolded input ``[B, C, k*k, H', W']``. ONNX and TorchScript
@@ -47,6 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+import pac_cpu
 
 __all__ = [
     "PacConv2d", "PacConvTranspose2d", "PacPool2d",
@@ -620,15 +624,44 @@ def _guide_differences(guide_win: torch.Tensor, centre: torch.Tensor, asym: bool
     return diff.relu_() if asym else diff
 
 
-def _band_kernel(spec: _KernelSpec, guide_win, centre, valid_win, pattern_win, alpha, lam):
-    """Adaptive kernel ``(B, 1 or C, *taps, *counts)`` of one band, and the output mask flags.
+def _compiled(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether :mod:`pac_cpu`'s compiled loops run the band primitives of these tensors (else torch ops do)."""
+    return pac_cpu.supports(*tensors)
 
-    ``guide_win`` is the window view of the padded guide, ``centre`` the centre features
-    ``(B, C, *counts)``; ``valid_win`` the window of the layer's mask (or of the real-pixel pattern when
-    only normalising), ``pattern_win`` the real-pixel pattern (used with a mask and no normalisation).
+
+def _cpu_window(t: torch.Tensor, band: _Band, guide: bool = False) -> "pac_cpu.Window":
+    return pac_cpu.window(tuple(t.shape[2:]), tuple(_reads(band, guide)), band.taps, band.counts)
+
+
+def _as_taps(t: torch.Tensor, band: _Band) -> torch.Tensor:
+    """A ``(B, C, T, P)`` result of :mod:`pac_cpu` as ``(B, C, *taps, *counts)``."""
+    return t.view(*t.shape[:2], *band.taps, *band.counts)
+
+
+def _flat(t: torch.Tensor, band: _Band) -> torch.Tensor:
+    """A ``(B, C, [*taps,] *counts)`` tensor as :mod:`pac_cpu` reads it: contiguous ``(B, C, [T,] P)``."""
+    taps = (math.prod(band.taps),) if t.dim() > 2 + len(band.counts) else ()
+    return t.reshape(*t.shape[:2], *taps, math.prod(band.counts)).contiguous()
+
+
+def _band_distance(spec: _KernelSpec, guide, centre, band: _Band, compiled: bool) -> torch.Tensor:
+    """``(B, 1 or C, *taps, *counts)``: the squared guide differences ``phi(tap - centre)^2`` of one band, summed
+    over the guide channels unless channel-wise. ``centre`` holds the band's centre features ``(B, C, *counts)``."""
+    if compiled:
+        dist = pac_cpu.distance(guide, _flat(centre, band), _cpu_window(guide, band, guide=True), spec.channel_wise,
+                                spec.asym)
+        return _as_taps(dist, band)
+    diff = _guide_differences(_window(guide, band, guide=True), centre, spec.asym)
+    return diff.square_() if spec.channel_wise else diff.square_().sum(1, keepdim=True)
+
+
+def _band_kernel(spec: _KernelSpec, dist, valid_win, pattern_win, alpha, lam):
+    """Adaptive kernel ``(B, 1 or C, *taps, *counts)`` of one band from its guide distances (overwritten), and the
+    output mask flags.
+
+    ``valid_win`` is the window of the layer's mask (or of the real-pixel pattern when only normalising),
+    ``pattern_win`` the real-pixel pattern (used with a mask and no normalisation).
     """
-    diff = _guide_differences(guide_win, centre, spec.asym)
-    dist = diff.square_() if spec.channel_wise else diff.square_().sum(1, keepdim=True)
     if spec.kind == _GAUSSIAN:
         kernel = dist.mul_(-0.5).exp_()
     else:
@@ -648,7 +681,7 @@ def _restrict(spec: _KernelSpec, kernel, valid_win, pattern_win):
     if valid_win is None:
         return kernel, None, None
     taps = _tap_dims(kernel)
-    kernel = kernel * valid_win
+    kernel = _contiguous_mul(kernel, valid_win)
     if spec.normalize:
         norm = kernel.sum(taps, keepdim=True)
     else:  # a mask without normalisation: rescale by the fraction of valid taps
@@ -658,10 +691,8 @@ def _restrict(spec: _KernelSpec, kernel, valid_win, pattern_win):
     return kernel.div_(norm), norm, (~empty)[(slice(None), slice(None), *([0] * len(taps)))]
 
 
-def _band_kernel_backward(spec: _KernelSpec, grad_kernel, guide_win, centre, valid_win, pattern_win, alpha, lam):
-    """Gradients of one band's kernel with respect to the guide window, the centre and alpha/lambda."""
-    diff = _guide_differences(guide_win, centre, spec.asym)
-    dist = diff.square() if spec.channel_wise else diff.square().sum(1, keepdim=True)
+def _band_kernel_backward(spec: _KernelSpec, grad_kernel, dist, valid_win, pattern_win, alpha, lam):
+    """Gradients of one band's kernel with respect to its guide distances ``dist`` (overwritten) and alpha/lambda."""
     if spec.kind == _GAUSSIAN:
         base = dist.mul(-0.5).exp_()
     else:
@@ -676,18 +707,65 @@ def _band_kernel_backward(spec: _KernelSpec, grad_kernel, guide_win, centre, val
         else:
             grad_kernel = grad_kernel / norm
         grad_kernel = grad_kernel * valid_win
-    grad_alpha = grad_lambda = None
     if spec.kind == _GAUSSIAN:
-        grad_dist = grad_kernel * base * -0.5
-    else:
-        half_lam = 0.5 * _channel_view(lam, dist)
-        grad_dist = grad_kernel * half_lam * power / shifted
-        dims = tuple(d for d in range(grad_kernel.dim()) if d != 1) if alpha.dim() else None
-        grad_alpha = grad_kernel.sum(dims) if dims else grad_kernel.sum()
-        g_lam = grad_kernel * power * shifted.log() * 0.5
-        grad_lambda = g_lam.sum(dims) if dims else g_lam.sum()
+        return grad_kernel * base * -0.5, None, None
+    half_lam = 0.5 * _channel_view(lam, dist)
+    grad_dist = grad_kernel * half_lam * power / shifted
+    dims = tuple(d for d in range(grad_kernel.dim()) if d != 1) if alpha.dim() else None
+    grad_alpha = grad_kernel.sum(dims) if dims else grad_kernel.sum()
+    g_lam = grad_kernel * power * shifted.log() * 0.5
+    grad_lambda = g_lam.sum(dims) if dims else g_lam.sum()
+    return grad_dist, grad_alpha, grad_lambda
+
+
+def _band_distance_backward_into(spec: _KernelSpec, grad_dist, guide, centre, band: _Band, gguide, gcentre,
+                                 compiled: bool) -> None:
+    """Add the gradients of :func:`_band_distance` into the padded guide's ``gguide`` and into ``gcentre``, the
+    band's part of the centre gradient."""
+    if compiled:
+        band_gcentre = torch.zeros(_flat(centre, band).shape, dtype=gcentre.dtype)
+        pac_cpu.distance_backward(_flat(grad_dist, band), guide, _flat(centre, band),
+                                  _cpu_window(guide, band, guide=True), spec.channel_wise, spec.asym, gguide,
+                                  band_gcentre)
+        gcentre += band_gcentre.view(gcentre.shape)
+        return
+    diff = _guide_differences(_window(guide, band, guide=True), centre, spec.asym)
     grad_diff = diff.mul_(grad_dist).mul_(2)  # d(phi(diff)^2) = 2 phi(diff), for the identity and ReLU
-    return grad_diff, -grad_diff.sum(taps), grad_alpha, grad_lambda
+    _fold_into(gguide, grad_diff, band, guide=True)
+    gcentre -= grad_diff.sum(_tap_dims(grad_diff))
+
+
+def _modulated(x, kernel, band: _Band, compiled: bool) -> torch.Tensor:
+    """``(B, C, *taps, *counts)``: the band's windows of the padded input times its kernel."""
+    if compiled:
+        return _as_taps(pac_cpu.modulate(x, _flat(kernel, band), _cpu_window(x, band)), band)
+    return _contiguous_mul(_window(x, band), kernel)
+
+
+def _pooled(x, kernel, band: _Band, compiled: bool) -> torch.Tensor:
+    """``(B, C, *counts)``: :func:`_modulated` summed over the taps."""
+    if compiled:
+        return pac_cpu.pool(x, _flat(kernel, band), _cpu_window(x, band)).view(*x.shape[:2], *band.counts)
+    modulated = _modulated(x, kernel, band, compiled)
+    return modulated.sum(_tap_dims(modulated), dtype=_acc_dtype(x.dtype)).to(x.dtype)
+
+
+def _modulated_backward(grad, x, kernel, band: _Band, gx, need_kernel: bool, compiled: bool):
+    """Backward of :func:`_modulated` (``grad`` ``(B, C, *taps, *counts)``), or of :func:`_pooled` (``grad``
+    ``(B, C, *counts)``): adds the input gradient into the padded ``gx`` (when given) and returns the kernel
+    gradient ``(B, 1 or C, *taps, *counts)`` (when ``need_kernel``)."""
+    if compiled:
+        gk = pac_cpu.modulate_backward(_flat(grad, band), x, _flat(kernel, band), _cpu_window(x, band), gx,
+                                       need_kernel)
+        return None if gk is None else _as_taps(gk, band)
+    if grad.dim() == 2 + len(band.counts):  # pooling: every tap of a channel gets the channel's output gradient
+        grad = grad.view(*grad.shape[:2], *([1] * len(band.counts)), *band.counts)
+    if gx is not None:
+        _fold_into(gx, _contiguous_mul(grad, kernel), band)
+    if not need_kernel:
+        return None
+    gk = _contiguous_mul(_window(x, band), grad)
+    return gk.sum(1, keepdim=True, dtype=kernel.dtype) if kernel.shape[1] == 1 else gk.to(kernel.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -754,14 +832,19 @@ def _validity(mask, a: _OpArgs, in_size, dtype, device, pads=None):
 
 class _Prepared(NamedTuple):
     x: torch.Tensor                  # the input as the taps read it (padded)
+    guide: Optional[torch.Tensor]    # the padded guide
     phases: Tuple[List[_Phase], ...]  # the output phases of every axis
     valid: Optional[torch.Tensor]    # mask (or real-pixel pattern when only normalising), laid out like x
     pattern: Optional[torch.Tensor]  # real-pixel pattern, with a mask and no normalisation
     unpad: tuple                     # index of the input in the padded x
+    compiled: bool                   # whether pac_cpu's compiled loops run the band primitives (x, guide contiguous)
 
 
-def _prepare_filter(x, mask, a: _OpArgs, kernel_dtype) -> _Prepared:
+def _prepare_filter(x, guide, mask, a: _OpArgs, kernel_dtype) -> _Prepared:
     dims = len(a.k)
+    compiled = _compiled(x) and (guide is None or _compiled(guide))
+    if compiled:
+        x, guide = x.contiguous(), (None if guide is None else guide.contiguous())
     if a.transposed:
         in_size = tuple(x.shape[2:])
         before, after = zip(*(_transposed_pads(a.k[i], a.s[i], a.p[i], a.d[i], in_size[i], a.out_size[i])
@@ -770,10 +853,15 @@ def _prepare_filter(x, mask, a: _OpArgs, kernel_dtype) -> _Prepared:
         phases = _phases(True, a.k, a.s, a.p, a.d, a.out_size, before)
         valid, pattern = _validity(mask, a, in_size, kernel_dtype, x.device, pads)
         unpad = (slice(None), slice(None), *(slice(b, b + n) for b, n in zip(before, in_size)))
-        return _Prepared(F.pad(x, pads), phases, valid, pattern, unpad)
+        return _Prepared(F.pad(x, pads), guide, phases, valid, pattern, unpad, compiled)
     in_size = tuple(x.shape[2 + i] - 2 * a.p[i] for i in range(dims))
     valid, pattern = _validity(mask, a, in_size, kernel_dtype, x.device)
-    return _Prepared(x, _phases(False, a.k, a.s, a.p, a.d, a.out_size), valid, pattern, (...,))
+    return _Prepared(x, guide, _phases(False, a.k, a.s, a.p, a.d, a.out_size), valid, pattern, (...,), compiled)
+
+
+def _laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of ``like`` (as the fake kernels promise: ``empty_like``)."""
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
 
 
 def _band_of(t: Optional[torch.Tensor], band: _Band):
@@ -785,8 +873,8 @@ def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, l
     out = band.out_index()
     if a.spec is None:
         return kernel[band.tap_index() + out[2:]], None
-    kernel, _, flags = _band_kernel(a.spec, _window(guide, band, guide=True), centre[out],
-                                    _band_of(prep.valid, band), _band_of(prep.pattern, band), alpha, lam)
+    dist = _band_distance(a.spec, guide, centre[out], band, prep.compiled)
+    kernel, _, flags = _band_kernel(a.spec, dist, _band_of(prep.valid, band), _band_of(prep.pattern, band), alpha, lam)
     return kernel, flags
 
 
@@ -809,7 +897,7 @@ def _phase_weight(weight, groups, phases: Sequence[_Phase]):
 @_coordinated_op
 def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs):
     kernel_dtype = (kernel if a.spec is None else guide).dtype
-    prep = _prepare_filter(x, mask, a, kernel_dtype)
+    prep = _prepare_filter(x, guide, mask, a, kernel_dtype)
     b, c = x.shape[:2]
     out = x.new_zeros(b, c if weight is None else weight.shape[0], *a.out_size)
     flags_out = None
@@ -821,23 +909,23 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
 
     def run(task) -> None:  # output phases and bands write disjoint outputs: all of them run in parallel
         band, w = task
-        kb, flags = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
+        kb, flags = _kernel_of_band(a, kernel, prep.guide, centre, prep, alpha, lam, band)
         if flags_out is not None:
             flags_out[band.out_index()] = flags.to(kernel_dtype)
-        modulated = _contiguous_mul(_window(prep.x, band), kb.to(x.dtype))
-        out[band.out_index()] = _apply_weight(modulated, w, a.groups)
+        kb = kb.to(x.dtype)
+        if w is None:
+            out[band.out_index()] = _pooled(prep.x, kb, band, prep.compiled)
+        else:
+            out[band.out_index()] = _apply_weight(_modulated(prep.x, kb, band, prep.compiled), w, a.groups)
 
     _map_bands(run, tasks)
     return out, (x.new_zeros(0) if flags_out is None else flags_out)
 
 
 def _apply_weight(modulated, w, groups):
-    """``sum_{c, taps} W * modulated`` as one batched matmul (or the per-channel sum when pooling)."""
-    taps = _tap_dims(modulated)
-    if w is None:
-        return modulated.sum(taps, dtype=_acc_dtype(modulated.dtype)).to(modulated.dtype)
-    b, c = modulated.shape[:2]
-    counts = modulated.shape[2 + len(taps):]
+    """``sum_{c, taps} W * modulated`` as one batched matmul."""
+    b = modulated.shape[0]
+    counts = modulated.shape[2 + len(_tap_dims(modulated)):]
     out = torch.matmul(w, modulated.reshape(b, groups, -1, math.prod(counts)))
     return out.view(b, -1, *counts)
 
@@ -846,13 +934,13 @@ def _apply_weight(modulated, w, groups):
 def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs, needs):
     need_x, need_w, need_k, need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
     kernel_dtype = (kernel if a.spec is None else guide).dtype
-    prep = _prepare_filter(x, mask, a, kernel_dtype)
+    prep = _prepare_filter(x, guide, mask, a, kernel_dtype)
     b, c = x.shape[:2]
     acc = _acc_dtype(x.dtype)
     gx = torch.zeros(prep.x.shape, dtype=acc, device=x.device) if need_x else None
     gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
     gk = torch.zeros_like(kernel) if need_k else None
-    gguide = torch.zeros_like(guide) if need_guide or need_centre else None
+    gguide = torch.zeros(prep.guide.shape, dtype=guide.dtype, device=x.device) if need_guide or need_centre else None
     gcentre = torch.zeros_like(centre) if need_guide or need_centre else None
     need_kernel_grad = need_k or gguide is not None or need_alpha or need_lam
     params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
@@ -862,29 +950,27 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
         """Fold one band's input and guide gradients into ``gx`` and ``gguide``; return its weight and
         kernel-parameter gradients."""
         counts, out = band.counts, band.out_index()
-        kb, _ = _kernel_of_band(a, kernel, guide, centre, prep, alpha, lam, band)
+        kb, _ = _kernel_of_band(a, kernel, prep.guide, centre, prep, alpha, lam, band)
         kbx = kb.to(x.dtype)
-        xw = _window(prep.x, band)
         go = grad_out[out]
         if w is None:  # pooling: every tap of a channel gets the channel's output gradient
-            g_mod = go.view(b, c, *([1] * len(counts)), *counts)
+            g_mod = go
         else:
             go = go.reshape(b, a.groups, -1, math.prod(counts))
             g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, *band.taps, *counts)
-        if gx is not None:
-            _fold_into(gx, _contiguous_mul(g_mod, kbx), band)
+        gkb = _modulated_backward(g_mod, prep.x, kbx, band, gx, need_kernel_grad, prep.compiled)
         g_weight = g_params = None
         if need_w:
-            modulated = _contiguous_mul(xw, kbx).view(b, a.groups, -1, math.prod(counts))
+            modulated = _modulated(prep.x, kbx, band, prep.compiled).view(b, a.groups, -1, math.prod(counts))
             g_weight = torch.matmul(go, modulated.transpose(2, 3)).sum(0, dtype=acc)
         if need_kernel_grad:
-            gkb = _contiguous_mul(xw, g_mod)
-            gkb = gkb.sum(1, keepdim=True, dtype=kernel_dtype) if kb.shape[1] == 1 else gkb.to(kernel_dtype)
+            gkb = gkb.to(kernel_dtype)
             if gk is not None:
                 gk[band.tap_index() + out[2:]] = gkb
             if gguide is not None or params.needed:
-                g_params = _kernel_band_backward_into(a.spec, gkb, guide, centre, prep.valid, prep.pattern, alpha, lam,
-                                                      band, gguide, gcentre)
+                g_params = _kernel_band_backward_into(a.spec, gkb, prep.guide, centre[out], prep.valid, prep.pattern,
+                                                      alpha, lam, band, gguide, None if gguide is None else gcentre[out],
+                                                      prep.compiled)
         return band, g_weight, g_params
 
     phases = [(_phase_weight(weight, a.groups, ph), _bands(ph, _band_rows_bytes(x, guide, ph), x.device,
@@ -898,14 +984,14 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
         workers = getattr(_thread_state, "threads", None) or 1
         groups = [phases[i::workers] for i in range(min(len(phases), workers))]
 
-        def run_group(group):
-            own = [None if t is None else torch.zeros_like(t) for t in (gx, gguide)]
+        def run_group(group):  # one group (one worker) folds straight into the totals
+            own = (gx, gguide) if len(groups) == 1 else [None if t is None else torch.zeros_like(t) for t in (gx, gguide)]
             return own, [run(band, w, *own) for w, bands in group for band in bands]
 
         results = []
         for own, group_results in _map_bands(run_group, groups):  # summed in a fixed order
             for total, part in zip((gx, gguide), own):
-                if total is not None:
+                if total is not None and part is not total:
                     total += part
             results += group_results
     for band, g_weight, g_params in results:
@@ -914,6 +1000,8 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
         params.add(g_params)
     if gx is not None:
         gx = gx[prep.unpad].to(x.dtype).contiguous()  # as the fake kernel promises
+    if gguide is not None:
+        gguide = _laid_out_like(gguide, guide)
     if gw is not None:
         gw = gw.to(weight.dtype)
     return (gx, gw, gk, gguide, gcentre) + params.result()
@@ -939,16 +1027,16 @@ class _ParamGrads:
         return tuple(self.grads)
 
 
-def _kernel_band_backward_into(spec, gkb, guide, centre, valid, pattern, alpha, lam, band: _Band, gguide, gcentre):
-    """Backpropagate one band's kernel gradient into the guide and centre; return the band's
-    ``(grad alpha, grad lambda)`` (None for a gaussian kernel)."""
-    out = band.out_index()
-    grad_win, grad_centre, ga, gl = _band_kernel_backward(
-        spec, gkb, _window(guide, band, guide=True), centre[out], _band_of(valid, band), _band_of(pattern, band),
-        alpha, lam)
+def _kernel_band_backward_into(spec, gkb, guide, centre, valid, pattern, alpha, lam, band: _Band, gguide, gcentre,
+                               compiled: bool):
+    """Backpropagate one band's kernel gradient into the padded guide's ``gguide`` and into ``gcentre`` (the band's
+    part of the centre gradient; both None when not needed); return the band's ``(grad alpha, grad lambda)``
+    (None for a gaussian kernel). ``centre`` holds the band's centre features."""
+    dist = _band_distance(spec, guide, centre, band, compiled)
+    grad_dist, ga, gl = _band_kernel_backward(spec, gkb, dist, _band_of(valid, band), _band_of(pattern, band),
+                                              alpha, lam)
     if gguide is not None:
-        _fold_into(gguide, grad_win, band, guide=True)
-        gcentre[out] += grad_centre
+        _band_distance_backward_into(spec, grad_dist, guide, centre, band, gguide, gcentre, compiled)
     return None if ga is None else (ga, gl)
 
 
@@ -975,13 +1063,15 @@ def _first_axis_rows(t: torch.Tensor, band: _Band) -> torch.Tensor:
 def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
     phases, in_size = _kernel_phases(guide, a)
     valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
+    compiled = _compiled(guide)
+    guide = guide.contiguous() if compiled else guide
     b = guide.shape[0]
     kernel = guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.k, *a.out_size)
     flags_out = None if mask is None else guide.new_zeros(b, kernel.shape[1], *a.out_size)
 
     def run(band: _Band) -> None:
-        kb, _, flags = _band_kernel(a.spec, _window(guide, band, guide=True), _first_axis_rows(centre, band),
-                                    _band_of(valid, band), _band_of(pattern, band), alpha, lam)
+        dist = _band_distance(a.spec, guide, _first_axis_rows(centre, band), band, compiled)
+        kb, _, flags = _band_kernel(a.spec, dist, _band_of(valid, band), _band_of(pattern, band), alpha, lam)
         _first_axis_rows(kernel, band).copy_(kb)
         if flags_out is not None:
             _first_axis_rows(flags_out, band).copy_(flags)
@@ -995,19 +1085,22 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
     need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
     phases, in_size = _kernel_phases(guide, a)
     valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
+    compiled = _compiled(guide)
+    given, guide = guide, (guide.contiguous() if compiled else guide)
     gguide, gcentre = torch.zeros_like(guide), torch.zeros_like(centre)
     params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_kernel = grad_kernel.to(guide.dtype)
 
     def run(band: _Band):
-        return _kernel_band_backward_into(a.spec, _first_axis_rows(grad_kernel, band), guide, centre, valid, pattern,
-                                          alpha, lam, band, gguide, gcentre)
+        return _kernel_band_backward_into(a.spec, _first_axis_rows(grad_kernel, band), guide,
+                                          _first_axis_rows(centre, band), valid, pattern, alpha, lam, band, gguide,
+                                          _first_axis_rows(gcentre, band), compiled)
 
     bands = _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True)
     for disjoint in _disjoint_sets(bands, True):
         for g_params in _map_bands(run, disjoint):
             params.add(g_params)
-    return (gguide, gcentre) + params.result()
+    return (_laid_out_like(gguide, given), gcentre) + params.result()
 
 
 # Registration. The ops take the layer geometry and options as integer lists (see _encode); optional

@@ -178,7 +178,20 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(params=["unfold", "taps"])
-def impl(request) -> str:
-    """Each PAC implementation in turn: 'unfold' (plain autograd) and 'taps' (the registered ops)."""
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_loops(request, monkeypatch) -> str:
+    """The 'taps' engine's band primitives on the CPU: pac_cpu's compiled loops, then the same steps as torch
+    operations (``PAC_CPU_KERNELS=0``, what runs without a C compiler)."""
+    if request.param == "torch":
+        monkeypatch.setenv("PAC_CPU_KERNELS", "0")
+    return request.param
+
+
+@pytest.fixture(params=["unfold", "taps", "taps-torch-loops"])
+def impl(request, monkeypatch) -> str:
+    """Each PAC implementation in turn: 'unfold' (plain autograd) and 'taps' (the registered ops), the latter
+    with its CPU band loops compiled and as torch operations (see ``cpu_loops``)."""
+    if request.param == "taps-torch-loops":
+        monkeypatch.setenv("PAC_CPU_KERNELS", "0")
+        return "taps"
     return request.param

@@ -2,7 +2,7 @@
 
 The reference (pac_reference_nd.py, checked on its own in test_pac_reference_nd.py) is written from
 the equations; numerics are compared in float64 on tiny volumes, for both implementations (the
-``impl`` fixture: 'unfold' and 'taps'). The conventions are those of the 2-D layers.
+``impl`` fixture: 'unfold', and 'taps' with its CPU loops compiled and as torch operations). The conventions are those of the 2-D layers.
 """
 import math
 

@@ -1,5 +1,6 @@
 """The 'taps' engine: the fused path (kernel computed inside ``pac::filter`` from the guide) checked with
-float64 gradcheck on every input and parameter for every option, the registered ops with
+float64 gradcheck on every input and parameter for every option (with the CPU band loops compiled and as torch
+operations), the registered ops with
 ``torch.library.opcheck``, and PyTorch's transforms and exporters on the default path."""
 import threading
 
@@ -63,13 +64,13 @@ CONV_OPTIONS = {
 
 
 @pytest.mark.parametrize("options", CONV_OPTIONS.values(), ids=CONV_OPTIONS.keys())
-def test_fused_conv_gradcheck(options):
+def test_fused_conv_gradcheck(options, cpu_loops):
     options = {"padding": 1, **options}
     gradcheck_module(PacConv2d(2, 2, 3, impl="taps", **options), rand(1, 2, 6, 5), rand(1, 2, 6, 5))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_fused_conv_gradcheck_with_mask(normalize):
+def test_fused_conv_gradcheck_with_mask(normalize, cpu_loops):
     mask = (torch.rand(2, 1, 6, 5) > 0.4).to(DT)
     module = PacConv2d(2, 2, 3, stride=2, padding=1, normalize_kernel=normalize, kernel_type="inv_0.5_-0.5",
                        impl="taps")
@@ -86,7 +87,7 @@ TRANSPOSED_OPTIONS = {
 
 
 @pytest.mark.parametrize("options", TRANSPOSED_OPTIONS.values(), ids=TRANSPOSED_OPTIONS.keys())
-def test_fused_conv_transpose_gradcheck(options):
+def test_fused_conv_transpose_gradcheck(options, cpu_loops):
     options = {"kernel_size": 3, **options}
     module = PacConvTranspose2d(2, 2, impl="taps", **options)
     x = rand(1, 2, 3, 3)
@@ -95,7 +96,7 @@ def test_fused_conv_transpose_gradcheck(options):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_fused_conv_transpose_gradcheck_with_mask(normalize):
+def test_fused_conv_transpose_gradcheck_with_mask(normalize, cpu_loops):
     module = PacConvTranspose2d(2, 2, 3, 2, 1, 1, normalize_kernel=normalize, impl="taps")
     mask = (torch.rand(1, 1, 4, 3) > 0.3).to(DT)
     gradcheck_module(module, rand(1, 2, 4, 3), rand(1, 1, 8, 6), mask)
@@ -112,12 +113,12 @@ POOL_OPTIONS = {
 
 
 @pytest.mark.parametrize("options", POOL_OPTIONS.values(), ids=POOL_OPTIONS.keys())
-def test_fused_pool_gradcheck(options):
+def test_fused_pool_gradcheck(options, cpu_loops):
     options = {"padding": 1, **options}
     gradcheck_module(PacPool2d(3, impl="taps", **options), rand(1, 3, 6, 5), rand(1, 3, 6, 5))
 
 
-def test_fused_pool_gradcheck_with_mask():
+def test_fused_pool_gradcheck_with_mask(cpu_loops):
     mask = (torch.rand(1, 1, 6, 5) > 0.3).to(DT)
     gradcheck_module(PacPool2d(3, padding=1, normalize_kernel=True, impl="taps"), rand(2, 2, 6, 5),
                      rand(2, 2, 6, 5), mask)

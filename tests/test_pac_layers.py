@@ -1,7 +1,7 @@
 """Tests of pac.py against torch layers, the brute-force reference (pac_reference.py) and the spec.
 
-Numerics are compared in float64; both implementations (the ``impl`` fixture: 'unfold' and 'taps')
-are run wherever the option exists. Spec = the spec, section 1.
+Numerics are compared in float64; both implementations (the ``impl`` fixture: 'unfold', and 'taps' with its CPU
+loops compiled and as torch operations) are run wherever the option exists. Spec = the spec, section 1.
 """
 import pytest
 import torch

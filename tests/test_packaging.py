@@ -11,7 +11,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = {"pac.py", "paccrf.py", "pac_triton.py"}
+LIBRARY = {"pac.py", "pac_cpu.py", "paccrf.py", "pac_triton.py"}
 NOT_INSTALLED = ("tools", "weights", "meta", "bench", "tests", "task_jointUpsampling", "task_semanticSegmentation")
 
 
@@ -75,12 +75,12 @@ def test_wheel_installs_the_library_only(tmp_path):
                    check=True, timeout=300)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    check = ("import sys, pac, paccrf, pac_triton; from pathlib import Path; "
-             "print(*(Path(m.__file__).parent for m in (pac, paccrf, pac_triton)), sep='\\n')")
+    check = ("import sys, pac, pac_cpu, paccrf, pac_triton; from pathlib import Path; "
+             "print(*(Path(m.__file__).parent for m in (pac, pac_cpu, paccrf, pac_triton)), sep='\\n')")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = subprocess.run([str(python), "-c", check], cwd=outside, env=env, capture_output=True, text=True,
                            timeout=120, check=True).stdout.split()
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           cwd=outside, env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert found == [site] * 3  # imported from the venv, not from the repository
+    assert found == [site] * 4  # imported from the venv, not from the repository
     assert not any((Path(site) / name).exists() for name in NOT_INSTALLED)
