@@ -982,7 +982,7 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
                    for r in _map_bands(lambda band: run(band, w, gx, gguide), disjoint)]
     else:  # output phases read overlapping inputs: fixed groups of phases, each folding into its own buffers
         workers = getattr(_thread_state, "threads", None) or 1
-        groups = [phases[i::workers] for i in range(min(len(phases), workers))]
+        groups = _balanced_groups(phases, min(len(phases), workers))
 
         def run_group(group):  # one group (one worker) folds straight into the totals
             own = (gx, gguide) if len(groups) == 1 else [None if t is None else torch.zeros_like(t) for t in (gx, gguide)]
@@ -1005,6 +1005,20 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     if gw is not None:
         gw = gw.to(weight.dtype)
     return (gx, gw, gk, gguide, gcentre) + params.result()
+
+
+def _balanced_groups(phases: list, count: int) -> List[list]:
+    """``(weight, bands)`` phases dealt into ``count`` groups of about equal work (taps x outputs): each phase in
+    turn, largest first, to the group with the least work so far (a fixed order, so sums are deterministic)."""
+    def work(phase):
+        return sum(math.prod(band.taps) * math.prod(band.counts) for band in phase[1])
+
+    groups, loads = [[] for _ in range(count)], [0] * count
+    for phase in sorted(phases, key=work, reverse=True):
+        i = loads.index(min(loads))
+        groups[i].append(phase)
+        loads[i] += work(phase)
+    return groups
 
 
 class _ParamGrads:

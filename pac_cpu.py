@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["library", "supports", "distance", "modulate", "pool", "modulate_backward", "distance_backward"]
+__all__ = ["library", "supports", "window", "distance", "modulate", "pool", "modulate_backward", "distance_backward"]
 
 DTYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
 
@@ -263,7 +263,12 @@ def window(spatial: Tuple[int, ...], reads: Tuple[Tuple[int, int, int], ...], ta
 
 
 def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    if t is None:
+        return None
+    if not t.is_contiguous():  # the loops index flat memory
+        raise ValueError(f"pac_cpu: every tensor must be contiguous, got one of shape {tuple(t.shape)} and strides "
+                         f"{t.stride()}")
+    return ctypes.c_void_p(t.data_ptr())
 
 
 def _call(name: str, dtype: torch.dtype, *args) -> None:

@@ -101,6 +101,16 @@ def test_supports_only_cpu_float32_and_float64_of_one_dtype():
     assert not pac_cpu.supports(torch.zeros(1, dtype=torch.bfloat16))
 
 
+def test_non_contiguous_tensors_are_refused():
+    x = torch.randn(1, 2, 6, 6)
+    band = _Band(tuple(ph[0] for ph in _phases(False, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4))), 0, 4)
+    kernel = torch.rand(1, 1, 9, 16)
+    with pytest.raises(ValueError, match="contiguous"):
+        pac_cpu.modulate(x.transpose(2, 3), kernel, pac._cpu_window(x, band))
+    with pytest.raises(ValueError, match="contiguous"):
+        pac_cpu.modulate(x, kernel.transpose(2, 3).contiguous().transpose(2, 3), pac._cpu_window(x, band))
+
+
 def test_opt_out_runs_torch_operations(monkeypatch):
     monkeypatch.setenv("PAC_CPU_KERNELS", "0")
     assert pac_cpu.library() is None and not pac_cpu.supports(torch.zeros(1))
