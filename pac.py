@@ -68,10 +68,10 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 IMPLS = ("auto", "unfold", "taps", "triton")
 
 # Size of the largest temporary of one band of the 'taps' path (the modulated input windows). On a CPU,
-# large enough that each band is a few big operations (every torch operation pays a thread
-# synchronisation) and small enough to keep the extra memory a fraction of the activations; on a GPU,
-# large enough to fill the device.
-_CPU_BAND_BYTES = 4 << 20
+# large enough that each band's fixed costs (Python, a dozen small torch operations) are small against its work,
+# and small enough to keep the extra memory a fraction of the activations (2 and 4 MB ran equally fast in the
+# layer benchmark; 1 MB was slower); on a GPU, large enough to fill the device.
+_CPU_BAND_BYTES = 2 << 20
 _GPU_BAND_BYTES = 256 << 20
 
 
@@ -484,11 +484,15 @@ def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, band: _Band, gui
 def _bands(phases: Sequence[_Phase], row_bytes: int, device: torch.device, guide: bool) -> List[_Band]:
     """Bands of outputs along the first axis whose largest temporary is about ``_band_bytes(device)``. A band
     is as tall as its input (and guide) window when that costs at most twice the budget, so that bands two
-    apart never read the same positions (see :func:`_disjoint_sets`); a 3-D layer's rows can be too large."""
+    apart never read the same positions (see :func:`_disjoint_sets`); a 3-D layer's rows can be too large.
+    With several workers there are at least four bands per worker where the window allows."""
     first = phases[0]
     budget = _band_bytes(device)
     min_rows = max(-(-span // step) for span, step in _read_spans(first, guide))
     size = max(1, budget // max(row_bytes, 1), min(min_rows, 2 * budget // max(row_bytes, 1)))
+    workers = getattr(_thread_state, "threads", None) or 1
+    if workers > 1:  # bands with small temporaries: still a few for every worker (in each disjoint set)
+        size = min(size, max(min_rows, -(-first.count // (4 * workers))))
     size = min(first.count, size)
     return [_Band(tuple(phases), t0, min(first.count, t0 + size)) for t0 in range(0, first.count, size)]
 
@@ -878,12 +882,19 @@ def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, l
     return kernel, flags
 
 
-def _band_rows_bytes(x, guide, phases: Sequence[_Phase]) -> int:
-    """Bytes of one output row (along the first axis) of the largest temporary: the modulated input, or the
-    guide differences."""
-    channels = max(x.shape[1], 0 if guide is None else guide.shape[1])
+def _band_rows_bytes(batch: int, channels: int, phases: Sequence[_Phase], element_size: int) -> int:
+    """Bytes of one output row (along the first axis) of a band's largest temporary ``(B, channels, *taps, *counts)``."""
     per_row = math.prod(ph.taps for ph in phases) * math.prod(ph.count for ph in phases[1:])
-    return x.shape[0] * channels * per_row * max(x.element_size(), 4)
+    return batch * channels * per_row * max(element_size, 4)
+
+
+def _temporary_channels(x_channels: int, guide_channels: int, kernel_channels: int, conv: bool, compiled: bool) -> int:
+    """Channels of a band's largest temporary: a convolution's modulated input; on the torch path also a pooling
+    layer's and the guide differences; with the compiled loops, which pool and take distances without a temporary,
+    a pooling layer's kernel."""
+    if compiled:
+        return x_channels if conv else kernel_channels
+    return max(x_channels, guide_channels)
 
 
 def _phase_weight(weight, groups, phases: Sequence[_Phase]):
@@ -892,6 +903,13 @@ def _phase_weight(weight, groups, phases: Sequence[_Phase]):
         return None
     index = (slice(None), slice(None), *(ph.tap_slice() for ph in phases))
     return weight[index].reshape(groups, weight.shape[0] // groups, -1)
+
+
+def _filter_rows_bytes(x, weight, kernel, guide, centre, a: _OpArgs, prep: _Prepared, phases) -> int:
+    kernel_channels = kernel.shape[1] if a.spec is None else centre.shape[1] if a.spec.channel_wise else 1
+    channels = _temporary_channels(x.shape[1], 0 if guide is None else guide.shape[1], kernel_channels,
+                                   weight is not None, prep.compiled)
+    return _band_rows_bytes(x.shape[0], channels, phases, x.element_size())
 
 
 @_coordinated_op
@@ -905,7 +923,8 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
         flags_out = x.new_zeros(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_size, dtype=kernel_dtype)
     tasks = [(band, _phase_weight(weight, a.groups, phases))
              for phases in itertools.product(*prep.phases)
-             for band in _bands(phases, _band_rows_bytes(x, guide, phases), x.device, guide is not None)]
+             for band in _bands(phases, _filter_rows_bytes(x, weight, kernel, guide, centre, a, prep, phases), x.device,
+                                guide is not None)]
 
     def run(task) -> None:  # output phases and bands write disjoint outputs: all of them run in parallel
         band, w = task
@@ -973,8 +992,8 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
                                                       prep.compiled)
         return band, g_weight, g_params
 
-    phases = [(_phase_weight(weight, a.groups, ph), _bands(ph, _band_rows_bytes(x, guide, ph), x.device,
-                                                           guide is not None))
+    phases = [(_phase_weight(weight, a.groups, ph),
+               _bands(ph, _filter_rows_bytes(x, weight, kernel, guide, centre, a, prep, ph), x.device, guide is not None))
               for ph in itertools.product(*prep.phases)]
     if len(phases) == 1:  # the bands of a disjoint set read disjoint rows: fold each set in parallel
         w, bands = phases[0]
@@ -1073,6 +1092,12 @@ def _first_axis_rows(t: torch.Tensor, band: _Band) -> torch.Tensor:
     return t.narrow(t.dim() - len(band.phases), band.t0, band.t1 - band.t0)
 
 
+def _kernel_rows_bytes(guide, centre, a: _OpArgs, phases, compiled: bool) -> int:
+    kernel_channels = centre.shape[1] if a.spec.channel_wise else 1
+    channels = _temporary_channels(0, guide.shape[1], kernel_channels, False, compiled)
+    return _band_rows_bytes(guide.shape[0], channels, phases, guide.element_size())
+
+
 @_coordinated_op
 def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
     phases, in_size = _kernel_phases(guide, a)
@@ -1090,7 +1115,7 @@ def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
         if flags_out is not None:
             _first_axis_rows(flags_out, band).copy_(flags)
 
-    _map_bands(run, _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True))
+    _map_bands(run, _bands(phases, _kernel_rows_bytes(guide, centre, a, phases, compiled), guide.device, True))
     return kernel, (guide.new_zeros(0) if flags_out is None else flags_out)
 
 
@@ -1110,7 +1135,7 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
                                           _first_axis_rows(centre, band), valid, pattern, alpha, lam, band, gguide,
                                           _first_axis_rows(gcentre, band), compiled)
 
-    bands = _bands(phases, _band_rows_bytes(guide, None, phases), guide.device, True)
+    bands = _bands(phases, _kernel_rows_bytes(guide, centre, a, phases, compiled), guide.device, True)
     for disjoint in _disjoint_sets(bands, True):
         for g_params in _map_bands(run, disjoint):
             params.add(g_params)

@@ -97,6 +97,21 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(samples)
 
 
+def interleaved_median_times(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median wall time in seconds of each of ``fns`` (name -> callable), called in turn ``repeats`` times after
+    ``warmup`` untimed rounds: a machine that slows down or speeds up during the run affects all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def run_worker(script: str, args: Sequence[str], memory: bool = False, timeout: Optional[float] = None) -> dict:
     """Run ``script --worker ARGS`` in a fresh interpreter and return the JSON dict it prints last.
 

@@ -7,10 +7,11 @@
 Pairs: PacConv2d / nn.Conv2d, PacConvTranspose2d (stride 2) / nn.ConvTranspose2d, PacPool2d / nn.AvgPool2d, and
 their 3-D forms with --dims 3. Workload: batch 1, 32 -> 32 channels, 16-channel guide, 5x5 kernels (3-D: 16 -> 16
 channels, 8-channel guide, 3x3x3 kernels); sizes are output resolutions (cubes in 3-D).
-Each (layer, implementation, size) is measured in two fresh subprocesses (bench/_common.py): one times medians of
---repeats calls, no grad and forward+backward, for every --threads setting in turn (0: torch's default); the other
-measures peak memory, the growth of the peak RSS during one call over the RSS with inputs and parameters allocated,
-with one thread. "x" is the ratio to the torch layer measured in the same run.
+Each (layer, size) is timed in one fresh subprocess (bench/_common.py) that builds the torch layer and the PAC
+layer of every implementation and calls them in turn, --repeats rounds, no grad and forward+backward, for every
+--threads setting (0: torch's default): medians, interleaved so that the machine's drifts hit all alike. Peak memory
+is measured in a fresh subprocess per implementation, the growth of the peak RSS during one call over the RSS with
+inputs and parameters allocated, with one thread. "x" is the ratio to the torch layer measured in the same run.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import argparse
 import json
 import os
 
-from _common import IMPLS, DEFAULT_IMPL, mb, median_time, pac_kwargs, peak_growth, ratio, run_worker, set_threads
+from _common import (IMPLS, DEFAULT_IMPL, interleaved_median_times, mb, pac_kwargs, peak_growth, ratio, run_worker,
+                     set_threads)
 
 # (channels, guide channels, kernel size, default sizes) per number of spatial dimensions
 WORKLOADS = {2: (32, 16, 5, [256, 512]), 3: (16, 8, 3, [32, 64])}
@@ -71,28 +73,35 @@ def _modes(inputs, run) -> dict:
     return {"nograd": no_grad, "fwdbwd": forward_backward}
 
 
-def _worker(kind: str, layer: str, impl: str, size: int, dims: int, repeats: int, threads: str) -> dict:
-    """kind 'time': medians of both modes for every thread count of the comma-separated ``threads``;
-    kind 'memory': the peak memory of both modes, with one thread."""
+def _worker(kind: str, layer: str, impls: str, size: int, dims: int, repeats: int, threads: str) -> dict:
+    """kind 'time': for every thread count of the comma-separated ``threads``, the interleaved medians of both modes
+    of every implementation of the comma-separated ``impls`` ('torch' or keys of ``IMPLS``); kind 'memory': the
+    peak memory of both modes of the one implementation ``impls``, with one thread."""
     if kind == "memory":
         set_threads(1)
-        for fn in _modes(*_build(layer, impl, 8, dims)).values():
+        for fn in _modes(*_build(layer, impls, 8, dims)).values():
             fn()  # warm-up on a tiny input: lazy imports, autograd engine, allocator set-up
-        return {f"{mode}_bytes": peak_growth(fn) for mode, fn in _modes(*_build(layer, impl, size, dims)).items()}
-    modes = _modes(*_build(layer, impl, size, dims))
+        return {f"{mode}_bytes": peak_growth(fn) for mode, fn in _modes(*_build(layer, impls, size, dims)).items()}
+    cases = {impl: _modes(*_build(layer, impl, size, dims)) for impl in impls.split(",")}
     result = {}
     for count in map(int, threads.split(",")):
-        result[count] = {"threads": set_threads(count),
-                         **{f"{mode}_s": median_time(fn, repeats) for mode, fn in modes.items()}}
+        in_use = set_threads(count)
+        medians = {mode: interleaved_median_times({impl: modes[mode] for impl, modes in cases.items()}, repeats)
+                   for mode in MODES}
+        result[count] = {impl: {"threads": in_use, **{f"{mode}_s": medians[mode][impl] for mode in MODES}}
+                         for impl in cases}
     return result
 
 
-def _measure(layer: str, impl: str, size: int, args) -> dict:
+def _measure(layer: str, impls: list, size: int, args) -> dict:
+    """``{impl: {"time": {threads: ...}, "<mode>_bytes": ...}}`` for 'torch' and every PAC implementation."""
     threads = ",".join(map(str, args.threads))
-    timed = run_worker(__file__, ("time", layer, impl, size, args.dims, args.repeats, threads))
-    result = run_worker(__file__, ("memory", layer, impl, size, args.dims, 1, 1), memory=True)
-    result["time"] = {t: timed if "error" in timed else timed[str(t)] for t in args.threads}
-    return result
+    timed = run_worker(__file__, ("time", layer, ",".join(impls), size, args.dims, args.repeats, threads))
+    results = {}
+    for impl in impls:
+        results[impl] = run_worker(__file__, ("memory", layer, impl, size, args.dims, 1, 1), memory=True)
+        results[impl]["time"] = {t: timed if "error" in timed else timed[str(t)][impl] for t in args.threads}
+    return results
 
 
 def main(argv=None) -> None:
@@ -125,7 +134,7 @@ def main(argv=None) -> None:
     print("-" * len(header))
     for layer in args.layers:
         for size in args.sizes:
-            results = {impl: _measure(layer, impl, size, args) for impl in ["torch", *args.impls]}
+            results = _measure(layer, ["torch", *args.impls], size, args)
             base = results["torch"]
             for impl, r in results.items():
                 name = BASELINE[layer].format(d=args.dims) if impl == "torch" else f"PAC {impl}"
