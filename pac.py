@@ -484,15 +484,11 @@ def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, band: _Band, gui
 def _bands(phases: Sequence[_Phase], row_bytes: int, device: torch.device, guide: bool) -> List[_Band]:
     """Bands of outputs along the first axis whose largest temporary is about ``_band_bytes(device)``. A band
     is as tall as its input (and guide) window when that costs at most twice the budget, so that bands two
-    apart never read the same positions (see :func:`_disjoint_sets`); a 3-D layer's rows can be too large.
-    With several workers there are at least four bands per worker where the window allows."""
+    apart never read the same positions (see :func:`_disjoint_sets`); a 3-D layer's rows can be too large."""
     first = phases[0]
     budget = _band_bytes(device)
     min_rows = max(-(-span // step) for span, step in _read_spans(first, guide))
     size = max(1, budget // max(row_bytes, 1), min(min_rows, 2 * budget // max(row_bytes, 1)))
-    workers = getattr(_thread_state, "threads", None) or 1
-    if workers > 1:  # bands with small temporaries: still a few for every worker (in each disjoint set)
-        size = min(size, max(min_rows, -(-first.count // (4 * workers))))
     size = min(first.count, size)
     return [_Band(tuple(phases), t0, min(first.count, t0 + size)) for t0 in range(0, first.count, size)]
 
@@ -882,19 +878,20 @@ def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, l
     return kernel, flags
 
 
-def _band_rows_bytes(batch: int, channels: int, phases: Sequence[_Phase], element_size: int) -> int:
-    """Bytes of one output row (along the first axis) of a band's largest temporary ``(B, channels, *taps, *counts)``."""
-    per_row = math.prod(ph.taps for ph in phases) * math.prod(ph.count for ph in phases[1:])
-    return batch * channels * per_row * max(element_size, 4)
+def _band_rows_bytes(batch: int, values: int, phases: Sequence[_Phase], element_size: int) -> int:
+    """Bytes of one output row (along the first axis) of a band's largest temporary, ``values`` per output."""
+    return batch * values * math.prod(ph.count for ph in phases[1:]) * max(element_size, 4)
 
 
-def _temporary_channels(x_channels: int, guide_channels: int, kernel_channels: int, conv: bool, compiled: bool) -> int:
-    """Channels of a band's largest temporary: a convolution's modulated input; on the torch path also a pooling
-    layer's and the guide differences; with the compiled loops, which pool and take distances without a temporary,
-    a pooling layer's kernel."""
+def _temporary_values(x_channels: int, guide_channels: int, kernel_channels: int, taps: int, conv: bool,
+                      compiled: bool) -> int:
+    """Values per output of a band's largest temporaries: a convolution's modulated input (channels x taps); on the
+    torch path also a pooling layer's and the guide differences; with the compiled loops, which pool and take
+    distances without such a temporary, a pooling layer's output gradient (channels) or the four kernel-sized
+    temporaries that its backward holds at once (distances, kernel, kernel gradient, distance gradient)."""
     if compiled:
-        return x_channels if conv else kernel_channels
-    return max(x_channels, guide_channels)
+        return x_channels * taps if conv else max(x_channels, 4 * kernel_channels * taps)
+    return max(x_channels, guide_channels) * taps
 
 
 def _phase_weight(weight, groups, phases: Sequence[_Phase]):
@@ -907,9 +904,9 @@ def _phase_weight(weight, groups, phases: Sequence[_Phase]):
 
 def _filter_rows_bytes(x, weight, kernel, guide, centre, a: _OpArgs, prep: _Prepared, phases) -> int:
     kernel_channels = kernel.shape[1] if a.spec is None else centre.shape[1] if a.spec.channel_wise else 1
-    channels = _temporary_channels(x.shape[1], 0 if guide is None else guide.shape[1], kernel_channels,
-                                   weight is not None, prep.compiled)
-    return _band_rows_bytes(x.shape[0], channels, phases, x.element_size())
+    values = _temporary_values(x.shape[1], 0 if guide is None else guide.shape[1], kernel_channels,
+                               math.prod(ph.taps for ph in phases), weight is not None, prep.compiled)
+    return _band_rows_bytes(x.shape[0], values, phases, x.element_size())
 
 
 @_coordinated_op
@@ -1094,8 +1091,8 @@ def _first_axis_rows(t: torch.Tensor, band: _Band) -> torch.Tensor:
 
 def _kernel_rows_bytes(guide, centre, a: _OpArgs, phases, compiled: bool) -> int:
     kernel_channels = centre.shape[1] if a.spec.channel_wise else 1
-    channels = _temporary_channels(0, guide.shape[1], kernel_channels, False, compiled)
-    return _band_rows_bytes(guide.shape[0], channels, phases, guide.element_size())
+    values = _temporary_values(0, guide.shape[1], kernel_channels, math.prod(ph.taps for ph in phases), False, compiled)
+    return _band_rows_bytes(guide.shape[0], values, phases, guide.element_size())
 
 
 @_coordinated_op
