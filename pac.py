@@ -22,8 +22,9 @@ Every layer and functional form takes ``impl``:
   apply the weight as one matrix product. ``K`` is never stored and backward recomputes it, so the
   extra memory is one band. On a CPU the element-wise passes over a band's taps (guide distances,
   modulation, pooling and their gradients) are plain C loops from :mod:`pac_cpu`, compiled on first
-  use; without a C compiler the same steps run as torch operations. Transposed convolutions are computed one output phase at a time (each
-  tap reads a stride-1 window of the input), so they never pay for zero insertion.
+  use; without a C compiler the same steps run as torch operations. Transposed convolutions are
+  computed one output phase at a time (each tap reads a stride-1 window of the input), so they never
+  pay for zero insertion.
 - ``'unfold'`` (the 2019 flag ``native_impl=True``): plain autograd through ``unfold``, the readable
   reference. It materialises the unfolded input ``[B, C, k*k, H', W']``. ONNX and TorchScript
   tracing always run it.
@@ -903,6 +904,7 @@ def _phase_weight(weight, groups, phases: Sequence[_Phase]):
 
 
 def _filter_rows_bytes(x, weight, kernel, guide, centre, a: _OpArgs, prep: _Prepared, phases) -> int:
+    """:func:`_band_rows_bytes` of a ``pac::filter`` phase."""
     kernel_channels = kernel.shape[1] if a.spec is None else centre.shape[1] if a.spec.channel_wise else 1
     values = _temporary_values(x.shape[1], 0 if guide is None else guide.shape[1], kernel_channels,
                                math.prod(ph.taps for ph in phases), weight is not None, prep.compiled)
@@ -1090,6 +1092,7 @@ def _first_axis_rows(t: torch.Tensor, band: _Band) -> torch.Tensor:
 
 
 def _kernel_rows_bytes(guide, centre, a: _OpArgs, phases, compiled: bool) -> int:
+    """:func:`_band_rows_bytes` of ``pac::kernel``."""
     kernel_channels = centre.shape[1] if a.spec.channel_wise else 1
     values = _temporary_values(0, guide.shape[1], kernel_channels, math.prod(ph.taps for ph in phases), False, compiled)
     return _band_rows_bytes(guide.shape[0], values, phases, guide.element_size())
