@@ -724,10 +724,10 @@ def _band_distance_backward_into(spec: _KernelSpec, grad_dist, guide, centre, ba
     """Add the gradients of :func:`_band_distance` into the padded guide's ``gguide`` and into ``gcentre``, the
     band's part of the centre gradient."""
     if compiled:
-        band_gcentre = torch.zeros(_flat(centre, band).shape, dtype=gcentre.dtype)
-        pac_cpu.distance_backward(_flat(grad_dist, band), guide, _flat(centre, band),
-                                  _cpu_window(guide, band, guide=True), spec.channel_wise, spec.asym, gguide,
-                                  band_gcentre)
+        centre = _flat(centre, band)
+        band_gcentre = torch.zeros_like(centre)
+        pac_cpu.distance_backward(_flat(grad_dist, band), guide, centre, _cpu_window(guide, band, guide=True),
+                                  spec.channel_wise, spec.asym, gguide, band_gcentre)
         gcentre += band_gcentre.view(gcentre.shape)
         return
     diff = _guide_differences(_window(guide, band, guide=True), centre, spec.asym)
