@@ -664,10 +664,26 @@ def _band_kernel(spec: _KernelSpec, dist, valid_win, pattern_win, alpha, lam):
     ``pattern_win`` the real-pixel pattern (used with a mask and no normalisation).
     """
     if spec.kind == _GAUSSIAN:
-        kernel = dist.mul_(-0.5).exp_()
+        kernel = _gaussian_(spec, dist, valid_win)
     else:
         kernel = dist.add_(_INV_EPS).pow_(0.5 * _channel_view(lam, dist)).add_(_channel_view(alpha, dist))
     return _restrict(spec, kernel, valid_win, pattern_win)
+
+
+def _gaussian_(spec: _KernelSpec, dist, valid_win):
+    """``exp(-dist / 2)``, in place. A normalised kernel is computed as ``exp(-(dist - nearest) / 2)`` instead,
+    ``nearest`` being each pixel's smallest distance over its valid taps: the normalisation cancels the shift, and
+    the kernel of a pixel far (in guide features) from all its taps no longer underflows to zero, nor its
+    gradient (divided by the kernel's sum) to infinity."""
+    if spec.normalize:  # (the clamp only touches invalid taps, which the kernel zeroes: no inf * 0)
+        dist = dist.sub_(_nearest_valid(dist, valid_win)).clamp_(min=0)
+    return dist.mul_(-0.5).exp_()
+
+
+def _nearest_valid(dist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the smallest of ``dist`` over the taps where ``valid`` is non-zero; 0 where there is none."""
+    nearest = dist.masked_fill(valid == 0, math.inf).amin(_tap_dims(dist), keepdim=True)
+    return nearest.masked_fill_(nearest == math.inf, 0.0)
 
 
 def _channel_view(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -695,7 +711,7 @@ def _restrict(spec: _KernelSpec, kernel, valid_win, pattern_win):
 def _band_kernel_backward(spec: _KernelSpec, grad_kernel, dist, valid_win, pattern_win, alpha, lam):
     """Gradients of one band's kernel with respect to its guide distances ``dist`` (overwritten) and alpha/lambda."""
     if spec.kind == _GAUSSIAN:
-        base = dist.mul(-0.5).exp_()
+        base = _gaussian_(spec, dist, valid_win)
     else:
         shifted = dist.add_(_INV_EPS)
         power = shifted.pow(0.5 * _channel_view(lam, dist))
@@ -1521,18 +1537,21 @@ def _packernel(dims: int, input, mask, kernel_size, stride, padding, output_padd
     return kernel, (flags if mask is not None else None)
 
 
+def _native_base(dist: torch.Tensor, kind: str, alpha, lam) -> torch.Tensor:
+    """The unnormalised kernel of the 'unfold' implementation from its guide distances."""
+    if kind == "gaussian":
+        return torch.exp(-0.5 * dist)
+    return _channel_view(alpha, dist) + (dist + _INV_EPS).pow(0.5 * _channel_view(lam, dist))
+
+
 def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize,
                    transposed, padding_mode):
     """The 'unfold' implementation of :func:`packernel2d`: plain autograd through ``unfold``."""
     dims = len(k)
     win_s = (1,) * dims if transposed else s
     dist = _native_distance(geo.guide, geo.centre, k, win_s, d, asym, channel_wise)
-    if kind == "gaussian":
-        kernel = torch.exp(-0.5 * dist)
-    else:
-        kernel = _channel_view(alpha, dist) + (dist + _INV_EPS).pow(0.5 * _channel_view(lam, dist))
     if mask is None and not normalize:
-        return kernel, None
+        return _native_base(dist, kind, alpha, lam), None
 
     # Which taps fall on real pixels. Zero padding and inserted zeros are not real; a border
     # padded by reflection, replication or wrapping is, and a mask is padded the same way.
@@ -1541,17 +1560,16 @@ def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha,
             return nd2col(m, k, s, p, op, d, transposed=transposed)
         return nd2col(_pad(m, p, padding_mode), k, s, 0, 0, d)
 
-    taps = _tap_dims(kernel)
+    taps = _tap_dims(dist)
     pattern = taps_of(geo.guide.new_ones(1, 1, *geo.in_size))
-    if mask is not None:
-        mask_cols = taps_of(mask.to(geo.guide.dtype))
-        kernel = kernel * mask_cols
-        if not normalize:
-            # Windows without any real pixel have mask_cols == 0 everywhere: avoid 0 / 0.
-            norm = mask_cols.sum(taps, keepdim=True) / pattern.sum(taps, keepdim=True).clamp(min=1)
+    valid = pattern if mask is None else taps_of(mask.to(geo.guide.dtype))
+    if normalize and kind == "gaussian":  # as _gaussian_: the shift cancels, its gradient is zero
+        dist = (dist - _nearest_valid(dist.detach(), valid)).clamp(min=0)
+    kernel = _native_base(dist, kind, alpha, lam) * valid
+    if not normalize:
+        # Windows without any real pixel have a zero mask everywhere: avoid 0 / 0.
+        norm = valid.sum(taps, keepdim=True) / pattern.sum(taps, keepdim=True).clamp(min=1)
     else:
-        kernel = kernel * pattern
-    if normalize:
         norm = kernel.sum(taps, keepdim=True)
     empty = norm == 0
     kernel = kernel / (norm + empty.to(norm.dtype))

@@ -254,6 +254,45 @@ def test_pool_mask_and_output_mask_match_reference(impl, normalize):
                                    normalize_kernel=normalize)
 
 
+@pytest.mark.parametrize('layer', ['conv_transpose', 'conv_masked', 'pool_masked'])
+def test_normalised_kernel_of_far_apart_features_in_float32(impl, layer):
+    """Guide features so far apart (two levels per channel, 20 apart) that exp(-d^2 / 2) underflows in float32 on
+    every valid tap of some windows (a transposed layer's windows between input pixels; windows whose centre is masked):
+    the normalised kernel still sums to one there, and output and gradients match the float64 reference, which
+    does not underflow."""
+    def far_apart(*shape):
+        return (20 * torch.randint(0, 2, shape, dtype=DT) + torch.rand(shape, dtype=DT)).requires_grad_()
+
+    geometry = dict(kernel_size=5, stride=2, padding=2, normalize_kernel=True)
+    mask = None
+    if layer == 'conv_transpose':
+        geometry.update(output_padding=1, transposed=True)
+        x, guide = rand(2, 2, 5, 4, grad=True), far_apart(2, 3, 10, 8)
+        module = PacConvTranspose2d(2, 3, 5, 2, 2, 1, normalize_kernel=True, impl=impl)
+    else:
+        x, guide = rand(2, 2, 9, 8, grad=True), far_apart(2, 3, 9, 8)
+        mask = (torch.rand(2, 1, 9, 8) > 0.7).to(DT)
+        module = (PacConv2d(2, 3, 5, 2, 2, normalize_kernel=True, impl=impl) if layer == 'conv_masked' else
+                  PacPool2d(5, 2, 2, normalize_kernel=True, impl=impl))
+    naive32, _ = ref_kernel(guide.detach().float(), mask=None if mask is None else mask.float(), **geometry)
+    assert (naive32.sum((2, 3)) == 0).any(), 'the case must underflow in float32 when computed naively'
+    kernel, _ = ref_kernel(guide, mask=mask, **geometry)
+    if layer == 'conv_transpose':
+        expected = ref_pacconv_transpose2d(x, kernel, module.weight.double(), module.bias.double(), 2, 2, 1)
+    elif layer == 'conv_masked':
+        expected = ref_pacconv2d(x, kernel, module.weight.double(), module.bias.double(), 2, 2)
+    else:
+        expected = ref_pacpool2d(x, kernel, 5, 2, 2)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, guide))
+    out, _ = unpack(module(x.float(), guide.float()) if mask is None else module(x.float(), guide.float(),
+                                                                                   mask=mask.float()))
+    grads = torch.autograd.grad((out * upstream.float()).sum(), (x, guide))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-3, atol=1e-3)
+
+
 def test_bool_mask_is_accepted(impl):
     x, guide = rand(1, 2, 5, 5), rand(1, 2, 5, 5)
     mask = torch.rand(1, 1, 5, 5) > 0.5
