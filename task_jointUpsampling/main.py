@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     add('--color-guide-init', type=float, default=0.0, metavar='SCALE',
         help='PAC models trained from scratch: start every adaptive kernel as a colour kernel of this scale '
              '(models.init_color_guide_; 10 suits guides in [0, 1]); 0 = PyTorch default init, as in 2019')
+    add('--normalize-kernel', action='store_true', default=False,
+        help='PAC models: normalise the adaptive kernels of the upsampling layers (PacConvTranspose2d '
+             'normalize_kernel=True): each output is a kernel-weighted average; default off, as in 2019 and the '
+             'released weights; weights trained with it need it to be tested')
     add('--passthrough-init', action='store_true', default=False,
         help='DJIF and PAC models trained from scratch start as upsamplers of their input (DJIF: bilinear; PAC with '
              '--color-guide-init: colour-guided), models.init_passthrough_; default: PyTorch init, as in 2019')

@@ -312,6 +312,9 @@ class PacJointUpsample(nn.Module):
         f_sz_2: filter size of the transposed PAC layers.
         t_bn, g_bn, u_bn, f_bn: batch norm in the target branch, guide branch, after the upsampling layers and in
             the final branch.
+        normalize_kernel: normalise the adaptive kernels of the upsampling layers to sum 1 over the input pixels
+            that each output reads (``PacConvTranspose2d(normalize_kernel=True)``), so that every output is a
+            kernel-weighted average of its inputs. Off in 2019, and so for the released weights.
 
     Shape:
         target_low: (B, channels, H, W); guide: (B, guide_channels, factor*H, factor*W);
@@ -321,7 +324,7 @@ class PacJointUpsample(nn.Module):
     def __init__(self, factor: int, channels: int = 1, guide_channels: int = 3, n_t_layers: int = 3,
                  n_g_layers: int = 3, n_f_layers: int = 2, n_t_filters: IntOrSeq = 32, n_g_filters: IntOrSeq = 32,
                  n_f_filters: IntOrSeq = 32, k_ch: int = 16, f_sz_1: int = 5, f_sz_2: int = 5, t_bn: bool = False,
-                 g_bn: bool = False, u_bn: bool = False, f_bn: bool = False):
+                 g_bn: bool = False, u_bn: bool = False, f_bn: bool = False, normalize_kernel: bool = False):
         super().__init__()
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2 or factor & (factor - 1):
             raise ValueError(f'factor needs to be a power of 2 (>= 2), got {factor!r}')
@@ -332,7 +335,7 @@ class PacJointUpsample(nn.Module):
         _check_odd('f_sz_1', (f_sz_1,))
         self.factor, self.channels, self.guide_channels, self.k_ch = factor, channels, guide_channels, k_ch
         self.num_ups = int(math.log2(factor))
-        self.u_bn = u_bn
+        self.u_bn, self.normalize_kernel = u_bn, normalize_kernel
         n_t = _expand_filters('n_t_filters', n_t_filters, n_t_layers)
         n_g = _expand_filters('n_g_filters', n_g_filters, n_g_layers - 1)
         n_f = _expand_filters('n_f_filters', n_f_filters, n_f_layers + self.num_ups - 1)
@@ -343,7 +346,7 @@ class PacJointUpsample(nn.Module):
         chain = (n_t[-1], *n_f, 1)
         self.up_convts = nn.ModuleList(
             PacConvTranspose2d(chain[i], chain[i + 1], f_sz_2, stride=2, padding=(f_sz_2 - 1) // 2,
-                               output_padding=f_sz_2 % 2)
+                               output_padding=f_sz_2 % 2, normalize_kernel=normalize_kernel)
             for i in range(self.num_ups))
         if u_bn:
             self.up_bns = nn.ModuleList(nn.BatchNorm2d(chain[i + 1]) for i in range(self.num_ups))
@@ -384,17 +387,18 @@ _LITE_CONFIGS = {  # factor: (n_g_filters, n_t_filters, n_f_filters, k_ch); abou
 class PacJointUpsampleLite(PacJointUpsample):
     """PacJointUpsample with about as many parameters as DJIF (factors 4, 8 and 16 only)."""
 
-    def __init__(self, factor: int, channels: int = 1, guide_channels: int = 3):
+    def __init__(self, factor: int, channels: int = 1, guide_channels: int = 3, normalize_kernel: bool = False):
         if factor not in _LITE_CONFIGS:
             raise ValueError(f'factor can only be 4, 8, or 16, got {factor!r}')
         n_g, n_t, n_f, k_ch = _LITE_CONFIGS[factor]
         super().__init__(factor, channels, guide_channels, n_g_filters=n_g, n_t_filters=n_t, n_f_filters=n_f,
-                         k_ch=k_ch)
+                         k_ch=k_ch, normalize_kernel=normalize_kernel)
 
 
-def _copy_channels_(conv: nn.Conv2d, pairs: Sequence[tuple[int, int]], gain: float) -> None:
-    """Make each output channel o of ``conv`` copy input channel i times ``gain``, for every (o, i) in ``pairs``."""
-    cy, cx = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
+def _copy_channels_(conv: nn.Conv2d, pairs: Sequence[tuple[int, int]], gain: float, offset: int = 0) -> None:
+    """Make each output channel o of ``conv`` copy input channel i times ``gain``, for every (o, i) in ``pairs``,
+    from ``offset`` pixels down and right of the centre."""
+    cy, cx = conv.kernel_size[0] // 2 + offset, conv.kernel_size[1] // 2 + offset
     for o, i in pairs:
         conv.weight[o].zero_()
         conv.weight[o, i, cy, cx] = gain
@@ -414,6 +418,11 @@ def init_color_guide_(net: PacJointUpsample, scale: float) -> PacJointUpsample:
     as colour kernels of bandwidth 1 / scale, as in joint bilateral upsampling; every other weight keeps its
     initialisation. State_dict keys and shapes are unchanged.
 
+    The features of pixel ``x`` are the guide at ``x + (factor - 1) // 2`` (down and right): the upsampling layers
+    put low-res pixel ``j`` at ``factor * j``, where 'center' sampling took it from ``factor * j + (factor - 1) //
+    2`` (the output layer of :func:`init_passthrough_` moves it back there), so each kernel compares the colours of
+    the places its depths were sampled at.
+
     Args:
         net: a PacJointUpsample or PacJointUpsampleLite without batch norm in its guide branch.
         scale: colour scale, in inverse guide units (10 for a guide in [0, 1]).
@@ -424,7 +433,7 @@ def init_color_guide_(net: PacJointUpsample, scale: float) -> PacJointUpsample:
     Example:
         >>> net = init_color_guide_(PacJointUpsample(factor=4), scale=10.0)
         >>> guide = torch.rand(1, 3, 32, 32)
-        >>> torch.allclose(net.branch_g(guide)[:, :3], 10 * guide)
+        >>> torch.allclose(net.branch_g(guide)[:, :3, :-1, :-1], 10 * guide[..., 1:, 1:])
         True
     """
     if not isinstance(net, PacJointUpsample):
@@ -440,8 +449,16 @@ def init_color_guide_(net: PacJointUpsample, scale: float) -> PacJointUpsample:
                          f'and k_ch={net.k_ch}')
     for conv in convs[:-1]:
         _copy_channels_(conv, [(c, c) for c in range(n)], gain=1.0)
-    _copy_channels_(convs[-1], [(i * net.k_ch + c, c) for i in range(net.num_ups) for c in range(n)], gain=scale)
+    _copy_channels_(convs[-1], [(i * net.k_ch + c, c) for i in range(net.num_ups) for c in range(n)], gain=scale,
+                    offset=_sample_offset(net, convs[-1]))
     return net
+
+
+def _sample_offset(net: PacJointUpsample, conv: nn.Conv2d) -> int:
+    """How far right and down of ``factor * j`` (where the upsampling layers put low-res pixel j) the 'center'
+    sampling took pixel j: ``(factor - 1) // 2``, as far as ``conv``'s taps reach (x8 and up: short by a pixel or
+    more)."""
+    return min((net.factor - 1) // 2, conv.kernel_size[0] // 2)
 
 
 def _pass_first_channel_(conv: nn.Module, taps: torch.Tensor, only: bool = False, transposed: bool = False) -> None:
@@ -465,6 +482,17 @@ def _centre_tap(conv: nn.Module, dy: int = 0, dx: int = 0) -> torch.Tensor:
     return taps
 
 
+def _upsampling_taps(convt: PacConvTranspose2d) -> torch.Tensor:
+    """The channel-0 taps of an x2 upsampling layer under :func:`init_passthrough_`: linear interpolation, or, when
+    the layer normalises its kernel (which then weighs the input pixels of each output), equal weights."""
+    k = convt.weight.shape[-1]
+    if convt.normalize_kernel:
+        return torch.ones(k, k, dtype=convt.weight.dtype)
+    line = torch.zeros(k, dtype=convt.weight.dtype)
+    line[k // 2 - 1:k // 2 + 2] = torch.tensor([0.5, 1.0, 0.5])
+    return line[:, None] * line[None, :]
+
+
 @torch.no_grad()
 def init_passthrough_(net: nn.Module) -> nn.Module:
     """Initialise a DJIF or PacJointUpsample so that it starts as a plain upsampler of its target and learns from there.
@@ -472,11 +500,12 @@ def init_passthrough_(net: nn.Module) -> nn.Module:
     Trained from PyTorch's default init, these networks first have to learn to carry the target through every
     layer, which takes far more than a short run. This init makes channel 0 of every layer carry it: a centre tap
     of 1 from channel 0 (the inputs are non-negative, normalised targets, so the ReLUs keep it), linear
-    interpolation in each x2 PacConvTranspose2d, and an output layer that reads channel 0 only (its other weights
-    start at zero; they get gradients at the first step). DJIF then starts as bilinear upsampling; a
-    PacJointUpsample multiplies the interpolation by its adaptive kernels, so with :func:`init_color_guide_` it
-    starts as a colour-guided (unnormalised) interpolation. The guide branches and every other weight keep their
-    initialisation; state_dict keys and shapes are unchanged.
+    interpolation in each x2 PacConvTranspose2d (equal weights when it normalises its kernel), and an output layer
+    that reads channel 0 only (its other weights start at zero; they get gradients at the first step). DJIF then
+    starts as bilinear upsampling; a PacJointUpsample multiplies the interpolation by its adaptive kernels, so with
+    :func:`init_color_guide_` it starts as a colour-guided interpolation: unnormalised, or, with
+    ``normalize_kernel=True``, two stages of joint bilateral upsampling. The guide branches and every other weight
+    keep their initialisation; state_dict keys and shapes are unchanged.
 
     Returns:
         ``net``, modified in place.
@@ -493,16 +522,11 @@ def init_passthrough_(net: nn.Module) -> nn.Module:
         for conv in (m for m in net.branch_t if isinstance(m, nn.Conv2d)):
             _pass_first_channel_(conv, _centre_tap(conv))
         for convt in net.up_convts:
-            k = convt.weight.shape[-1]
-            line = torch.zeros(k, dtype=convt.weight.dtype)
-            line[k // 2 - 1:k // 2 + 2] = torch.tensor([0.5, 1.0, 0.5])
-            _pass_first_channel_(convt, line[:, None] * line[None, :], transposed=True)
+            _pass_first_channel_(convt, _upsampling_taps(convt), transposed=True)
         convs = [m for m in net.branch_f if isinstance(m, nn.Conv2d)]
         for conv in convs[:-1]:
             _pass_first_channel_(conv, _centre_tap(conv))
-        # the interpolation puts low-res pixel j at high-res pixel factor * j; 'center' sampling took it from
-        # factor * j + (factor - 1) // 2: the output layer shifts by that much
-        shift = min((net.factor - 1) // 2, convs[-1].kernel_size[0] // 2)  # (x8 and up: off by a pixel or more)
+        shift = _sample_offset(net, convs[-1])  # the output layer moves every pixel to where it was sampled
         _pass_first_channel_(convs[-1], _centre_tap(convs[-1], -shift, -shift), only=True)
         return net
     if isinstance(net, DJIF):
@@ -521,8 +545,10 @@ MODEL_NAMES = ('PacJointUpsample', 'PacJointUpsampleLite', 'DJIF', 'DJIFWide', '
 _CLASSES = {cls.__name__: cls for cls in (PacJointUpsample, PacJointUpsampleLite, DJIF, DJIFWide, Bilinear)}
 
 
-def create_model(name: str, factor: int, channels: int = 1, guide_channels: int = 3) -> nn.Module:
+def create_model(name: str, factor: int, channels: int = 1, guide_channels: int = 3,
+                 normalize_kernel: bool = False) -> nn.Module:
     """Build a model from its CLI name: a class name above, or ``JBU_<ks>_<scale_color>_<scale_space>``.
+    ``normalize_kernel`` is passed to the PacJointUpsample models (the others have no such option).
 
     Example:
         >>> create_model('JBU_9_10_0.5', factor=4).convt.weight.shape
@@ -539,4 +565,5 @@ def create_model(name: str, factor: int, channels: int = 1, guide_channels: int 
         return JointBilateral(factor, channels, ks, scale_space=scale_space, scale_color=scale_color)
     if name not in _CLASSES:
         raise ValueError(f'model {name!r} is unknown; expected one of {", ".join(MODEL_NAMES)}')
-    return _CLASSES[name](factor=factor, channels=channels, guide_channels=guide_channels)
+    options = dict(normalize_kernel=normalize_kernel) if issubclass(_CLASSES[name], PacJointUpsample) else {}
+    return _CLASSES[name](factor=factor, channels=channels, guide_channels=guide_channels, **options)

@@ -64,7 +64,8 @@ def build_dataset(args: argparse.Namespace, split: str, transform: Callable, tra
 def build_model(args: argparse.Namespace, channels: int) -> nn.Module:
     """The ``--model``; DJIF and PAC models start as upsamplers with ``--passthrough-init``, PAC models from the
     colour-guide init when ``--color-guide-init`` is set."""
-    net = create_model(args.model, args.factor, channels=channels, guide_channels=3)
+    net = create_model(args.model, args.factor, channels=channels, guide_channels=3,
+                       normalize_kernel=args.normalize_kernel)
     if args.passthrough_init and isinstance(net, (DJIF, PacJointUpsample)):
         init_passthrough_(net)
     if args.color_guide_init > 0 and isinstance(net, PacJointUpsample):
@@ -135,6 +136,9 @@ def load_weights(net: nn.Module, spec: str, info: DatasetInfo, strict: bool = Tr
         released = re.fullmatch(r'(x\d+_[A-Za-z0-9]+)(_weights_epoch_5000\.pth)?', os.path.basename(spec))
         if released and (released.group(2) or spec == released.group(1)):
             spec = f'{info.kind}_{released.group(1)}'
+    if spec in weights.REGISTRY and getattr(net, 'normalize_kernel', False):
+        raise ValueError(f'--load-weights {spec}: the released weights were trained without normalised kernels; '
+                         f'drop --normalize-kernel')
     state_dict = weights.load_state_dict(spec)
     try:
         weights.load_into(net, state_dict, strict=strict)

@@ -195,9 +195,25 @@ def test_color_guide_init_applies_to_pac_models_only():
     guide = torch.rand(1, 3, 16, 16)
     for model in ('PacJointUpsample', 'PacJointUpsampleLite'):
         net = build(['--model', model, '--factor', '4', '--color-guide-init', '10'])
-        torch.testing.assert_close(net.branch_g(guide)[:, :3], 10 * guide)
+        # (features one pixel right and down: where x4 'center' sampling took the low-res pixels)
+        torch.testing.assert_close(net.branch_g(guide)[:, :3, :-1, :-1], 10 * guide[..., 1:, 1:])
         assert same_weights(build(['--model', model, '--factor', '4']), default_init(model, 4))
     assert same_weights(build(['--model', 'DJIF', '--color-guide-init', '10']), default_init('DJIF', 8))
+
+
+def test_normalize_kernel_flag_builds_normalised_pac_models(monkeypatch):
+    for model in ('PacJointUpsample', 'PacJointUpsampleLite'):
+        for argv, expected in (([], False), (['--normalize-kernel'], True)):
+            net = joint_main.build_model(joint_main.parse_args(['--model', model, '--factor', '4'] + argv), 1)
+            assert [convt.normalize_kernel for convt in net.up_convts] == [expected] * 2
+    djif = joint_main.build_model(joint_main.parse_args(['--model', 'DJIF', '--normalize-kernel']), 1)
+    assert sum(p.numel() for p in djif.parameters()) == 56_323  # other models have no such option
+    # the released weights were trained unnormalised: a normalised model refuses them before any download
+    import weights
+    monkeypatch.setattr(weights, 'load_state_dict', lambda spec: pytest.fail('must not load'))
+    net = joint_main.create_model('PacJointUpsample', 8, normalize_kernel=True)
+    with pytest.raises(ValueError, match='without normalised kernels; drop --normalize-kernel'):
+        joint_main.load_weights(net, 'x8_pac', joint_main.DATASETS['NYUDepthV2'])
 
 
 def test_sintel_flow_evaluation_with_resized_guide(http_server, monkeypatch, tmp_path):

@@ -232,8 +232,10 @@ def test_color_guide_init_passes_the_scaled_guide_to_every_upsampling_layer(make
     assert init_color_guide_(net, scale=10.0) is net
     guide = torch.rand(2, 3, 16, 16)
     features = net.branch_g(guide)
+    shift = min((net.factor - 1) // 2, 2)  # to where 'center' sampling took the low-res pixels, within 5x5 taps
     for i in range(net.num_ups):
-        torch.testing.assert_close(features[:, i * net.k_ch:i * net.k_ch + 3], 10 * guide)
+        torch.testing.assert_close(features[:, i * net.k_ch:i * net.k_ch + 3, :-shift, :-shift],
+                                   10 * guide[..., shift:, shift:])
     # only the branch_g rows that carry the guide changed; every other weight keeps its initial value
     after = net.state_dict()
     assert layout_of(net) == {k: tuple(v.shape) for k, v in before.items()}
@@ -257,7 +259,8 @@ def test_color_guide_init_makes_kernels_follow_colour_edges():
             init_color_guide_(net, scale=10.0)
         features = net.branch_g(guide)[:, net.k_ch:2 * net.k_ch]  # the full-resolution layer's features
         k = pac.packernel2d(features, kernel_size=5, padding=2)[0]  # (1, 1, 5, 5, H, W)
-        kernels[init] = k[0, 0, 2, 3, 8, 7].item()  # from pixel (8, 7) to its right neighbour across the edge
+        # from pixel (7, 6) to its right neighbour, whose features are the guide one pixel right and down of each
+        kernels[init] = k[0, 0, 2, 3, 7, 6].item()
     assert kernels['default'] > 0.9  # default init: the kernel hardly sees the edge
     assert kernels['color'] < 1e-6  # exp(-0.5 * 3 * 5^2)
 
@@ -290,6 +293,33 @@ def test_passthrough_init_starts_pac_as_a_guided_interpolation():
         init_passthrough_(Bilinear(4))
     with pytest.raises(ValueError, match='batch norm'):
         init_passthrough_(PacJointUpsample(4, f_bn=True))
+
+
+def test_normalised_pac_starts_as_joint_bilateral_upsampling():
+    torch.manual_seed(0)
+    plain = PacJointUpsample(4)
+    net = PacJointUpsample(4, normalize_kernel=True)
+    assert layout_of(net) == layout_of(plain)  # the same state_dict: only the layers' normalisation differs
+    assert all(convt.normalize_kernel for convt in net.up_convts)
+    assert not any(convt.normalize_kernel for convt in plain.up_convts)
+    assert create_model('PacJointUpsampleLite', 4, normalize_kernel=True).up_convts[0].normalize_kernel
+    init_color_guide_(init_passthrough_(net), scale=10.0)
+    # a constant input comes back constant (weights that sum to one), whatever the guide
+    guide = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(net(torch.full((1, 1, 16, 16), 0.7), guide)[0, 0, 8:-8, 8:-8],
+                               torch.full((48, 48), 0.7))
+    # a depth step along a colour edge comes out as a sharp step exactly there; Bilinear ramps across it, and the
+    # unnormalised start dips towards zero beside it
+    guide = torch.full((1, 3, 64, 64), 0.2)
+    guide[..., 31:] = 0.8  # between the columns 4 * 7 + 1 = 29 and 33 that 'center' sampling takes
+    low = torch.full((1, 1, 16, 16), 0.25)
+    low[..., 8:] = 0.75
+    step = torch.full((64,), 0.25)
+    step[31:] = 0.75
+    torch.testing.assert_close(net(low, guide)[0, 0, 32, 8:-8], step[8:-8], rtol=0, atol=1e-3)
+    assert (Bilinear(4)(low)[0, 0, 32, 8:-8] - step[8:-8]).abs().max() > 0.1
+    unnormalised = init_color_guide_(init_passthrough_(PacJointUpsample(4)), scale=10.0)
+    assert unnormalised(low, guide)[0, 0, 32, 8:-8].min() < 0.2
 
 
 def test_bad_arguments_raise_clear_errors():
