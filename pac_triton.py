@@ -11,7 +11,11 @@ Each function computes, without writing the adaptive kernel ``K`` or any unfolde
     out[o, p] = bias[o] + sum_{c, t} W[o, c, t] * K[t, p] * X[c, tap_t(p)]       (pooling: no W, o = c)
 
 and the gradients of ``out`` with respect to the input, the guide, the weight and the bias. A window
-whose ``S`` is 0 keeps a zero kernel (and a zero output mask), as in :mod:`pac`.
+whose ``S`` is 0 keeps a zero kernel (and a zero output mask), as in :mod:`pac`. A normalised kernel is computed
+relative to the pixel's nearest valid tap, as in :mod:`pac`: the forward keeps the smallest distance so far and
+rescales its sums when a nearer tap comes (an online shift), so ``e`` cannot underflow on every valid tap; it
+hands the backward ``log S`` (of the unshifted ``e``, +inf for an empty window), which recomputes ``K`` directly as
+``a * exp(-D / 2 - log S)``.
 
 Public interface (called by pac.py's ``impl='triton'`` dispatch, or directly):
 
@@ -138,9 +142,9 @@ if triton is not None:
         return iy, ix, in_ok, a
 
     @triton.jit
-    def _gaussian(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c,
+    def _distance(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c,
                   BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
-        """exp(-0.5 * |G[tap] - G[centre]|^2) for a block of pixels; reads outside the image give 0."""
+        """D = |G[tap] - G[centre]|^2 for a block of pixels; reads outside the image give 0."""
         dist = tl.zeros((BLOCK,), dtype=tl.float32)
         for g0 in range(0, guide_channels, BLOCK_G):
             gch = g0 + tl.arange(0, BLOCK_G)
@@ -151,7 +155,18 @@ if triton is not None:
                              mask=centre_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
             diff = tap - centre
             dist += tl.sum(diff * diff, axis=1)
-        return tl.exp(-0.5 * dist)
+        return dist
+
+    @triton.jit
+    def _kernel_value(dist, a, norm, ok, NORMALIZE: tl.constexpr, USE_NORM: tl.constexpr):
+        """K of one tap for a block of pixels in the backward, from the forward's per-pixel ``norm``: log S when
+        normalising (no underflow: see the module docstring), else S; 0 where not ``ok``."""
+        if NORMALIZE:
+            return tl.where(ok & (a > 0), a * tl.exp(-0.5 * dist - norm), 0.0)
+        k = tl.where(ok, a * tl.exp(-0.5 * dist), 0.0)
+        if USE_NORM:
+            k = k / tl.where(norm == 0.0, 1.0, norm)
+        return k
 
     @triton.jit
     def _forward_kernel(
@@ -165,7 +180,7 @@ if triton is not None:
             HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
         """One program: BLOCK_P output pixels x BLOCK_O output channels (of one group) of one image.
-        Writes the output and the kernel's per-pixel sum S (norm_ptr, float32)."""
+        Writes the output and, per pixel (norm_ptr, float32), the kernel's sum S, or log S when normalising."""
         batch = tl.program_id(2).to(tl.int64)
         group = tl.program_id(1) // out_blocks
         outs_local = (tl.program_id(1) % out_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -180,6 +195,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
         total = tl.zeros((BLOCK_P,), dtype=tl.float32)
         real = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        nearest = tl.full((BLOCK_P,), float("inf"), tl.float32)  # normalising: acc and total are relative to it
         for t in range(KH * KW):  # a loop, not unrolled: compiles fast
             i = t // KW
             j = t % KW
@@ -190,13 +206,19 @@ if triton is not None:
             if hit:
                 tap_off, tap_ok = _guide_read(batch, y, x, i, j, pixel_ok, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w,
                                               guide_height, guide_width, sg_b, sg_h, sg_w)
-                e = _gaussian(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c, BLOCK_P, BLOCK_G)
+                dist = _distance(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c, BLOCK_P,
+                                 BLOCK_G)
                 iy, ix, in_ok, a = _input_read(mask_ptr, batch, y, x, i, j, pixel_ok, a_h, a_w, poff_h, poff_w,
                                                div_h, div_w, dil_h, dil_w, height, width, sm_b, sm_h, sm_w, HAS_MASK)
-                ke = e * a
-                if NORMALIZE:
-                    total += ke
+                if NORMALIZE:  # a nearer valid tap: rescale what was summed relative to the previous one
+                    closer = tl.where(a > 0, tl.minimum(nearest, dist), nearest)
+                    rescale = tl.where(closer < nearest, tl.exp(-0.5 * (nearest - closer)), 1.0)
+                    acc = acc * rescale[:, None]
+                    nearest = closer
+                    ke = tl.where(a > 0, a * tl.exp(-0.5 * (dist - nearest)), 0.0)
+                    total = total * rescale + ke
                 else:
+                    ke = tl.exp(-0.5 * dist) * a
                     total += a
                     real += in_ok.to(tl.float32)
                 x_off = batch * sx_b + iy * sx_h + ix * sx_w
@@ -216,13 +238,14 @@ if triton is not None:
                                     mask=c_ok[:, None] & out_ok[None, :], other=0.0).to(DOT_DTYPE)
                         acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
 
+        if HAS_MASK and not NORMALIZE:
+            total = total / tl.maximum(real, 1.0)
+        elif not NORMALIZE:
+            total = tl.full((BLOCK_P,), 1.0, tl.float32)
+        acc = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        norm = total
         if NORMALIZE:
-            norm = total
-        elif HAS_MASK:
-            norm = total / tl.maximum(real, 1.0)
-        else:
-            norm = tl.full((BLOCK_P,), 1.0, tl.float32)
-        acc = acc / tl.where(norm == 0.0, 1.0, norm)[:, None]
+            norm = tl.where(total > 0.0, tl.log(total) - 0.5 * nearest, float("inf"))
         if HAS_BIAS:
             acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
         out_offsets = batch * so_b + outs[None, :] * so_c + y[:, None] * so_h + x[:, None] * so_w
@@ -252,9 +275,12 @@ if triton is not None:
                                             dil_w, guide_height, guide_width, sg_b, sg_h, sg_w)
         taps = tl.arange(0, BLOCK_T)
 
-        # Per tap: e, a and dL/dK' where K' = e * a / S is the kernel used (before the normalisation's chain rule).
-        e_all = tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32)
-        a_all = tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32)
+        if USE_NORM:
+            norm = tl.load(norm_ptr + batch * out_height * out_width + pixels, mask=pixel_ok, other=1.0)
+        else:
+            norm = tl.full((BLOCK_P,), 1.0, tl.float32)
+        # Per tap: K (the kernel used) and dL/dK (before the normalisation's chain rule).
+        k_all = tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32)
         dk_all = tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32)
         for t in range(KH * KW):  # a loop, not unrolled: compiles fast
             i = t // KW
@@ -266,9 +292,11 @@ if triton is not None:
             if hit:
                 tap_off, tap_ok = _guide_read(batch, y, x, i, j, pixel_ok, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w,
                                               guide_height, guide_width, sg_b, sg_h, sg_w)
-                e = _gaussian(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c, BLOCK_P, BLOCK_G)
+                dist = _distance(guide_ptr, tap_off, tap_ok, centre_off, centre_ok, guide_channels, sg_c, BLOCK_P,
+                                 BLOCK_G)
                 iy, ix, in_ok, a = _input_read(mask_ptr, batch, y, x, i, j, pixel_ok, a_h, a_w, poff_h, poff_w,
                                                div_h, div_w, dil_h, dil_w, height, width, sm_b, sm_h, sm_w, HAS_MASK)
+                k = _kernel_value(dist, a, norm, pixel_ok, NORMALIZE, USE_NORM)
                 x_off = batch * sx_b + iy * sx_h + ix * sx_w
                 g_off = batch * sd_b + y * sd_h + x * sd_w
                 dk = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -302,22 +330,13 @@ if triton is not None:
                                          mask=in_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
                             dk += tl.sum(xv * gw, axis=1)
                 here = taps[None, :] == t
-                e_all = tl.where(here, e[:, None], e_all)
-                a_all = tl.where(here, a[:, None], a_all)
+                k_all = tl.where(here, k[:, None], k_all)
                 dk_all = tl.where(here, dk[:, None], dk_all)
 
-        if USE_NORM:
-            norm = tl.load(norm_ptr + batch * out_height * out_width + pixels, mask=pixel_ok, other=1.0)
-            norm = tl.where(norm == 0.0, 1.0, norm)
-        else:
-            norm = tl.full((BLOCK_P,), 1.0, tl.float32)
-        scale = a_all / norm[:, None]
-        if NORMALIZE:  # K = e a / sum(e a): dL/de_t = a_t / S * (dL/dK_t - sum_u dL/dK_u K_u)
-            inner = tl.sum(dk_all * e_all * scale, axis=1)
-            de = scale * (dk_all - inner[:, None])
-        else:
-            de = scale * dk_all
-        dd = -0.5 * e_all * de
+        # dL/dD_t = -K_t / 2 * dL/dK_t, less sum_u dL/dK_u K_u when normalising (K = e a / sum(e a))
+        if NORMALIZE:
+            dk_all = dk_all - tl.sum(dk_all * k_all, axis=1)[:, None]
+        dd = -0.5 * k_all * dk_all
         plane = out_height * out_width
         tl.store(dist_grad_ptr + batch * (KH * KW) * plane + taps[None, :] * plane + pixels[:, None], dd,
                  mask=pixel_ok[:, None] & (taps[None, :] < KH * KW))
@@ -384,7 +403,7 @@ if triton is not None:
             si_b, si_c, si_h, si_w,
             a_h, a_w, poff_h, poff_w, div_h, div_w, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w,
             KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, HAS_MASK: tl.constexpr,
-            USE_NORM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            NORMALIZE: tl.constexpr, USE_NORM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_Q: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
         """One program: BLOCK_Q input pixels x BLOCK_C input channels (of one group) of one image. Gathers
         dL/dX[c, q] = sum over (t, p) reading q as tap t of K[t, p] sum_o W[o, c, t] dL/dout[o, p]."""
@@ -397,6 +416,7 @@ if triton is not None:
         q_ok = qs < height * width
         qy = qs // width
         qx = qs % width
+        mq = tl.full((BLOCK_Q,), 1.0, tl.float32)
         if HAS_MASK:
             mq = tl.load(mask_ptr + batch * sm_b + qy * sm_h + qx * sm_w, mask=q_ok, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
@@ -412,15 +432,13 @@ if triton is not None:
             cy = py * ga_h + (KH // 2) * dil_h - gp_h
             cx = px * ga_w + (KW // 2) * dil_w - gp_w
             c_in = p_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
-            e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok,
-                          batch * sg_b + cy * sg_h + cx * sg_w, c_in, guide_channels, sg_c, BLOCK_Q, BLOCK_G)
-            k = tl.where(p_ok, e, 0.0)
-            if HAS_MASK:
-                k *= mq
+            dist = _distance(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok,
+                             batch * sg_b + cy * sg_h + cx * sg_w, c_in, guide_channels, sg_c, BLOCK_Q, BLOCK_G)
+            norm = 1.0
             if USE_NORM:
                 norm = tl.load(norm_ptr + batch * out_height * out_width + py * out_width + px,
                                mask=p_ok, other=1.0)
-                k = k / tl.where(norm == 0.0, 1.0, norm)
+            k = _kernel_value(dist, mq, norm, p_ok, NORMALIZE, USE_NORM)
             g_off = batch * sd_b + py * sd_h + px * sd_w
             if POOL:
                 gv = tl.load(grad_ptr + g_off[:, None] + ch[None, :] * sd_c,
@@ -448,8 +466,8 @@ if triton is not None:
             sd_b, sd_c, sd_h, sd_w, sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sm_b, sm_h, sm_w,
             sp_s, sp_o, sp_c, sp_t,
             a_h, a_w, poff_h, poff_w, div_h, div_w, ga_h, ga_w, gp_h, gp_w, dil_h, dil_w,
-            KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, USE_NORM: tl.constexpr,
-            DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+            USE_NORM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
         """One program: tap t, BLOCK_O output x BLOCK_C input channels of one group, one split of the
         batch's pixels. Writes the partial sum over its pixels of dL/dout[o, p] K[t, p] X[c, tap_t(p)]."""
@@ -481,17 +499,18 @@ if triton is not None:
             cy = y * ga_h + (KH // 2) * dil_h - gp_h
             cx = x * ga_w + (KW // 2) * dil_w - gp_w
             c_in = n_ok & (cy >= 0) & (cy < guide_height) & (cx >= 0) & (cx < guide_width)
-            e = _gaussian(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok,
-                          batch * sg_b + cy * sg_h + cx * sg_w, c_in, guide_channels, sg_c, BLOCK_P, BLOCK_G)
+            dist = _distance(guide_ptr, batch * sg_b + ty * sg_h + tx * sg_w, t_ok,
+                             batch * sg_b + cy * sg_h + cx * sg_w, c_in, guide_channels, sg_c, BLOCK_P, BLOCK_G)
             iy, iy_ok = _forward_pos(y, i, a_h, poff_h, div_h, dil_h, height)
             ix, ix_ok = _forward_pos(x, j, a_w, poff_w, div_w, dil_w, width)
             in_ok = n_ok & iy_ok & ix_ok
-            k = tl.where(in_ok, e, 0.0)
+            a = tl.full((BLOCK_P,), 1.0, tl.float32)
             if HAS_MASK:
-                k *= tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+                a = tl.load(mask_ptr + batch * sm_b + iy * sm_h + ix * sm_w, mask=in_ok, other=0.0).to(tl.float32)
+            norm = 1.0
             if USE_NORM:
                 norm = tl.load(norm_ptr + n, mask=n_ok, other=1.0)
-                k = k / tl.where(norm == 0.0, 1.0, norm)
+            k = _kernel_value(dist, a, norm, in_ok, NORMALIZE, USE_NORM)
             xv = tl.load(x_ptr + (batch * sx_b + iy * sx_h + ix * sx_w)[:, None] + ch[None, :] * sx_c,
                          mask=in_ok[:, None] & c_ok[None, :], other=0.0)
             xk = (xv.to(tl.float32) * k[:, None]).to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
@@ -625,8 +644,8 @@ def _input_grad(grad, x, guide, weight, mask, norm, geometry, groups, normalize)
             guide.shape[1], h, w, gh, gw, oh, ow, group_in, group_out, in_blocks,
             *grad.stride(), *guide.stride(), *_weight_strides(weight), *_mask_strides(mask), *input_grad.stride(),
             *axes,
-            KH=kh, KW=kw, POOL=weight is None, HAS_MASK=mask is not None, USE_NORM=normalize or mask is not None,
-            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+            KH=kh, KW=kw, POOL=weight is None, HAS_MASK=mask is not None, NORMALIZE=normalize,
+            USE_NORM=normalize or mask is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
             BLOCK_Q=_BLOCK_PIXELS, BLOCK_O=_block(group_out, 16, _MAX_BLOCK_OUT), BLOCK_C=block_c,
             BLOCK_G=_block(guide.shape[1], 1, _MAX_BLOCK_GUIDE))
     return input_grad
@@ -655,7 +674,7 @@ def _weight_grad(grad, x, guide, weight, mask, norm, geometry, groups, normalize
             blocks_per_split,
             *grad.stride(), *x.stride(), *guide.stride(), *_mask_strides(mask), *partial.stride(),
             *axes,
-            KH=kh, KW=kw, HAS_MASK=mask is not None, USE_NORM=normalize or mask is not None,
+            KH=kh, KW=kw, HAS_MASK=mask is not None, NORMALIZE=normalize, USE_NORM=normalize or mask is not None,
             DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
             BLOCK_P=_BLOCK_PIXELS, BLOCK_O=block_o, BLOCK_C=block_c,
             BLOCK_G=_block(guide.shape[1], 1, _MAX_BLOCK_GUIDE))
@@ -672,7 +691,8 @@ if triton is not None:
     def _pac_forward(x: torch.Tensor, guide: torch.Tensor, weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], geometry: List[int], groups: int,
                      normalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(output, S): the fused PAC layer and its kernel's per-pixel sum S (float32, (B, H', W'))."""
+        """(output, norm): the fused PAC layer and, per pixel, its kernel's sum S, or log S when ``normalize``
+        (float32, (B, H', W'))."""
         return _forward_impl(x, guide, weight, bias, mask, geometry, groups, normalize)
 
     @_pac_forward.register_fake
@@ -838,7 +858,7 @@ def _run(x, guide, weight, bias, mask, geometry, groups, normalize_kernel):
     out, norm = _pac_forward(x, guide, weight, bias, mask, geometry, groups, normalize_kernel)
     if mask is None:
         return out
-    out_mask = (norm != 0).to(torch.float32).unsqueeze(1)
+    out_mask = (torch.isfinite(norm) if normalize_kernel else norm != 0).to(torch.float32).unsqueeze(1)
     if not normalize_kernel and mask.shape[0] == 1:  # the mask alone decides: pac keeps the mask's batch of 1
         out_mask = out_mask[:1]
     return out, out_mask

@@ -195,6 +195,28 @@ def test_pool_matches_reference(params):
     check_case(make_case("pool", **params))
 
 
+
+@pytest.mark.parametrize("layer, params", [
+    ("conv_transpose", dict(size=(4, 5), kernel=5, stride=2, padding=2, output_padding=1)),
+    ("conv", dict(size=(7, 6), kernel=5, stride=2, padding=2, mask="batch")),
+    ("pool", dict(size=(7, 6), kernel=5, stride=2, padding=2, mask="batch")),
+], ids=["conv_transpose", "conv_masked", "pool_masked"])
+def test_normalised_kernel_of_far_apart_features(layer, params):
+    """Guide features 20 apart: exp(-D / 2) underflows in float32 on every valid tap of some windows (a transposed
+    layer's windows between input pixels, windows whose centre is masked). The online shift keeps those kernels
+    normalised and every gradient finite and right (as pac's test_normalised_kernel_of_far_apart_features_in_float32)."""
+    case = make_case(layer, guide_channels=3, batch=2, normalize=True, **params)
+    gen = torch.Generator().manual_seed(2)
+    shape = case["guide"].shape
+    case["guide"] = 20 * torch.randint(0, 2, shape, generator=gen).float() + torch.rand(shape, generator=gen)
+    if case["mask"] is not None:
+        case["mask"] = (torch.rand(case["mask"].shape, generator=gen) > 0.7).float()
+    naive32, _ = ref.ref_kernel(case["guide"], case["k"], case["s"], case["p"], case["d"], normalize_kernel=True,
+                                transposed=layer == "conv_transpose", output_padding=case["op"], mask=case["mask"])
+    assert (naive32.sum((2, 3)) == 0).any(), "the case must underflow in float32 when computed naively"
+    check_case(case, tol=1e-3)
+
+
 # ---------------------------------------------------------------- numerics, float16 and bfloat16
 
 
@@ -504,10 +526,13 @@ def test_compiles_for_cuda_tensor_cores(tmp_path):
             assert pool or "nvidia_mma" in ir, "no tensor-core MMA in the float16 forward"
             compile_for_sm80(pt._kernel_grad_kernel, dict(flags, NORMALIZE=normalize, USE_NORM=normalize or mask,
                                                           BLOCK_P=64, BLOCK_T=32))
-            compile_for_sm80(pt._input_grad_kernel, dict(flags, USE_NORM=normalize or mask, BLOCK_Q=64))
+            compile_for_sm80(pt._input_grad_kernel, dict(flags, NORMALIZE=normalize, USE_NORM=normalize or mask,
+                                                         BLOCK_Q=64))
         compile_for_sm80(pt._guide_grad_kernel, dict(KH=5, KW=5, BLOCK_Q=64, BLOCK_G=4))
-        ir = compile_for_sm80(pt._weight_grad_kernel, dict(base, HAS_MASK=True, USE_NORM=True, BLOCK_P=64, **blocks))
-        assert "nvidia_mma" in ir, "no tensor-core MMA in the float16 weight gradient"
+        for normalize in (True, False):
+            ir = compile_for_sm80(pt._weight_grad_kernel, dict(base, HAS_MASK=True, NORMALIZE=normalize, USE_NORM=True,
+                                                               BLOCK_P=64, **blocks))
+            assert "nvidia_mma" in ir, "no tensor-core MMA in the float16 weight gradient"
         print("ok")
         """, env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
