@@ -167,6 +167,11 @@ def _strided(start: int, count: int, step: int) -> slice:
     return slice(start, start + step * (count - 1) + 1, step)
 
 
+def _centre_index(k, d, out_size, step) -> tuple:
+    """Index of every window's centre tap in the padded guide (windows ``step`` apart)."""
+    return (slice(None), slice(None), *(_strided(k[i] // 2 * d[i], out_size[i], step[i]) for i in range(len(k))))
+
+
 def _zero_insert(x: torch.Tensor, stride: Tuple[int, ...]) -> torch.Tensor:
     if all(v == 1 for v in stride):
         return x
@@ -885,6 +890,13 @@ def _band_of(t: Optional[torch.Tensor], band: _Band):
     return None if t is None else _window(t, band)
 
 
+def _own_centres(guide: torch.Tensor, a: _OpArgs) -> torch.Tensor:
+    """The centre features of the ops' windows when no (smoothed) centre is given: a view of the padded guide, so
+    that their gradient folds straight into the guide's (a separate centre tensor would cost a gradient buffer
+    and autograd's scatter of it back into the guide)."""
+    return guide[_centre_index(a.k, a.d, a.out_size, (1,) * len(a.k) if a.transposed else a.s)]
+
+
 def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, lam, band: _Band):
     """The kernel of one band: a slice of the given kernel, or computed from the guide."""
     out = band.out_index()
@@ -931,6 +943,8 @@ def _filter_rows_bytes(x, weight, kernel, guide, centre, a: _OpArgs, prep: _Prep
 def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs):
     kernel_dtype = (kernel if a.spec is None else guide).dtype
     prep = _prepare_filter(x, guide, mask, a, kernel_dtype)
+    if centre is None and guide is not None:
+        centre = _own_centres(prep.guide, a)
     b, c = x.shape[:2]
     out = x.new_zeros(b, c if weight is None else weight.shape[0], *a.out_size)
     flags_out = None
@@ -969,13 +983,16 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     need_x, need_w, need_k, need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
     kernel_dtype = (kernel if a.spec is None else guide).dtype
     prep = _prepare_filter(x, guide, mask, a, kernel_dtype)
+    own_centres = centre is None and guide is not None  # their gradient is part of the guide's
+    if own_centres:
+        centre = _own_centres(prep.guide, a)
     b, c = x.shape[:2]
     acc = _acc_dtype(x.dtype)
     gx = torch.zeros(prep.x.shape, dtype=acc, device=x.device) if need_x else None
     gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
     gk = torch.zeros_like(kernel) if need_k else None
     gguide = torch.zeros(prep.guide.shape, dtype=guide.dtype, device=x.device) if need_guide or need_centre else None
-    gcentre = torch.zeros_like(centre) if need_guide or need_centre else None
+    gcentre = torch.zeros_like(centre) if (need_guide or need_centre) and not own_centres else None
     need_kernel_grad = need_k or gguide is not None or need_alpha or need_lam
     params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_out = grad_out.to(x.dtype)
@@ -1002,9 +1019,9 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
             if gk is not None:
                 gk[band.tap_index() + out[2:]] = gkb
             if gguide is not None or params.needed:
+                band_gcentre = None if gguide is None else (_own_centres(gguide, a) if own_centres else gcentre)[out]
                 g_params = _kernel_band_backward_into(a.spec, gkb, prep.guide, centre[out], prep.valid, prep.pattern,
-                                                      alpha, lam, band, gguide, None if gguide is None else gcentre[out],
-                                                      prep.compiled)
+                                                      alpha, lam, band, gguide, band_gcentre, prep.compiled)
         return band, g_weight, g_params
 
     phases = [(_phase_weight(weight, a.groups, ph),
@@ -1120,6 +1137,7 @@ def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
     valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
     compiled = _compiled(guide)
     guide = guide.contiguous() if compiled else guide
+    centre = _own_centres(guide, a) if centre is None else centre
     b = guide.shape[0]
     kernel = guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.k, *a.out_size)
     flags_out = None if mask is None else guide.new_zeros(b, kernel.shape[1], *a.out_size)
@@ -1142,7 +1160,10 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
     valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
     compiled = _compiled(guide)
     given, guide = guide, (guide.contiguous() if compiled else guide)
-    gguide, gcentre = torch.zeros_like(guide), torch.zeros_like(centre)
+    gguide = torch.zeros_like(guide)
+    own_centres = centre is None  # their gradient is part of the guide's
+    centre, gcentre = ((_own_centres(guide, a), _own_centres(gguide, a)) if own_centres else
+                       (centre, torch.zeros_like(centre)))
     params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_kernel = grad_kernel.to(guide.dtype)
 
@@ -1155,7 +1176,7 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
     for disjoint in _disjoint_sets(bands, True):
         for g_params in _map_bands(run, disjoint):
             params.add(g_params)
-    return (_laid_out_like(gguide, given), gcentre) + params.result()
+    return (_laid_out_like(gguide, given), None if own_centres else gcentre) + params.result()
 
 
 # Registration. The ops take the layer geometry and options as integer lists (see _encode); optional
@@ -1182,7 +1203,7 @@ def _(x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda, geometry, o
     out = x.new_empty(b, c if weight is None else weight.shape[0], *a.out_size)
     if mask is None or a.spec is None:
         return out, x.new_empty(0)
-    return out, guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_size)
+    return out, guide.new_empty(b, guide.shape[1] if a.spec.channel_wise else 1, *a.out_size)
 
 
 @torch.library.custom_op("pac::filter_backward", mutates_args=())
@@ -1222,7 +1243,7 @@ _filter_op.register_autograd(_filter_autograd, setup_context=_filter_setup_conte
 
 
 @torch.library.custom_op("pac::kernel", mutates_args=())
-def _kernel_op(guide: Tensor, centre: Tensor, mask: Optional[Tensor], inv_alpha: Optional[Tensor],
+def _kernel_op(guide: Tensor, centre: Optional[Tensor], mask: Optional[Tensor], inv_alpha: Optional[Tensor],
                inv_lambda: Optional[Tensor], geometry: List[int], options: List[int]) -> Tuple[Tensor, Tensor]:
     """The adaptive kernel ``(K, output mask flags or an empty tensor)`` of :func:`packernel2d`."""
     with torch.autocast(guide.device.type, enabled=False):
@@ -1232,13 +1253,13 @@ def _kernel_op(guide: Tensor, centre: Tensor, mask: Optional[Tensor], inv_alpha:
 @_kernel_op.register_fake
 def _(guide, centre, mask, inv_alpha, inv_lambda, geometry, options):
     a = _OpArgs.decode(geometry, options)
-    channels = centre.shape[1] if a.spec.channel_wise else 1
+    channels = guide.shape[1] if a.spec.channel_wise else 1
     flags = guide.new_empty(0) if mask is None else guide.new_empty(guide.shape[0], channels, *a.out_size)
     return guide.new_empty(guide.shape[0], channels, *a.k, *a.out_size), flags
 
 
 @torch.library.custom_op("pac::kernel_backward", mutates_args=())
-def _kernel_backward_op(grad_kernel: Tensor, guide: Tensor, centre: Tensor, mask: Optional[Tensor],
+def _kernel_backward_op(grad_kernel: Tensor, guide: Tensor, centre: Optional[Tensor], mask: Optional[Tensor],
                         inv_alpha: Optional[Tensor], inv_lambda: Optional[Tensor], geometry: List[int],
                         options: List[int], needs: List[int]) -> List[Tensor]:
     """Gradients of ``pac::kernel`` for (guide, centre, inv_alpha, inv_lambda)."""
@@ -1403,6 +1424,12 @@ class _GuideGeometry(NamedTuple):
     centre: torch.Tensor       # the (smoothed) centre feature of every window, (B, C, *out)
     out_size: Tuple[int, ...]
     in_size: Tuple[int, ...]   # the layer's input size
+    smoothed: bool
+
+    @property
+    def op_centre(self) -> Optional[torch.Tensor]:
+        """The centre as the 'taps' ops take it: None when it is the guide's own (see :func:`_own_centres`)."""
+        return self.centre if self.smoothed else None
 
 
 def _guide_geometry(input, k, s, p, op, d, transposed, padding_mode, smooth_kernel) -> _GuideGeometry:
@@ -1421,9 +1448,8 @@ def _guide_geometry(input, k, s, p, op, d, transposed, padding_mode, smooth_kern
     if smooth_kernel is not None:
         centre = _smoothed_centre(guide_padded, smooth_kernel.to(guide.dtype), k, win_s, d, out_size)
     else:
-        centre = guide_padded[(slice(None), slice(None),
-                               *(_strided(k[a] // 2 * d[a], out_size[a], win_s[a]) for a in range(dims)))]
-    return _GuideGeometry(guide_padded, centre, out_size, in_size)
+        centre = guide_padded[_centre_index(k, d, out_size, win_s)]
+    return _GuideGeometry(guide_padded, centre, out_size, in_size, smooth_kernel is not None)
 
 
 def _kernel_params(kernel_type: str, inv_alpha, inv_lambda, dtype):
@@ -1533,7 +1559,7 @@ def _packernel(dims: int, input, mask, kernel_size, stride, padding, output_padd
                                   transposed, padding_mode)
         geometry, options = _encode(k, s, p, op, d, geo.out_size, transposed, 1, kernel_type, channel_wise,
                                     normalize, padding_mode, kernel_given=False)
-        kernel, flags = _kernel(geo.guide, geo.centre, mask, alpha, lam, geometry, options)
+        kernel, flags = _kernel(geo.guide, geo.op_centre, mask, alpha, lam, geometry, options)
     return kernel, (flags if mask is not None else None)
 
 
@@ -2059,7 +2085,7 @@ class _PacKernelLayer(nn.Module):
         geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, geo.out_size, layer.transposed,
                                     groups, self.kernel_type, self.channel_wise, self.normalize_kernel,
                                     layer.padding_mode, kernel_given=False)
-        out, flags = _filter(layer.padded(x), weight, None, geo.guide, geo.centre, mask, alpha, lam,
+        out, flags = _filter(layer.padded(x), weight, None, geo.guide, geo.op_centre, mask, alpha, lam,
                                           geometry, options)
         if bias is not None:
             out = out + bias.view(1, -1, *([1] * self._dims))

@@ -212,7 +212,8 @@ def test_ops_run_single_threaded_on_their_own_threads(monkeypatch):
 
 
 def op_samples():
-    """(op, args) samples covering the filter and kernel ops with and without a guide, mask, weight."""
+    """(op, args) samples covering the filter and kernel ops with and without a guide, mask, weight, and with the
+    guide's own window centres (centre None) or a smoothed centre."""
     x, guide = rand(1, 3, 8, 7), rand(1, 2, 8, 7)
     conv = PacConv2d(3, 4, 3, stride=2, padding=1, kernel_type="inv_0.5_-0.5", normalize_kernel=True,
                      impl="taps").double()
@@ -220,8 +221,9 @@ def op_samples():
     captured = []
     filter_op = torch.ops.pac.filter.default
 
-    def record(*args):
-        captured.append((filter_op, args))
+    def record(*args):  # (as leaves: opcheck differentiates every sample several times)
+        captured.append((filter_op, tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                                          else a for a in args)))
         return filter_op(*args)
 
     original = pac._FilterFn.forward
@@ -230,6 +232,7 @@ def op_samples():
         conv(x, guide, mask=mask)
         PacConvTranspose2d(3, 2, 3, 2, 1, 1, impl="taps").double()(x, rand(1, 2, 16, 14))
         PacPool2d(3, padding=1, channel_wise=True, normalize_kernel=True, impl="taps")(x, rand(1, 3, 8, 7))
+        PacConv2d(3, 2, 3, padding=1, smooth_kernel_type="gaussian", impl="taps").double()(x, guide)
         kernel, _ = conv.compute_kernel(guide)
         pac.pacconv2d(x, kernel.detach().requires_grad_(), conv.weight, None, 2, 1, impl="taps")
     finally:
@@ -240,12 +243,14 @@ def op_samples():
     kernel_args = (geo.guide.detach().requires_grad_(), geo.centre.detach().requires_grad_(), mask,
                    conv.inv_alpha.detach().requires_grad_(), conv.inv_lambda.detach().requires_grad_(),
                    geometry, options)
-    return captured + [(torch.ops.pac.kernel.default, kernel_args)]
+    own_centres = (kernel_args[0], None) + kernel_args[2:]
+    assert [args[4] is None for _, args in captured] == [True, True, True, False, True]
+    return captured + [(torch.ops.pac.kernel.default, kernel_args), (torch.ops.pac.kernel.default, own_centres)]
 
 
 def test_opcheck_every_op():
     samples = op_samples()
-    assert len(samples) == 5
+    assert len(samples) == 7
     for op, args in samples:
         torch.library.opcheck(op, args)
 
