@@ -610,6 +610,14 @@ class _KernelSpec(NamedTuple):
     asym: bool
     channel_wise: bool
     normalize: bool
+    shift: bool = False  # a normalised gaussian kernel computed relative to the nearest valid tap (_gaussian_)
+
+
+def _centre_may_be_invalid(k, p, d, transposed: bool, masked: bool) -> bool:
+    """Whether a window's own centre can fall on a tap that is not a real, unmasked pixel: then all its valid taps
+    can be far from it in guide features (otherwise the centre tap, at distance 0, keeps a normalised kernel's sum
+    at 1 or more)."""
+    return transposed or masked or any(p[i] > d[i] * (k[i] // 2) for i in range(len(k)))
 
 
 _GIVEN, _GAUSSIAN, _INV = 0, 1, 2
@@ -676,11 +684,11 @@ def _band_kernel(spec: _KernelSpec, dist, valid_win, pattern_win, alpha, lam):
 
 
 def _gaussian_(spec: _KernelSpec, dist, valid_win):
-    """``exp(-dist / 2)``, in place. A normalised kernel is computed as ``exp(-(dist - nearest) / 2)`` instead,
-    ``nearest`` being each pixel's smallest distance over its valid taps: the normalisation cancels the shift, and
-    the kernel of a pixel far (in guide features) from all its taps no longer underflows to zero, nor its
-    gradient (divided by the kernel's sum) to infinity."""
-    if spec.normalize:  # (the clamp only touches invalid taps, which the kernel zeroes: no inf * 0)
+    """``exp(-dist / 2)``, in place. With ``spec.shift`` (a normalised kernel whose window centres can be invalid
+    taps) it is computed as ``exp(-(dist - nearest) / 2)`` instead, ``nearest`` being each pixel's smallest distance
+    over its valid taps: the normalisation cancels the shift, and the kernel of a pixel far (in guide features) from
+    all its taps no longer underflows to zero, nor its gradient (divided by the kernel's sum) to infinity."""
+    if spec.shift:  # (the clamp only touches invalid taps, which the kernel zeroes: no inf * 0)
         dist = dist.sub_(_nearest_valid(dist, valid_win)).clamp_(min=0)
     return dist.mul_(-0.5).exp_()
 
@@ -808,11 +816,12 @@ class _OpArgs(NamedTuple):
     padding_mode: str
 
     @staticmethod
-    def decode(geometry: Sequence[int], options: Sequence[int]) -> "_OpArgs":
+    def decode(geometry: Sequence[int], options: Sequence[int], masked: bool = False) -> "_OpArgs":
         dims = len(geometry) // 6  # the output size is symbolic under export
         k, s, p, op, d, out_size = (tuple(geometry[i * dims:(i + 1) * dims]) for i in range(6))
         transposed, groups, kind, asym, channel_wise, normalize, mode = options
-        spec = None if kind == _GIVEN else _KernelSpec(kind, bool(asym), bool(channel_wise), bool(normalize))
+        shift = bool(normalize) and kind == _GAUSSIAN and _centre_may_be_invalid(k, p, d, bool(transposed), masked)
+        spec = None if kind == _GIVEN else _KernelSpec(kind, bool(asym), bool(channel_wise), bool(normalize), shift)
         return _OpArgs(k, s, p, op, d, out_size, bool(transposed), groups, spec, PADDING_MODES[mode])
 
 
@@ -1193,7 +1202,7 @@ def _filter_op(x: Tensor, weight: Optional[Tensor], kernel: Optional[Tensor], gu
     """PAC filtering ``(output without bias, output mask flags or an empty tensor)``."""
     with torch.autocast(x.device.type, enabled=False):
         return _filter_forward(x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda,
-                               _OpArgs.decode(geometry, options))
+                               _OpArgs.decode(geometry, options, mask is not None))
 
 
 @_filter_op.register_fake
@@ -1214,7 +1223,7 @@ def _filter_backward_op(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], k
     """Gradients of ``pac::filter`` for (x, weight, kernel, guide, centre, inv_alpha, inv_lambda)."""
     with torch.autocast(x.device.type, enabled=False):
         grads = _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, inv_alpha, inv_lambda,
-                                 _OpArgs.decode(geometry, options), needs)
+                                 _OpArgs.decode(geometry, options, mask is not None), needs)
     return _empty_if_none(grads, x)
 
 
@@ -1247,7 +1256,8 @@ def _kernel_op(guide: Tensor, centre: Optional[Tensor], mask: Optional[Tensor], 
                inv_lambda: Optional[Tensor], geometry: List[int], options: List[int]) -> Tuple[Tensor, Tensor]:
     """The adaptive kernel ``(K, output mask flags or an empty tensor)`` of :func:`packernel2d`."""
     with torch.autocast(guide.device.type, enabled=False):
-        return _kernel_forward(guide, centre, mask, inv_alpha, inv_lambda, _OpArgs.decode(geometry, options))
+        return _kernel_forward(guide, centre, mask, inv_alpha, inv_lambda,
+                               _OpArgs.decode(geometry, options, mask is not None))
 
 
 @_kernel_op.register_fake
@@ -1265,7 +1275,7 @@ def _kernel_backward_op(grad_kernel: Tensor, guide: Tensor, centre: Optional[Ten
     """Gradients of ``pac::kernel`` for (guide, centre, inv_alpha, inv_lambda)."""
     with torch.autocast(guide.device.type, enabled=False):
         grads = _kernel_backward(grad_kernel, guide, centre, mask, inv_alpha, inv_lambda,
-                                 _OpArgs.decode(geometry, options), needs)
+                                 _OpArgs.decode(geometry, options, mask is not None), needs)
     return _empty_if_none(grads, guide)
 
 
@@ -1589,7 +1599,8 @@ def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha,
     taps = _tap_dims(dist)
     pattern = taps_of(geo.guide.new_ones(1, 1, *geo.in_size))
     valid = pattern if mask is None else taps_of(mask.to(geo.guide.dtype))
-    if normalize and kind == "gaussian":  # as _gaussian_: the shift cancels, its gradient is zero
+    if normalize and kind == "gaussian" and _centre_may_be_invalid(k, p, d, transposed, mask is not None):
+        # as _gaussian_: the shift cancels, its gradient is zero
         dist = (dist - _nearest_valid(dist.detach(), valid)).clamp(min=0)
     kernel = _native_base(dist, kind, alpha, lam) * valid
     if not normalize:

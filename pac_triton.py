@@ -12,10 +12,10 @@ Each function computes, without writing the adaptive kernel ``K`` or any unfolde
 
 and the gradients of ``out`` with respect to the input, the guide, the weight and the bias. A window
 whose ``S`` is 0 keeps a zero kernel (and a zero output mask), as in :mod:`pac`. A normalised kernel is computed
-relative to the pixel's nearest valid tap, as in :mod:`pac`: the forward keeps the smallest distance so far and
-rescales its sums when a nearer tap comes (an online shift), so ``e`` cannot underflow on every valid tap; it
-hands the backward ``log S`` (of the unshifted ``e``, +inf for an empty window), which recomputes ``K`` directly as
-``a * exp(-D / 2 - log S)``.
+relative to the pixel's nearest valid tap (as :mod:`pac` does where a window's centre can be invalid): the forward
+keeps the smallest distance so far and rescales its sums when a nearer tap comes (an online shift), so ``e``
+cannot underflow on every valid tap; it hands the backward ``log S`` (of the unshifted ``e``, +inf for an empty
+window), which recomputes ``K`` directly as ``a * exp(-D / 2 - log S)``.
 
 Public interface (called by pac.py's ``impl='triton'`` dispatch, or directly):
 

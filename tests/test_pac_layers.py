@@ -293,6 +293,22 @@ def test_normalised_kernel_of_far_apart_features_in_float32(impl, layer):
         torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-3, atol=1e-3)
 
 
+def test_normalised_kernel_with_centres_in_the_padding_in_float32(impl):
+    """packernel2d with a padding wider than the window's half: some windows' centres fall in the padding, and with
+    far-apart guide features every valid tap of theirs underflows in float32 when computed naively."""
+    guide = (20 * torch.randint(0, 2, (2, 3, 6, 5), dtype=DT) + torch.rand(2, 3, 6, 5, dtype=DT)).requires_grad_()
+    geometry = dict(kernel_size=5, padding=4, normalize_kernel=True)
+    naive32, _ = ref_kernel(guide.detach().float(), **geometry)
+    assert (naive32.sum((2, 3)) == 0).any(), 'the case must underflow in float32 when computed naively'
+    expected, _ = ref_kernel(guide, **geometry)
+    kernel, _ = packernel2d(guide.float(), impl=impl, **geometry)
+    torch.testing.assert_close(kernel.double(), expected, rtol=1e-4, atol=1e-5)
+    upstream = torch.randn_like(expected)
+    expected_grad, = torch.autograd.grad((expected * upstream).sum(), guide)
+    grad, = torch.autograd.grad((kernel * upstream.float()).sum(), guide)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-3, atol=1e-3)
+
+
 def test_bool_mask_is_accepted(impl):
     x, guide = rand(1, 2, 5, 5), rand(1, 2, 5, 5)
     mask = torch.rand(1, 1, 5, 5) > 0.5
