@@ -1019,6 +1019,7 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
             go = go.reshape(b, a.groups, -1, math.prod(counts))
             g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, *band.taps, *counts)
         gkb = _modulated_backward(g_mod, prep.x, kbx, band, gx, need_kernel_grad, prep.compiled)
+        del g_mod  # (a convolution's is channels x taps per output: freed before the modulated input is made)
         g_weight = g_params = None
         if need_w:
             modulated = _modulated(prep.x, kbx, band, prep.compiled).view(b, a.groups, -1, math.prod(counts))
