@@ -923,12 +923,13 @@ def _band_rows_bytes(batch: int, values: int, phases: Sequence[_Phase], element_
 
 def _temporary_values(x_channels: int, guide_channels: int, kernel_channels: int, taps: int, conv: bool,
                       compiled: bool) -> int:
-    """Values per output of a band's largest temporaries: a convolution's modulated input (channels x taps); on the
-    torch path also a pooling layer's and the guide differences; with the compiled loops, which pool and take
-    distances without such a temporary, a pooling layer's output gradient (channels) or the four kernel-sized
-    temporaries that its backward holds at once (distances, kernel, kernel gradient, distance gradient)."""
+    """Values per output of a band's largest temporaries: on the torch path the modulated input (channels x taps)
+    and the guide differences; with the compiled loops, which convolve, pool and take distances without such
+    temporaries, the output gradient (channels) or the four kernel-sized temporaries that the backward holds at once
+    (distances, kernel, kernel gradient, distance gradient), and a convolution's modulated input where its weight
+    gradient makes it (a kernel per channel)."""
     if compiled:
-        return x_channels * taps if conv else max(x_channels, 4 * kernel_channels * taps)
+        return x_channels * taps if conv and kernel_channels > 1 else max(x_channels, 4 * kernel_channels * taps)
     return max(x_channels, guide_channels) * taps
 
 
@@ -937,7 +938,7 @@ def _phase_weight(weight, groups, phases: Sequence[_Phase]):
     if weight is None:
         return None
     index = (slice(None), slice(None), *(ph.tap_slice() for ph in phases))
-    return weight[index].reshape(groups, weight.shape[0] // groups, -1)
+    return weight[index].reshape(groups, weight.shape[0] // groups, -1).contiguous()
 
 
 def _filter_rows_bytes(x, weight, kernel, guide, centre, a: _OpArgs, prep: _Prepared, phases) -> int:
@@ -973,18 +974,45 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
         if w is None:
             out[band.out_index()] = _pooled(prep.x, kb, band, prep.compiled)
         else:
-            out[band.out_index()] = _apply_weight(_modulated(prep.x, kb, band, prep.compiled), w, a.groups)
+            out[band.out_index()] = _convolved(prep.x, kb, w, a.groups, band, prep.compiled)
 
     _map_bands(run, tasks)
     return out, (x.new_zeros(0) if flags_out is None else flags_out)
 
 
-def _apply_weight(modulated, w, groups):
-    """``sum_{c, taps} W * modulated`` as one batched matmul."""
-    b = modulated.shape[0]
-    counts = modulated.shape[2 + len(_tap_dims(modulated)):]
-    out = torch.matmul(w, modulated.reshape(b, groups, -1, math.prod(counts)))
-    return out.view(b, -1, *counts)
+def _convolved(x, kernel, weight, groups: int, band: _Band, compiled: bool) -> torch.Tensor:
+    """``(B, O, *counts)``: a phase's weight ``(groups, O / groups, C / groups * taps)`` times the band's
+    :func:`_modulated` windows, a batched matmul (which the compiled loops do without making the windows)."""
+    b = x.shape[0]
+    if compiled:
+        return pac_cpu.conv(x, _flat(kernel, band), weight, _cpu_window(x, band)).view(b, -1, *band.counts)
+    modulated = _modulated(x, kernel, band, compiled)
+    return torch.matmul(weight, modulated.view(b, groups, -1, math.prod(band.counts))).view(b, -1, *band.counts)
+
+
+def _convolved_backward(grad, x, kernel, weight, groups: int, band: _Band, gx, need_kernel: bool, need_weight: bool,
+                        compiled: bool):
+    """Backward of :func:`_convolved` (``grad`` ``(B, O, *counts)``): adds the input gradient into the padded ``gx``
+    (when given); returns the kernel gradient ``(B, 1 or C, *taps, *counts)`` (when ``need_kernel``) and the weight
+    gradient ``(groups, O / groups, C / groups * taps)``, summed over the batch (when ``need_weight``)."""
+    b, c = x.shape[:2]
+    grad = grad.reshape(b, groups, -1, math.prod(band.counts))
+    if compiled:
+        grad = grad.contiguous()
+        gk = pac_cpu.conv_backward_input(grad.view(b, -1, grad.shape[-1]), x, _flat(kernel, band), weight,
+                                         _cpu_window(x, band), gx, need_kernel)
+        gk = None if gk is None else _as_taps(gk, band)
+    else:
+        g_mod = torch.matmul(weight.transpose(1, 2), grad).view(b, c, *band.taps, *band.counts)
+        gk = _modulated_backward(g_mod, x, kernel, band, gx, need_kernel, compiled)
+        del g_mod  # (channels x taps per output: freed before the modulated input is made)
+    if not need_weight:
+        return gk, None
+    if compiled and kernel.shape[1] == 1:
+        return gk, pac_cpu.conv_backward_weight(grad.view(b, -1, grad.shape[-1]), x, _flat(kernel, band), groups,
+                                                _cpu_window(x, band))
+    modulated = _modulated(x, kernel, band, compiled).view(b, groups, -1, grad.shape[-1])
+    return gk, torch.matmul(grad, modulated.transpose(2, 3)).sum(0, dtype=_acc_dtype(x.dtype))
 
 
 @_coordinated_op
@@ -995,7 +1023,6 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     own_centres = centre is None and guide is not None  # their gradient is part of the guide's
     if own_centres:
         centre = _own_centres(prep.guide, a)
-    b, c = x.shape[:2]
     acc = _acc_dtype(x.dtype)
     gx = torch.zeros(prep.x.shape, dtype=acc, device=x.device) if need_x else None
     gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
@@ -1009,21 +1036,16 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     def run(band: _Band, w, gx, gguide):
         """Fold one band's input and guide gradients into ``gx`` and ``gguide``; return its weight and
         kernel-parameter gradients."""
-        counts, out = band.counts, band.out_index()
+        out = band.out_index()
         kb, _ = _kernel_of_band(a, kernel, prep.guide, centre, prep, alpha, lam, band)
         kbx = kb.to(x.dtype)
         go = grad_out[out]
-        if w is None:  # pooling: every tap of a channel gets the channel's output gradient
-            g_mod = go
-        else:
-            go = go.reshape(b, a.groups, -1, math.prod(counts))
-            g_mod = torch.matmul(w.transpose(1, 2), go).view(b, c, *band.taps, *counts)
-        gkb = _modulated_backward(g_mod, prep.x, kbx, band, gx, need_kernel_grad, prep.compiled)
-        del g_mod  # (a convolution's is channels x taps per output: freed before the modulated input is made)
         g_weight = g_params = None
-        if need_w:
-            modulated = _modulated(prep.x, kbx, band, prep.compiled).view(b, a.groups, -1, math.prod(counts))
-            g_weight = torch.matmul(go, modulated.transpose(2, 3)).sum(0, dtype=acc)
+        if w is None:  # pooling: every tap of a channel gets the channel's output gradient
+            gkb = _modulated_backward(go, prep.x, kbx, band, gx, need_kernel_grad, prep.compiled)
+        else:
+            gkb, g_weight = _convolved_backward(go, prep.x, kbx, w, a.groups, band, gx, need_kernel_grad, need_w,
+                                                prep.compiled)
         if need_kernel_grad:
             gkb = gkb.to(kernel_dtype)
             if gk is not None:
