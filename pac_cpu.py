@@ -174,17 +174,20 @@ int conv_backward_input_SUF(const REAL *restrict gout, const REAL *restrict x, c
     const i64 N = win->cols, P = win->rows * N, T = win->taps, s = win->step, V = V_SUF, K = Cg * T;
     const i64 kcs = kc > 1 ? T * P : 0, blocks = (K + CONV_MC - 1) / CONV_MC;
     REAL *packed = pack_SUF(w, groups, Og, K, CONV_MC, 1), *panel = malloc(blocks * CONV_MC * 2 * V * sizeof(REAL));
-    if (!packed || !panel) { free(packed); free(panel); return -1; }
+    REAL *gpanel = malloc(Og * 2 * V * sizeof(REAL));  /* the output gradient of a piece of columns */
+    if (!packed || !panel || !gpanel) { free(packed); free(panel); free(gpanel); return -1; }
     for (i64 b = 0; b < batch; b++) for (i64 g = 0; g < groups; g++) {
         const REAL *gog = gout + (b * groups + g) * Og * P;
         const i64 xofs = (b * groups + g) * Cg * win->plane, kofs = (b * kc + (kc > 1 ? g * Cg : 0)) * T * P;
         for (i64 r = 0; r < win->rows; r++) {
             i64 j = 0;
             for (; j + 2 * V <= N; j += 2 * V) {
+                for (i64 o = 0; o < Og; o++)  /* (a copy: rows P apart can share cache sets, when P is 1024 say) */
+                    memcpy(gpanel + o * 2 * V, gog + o * P + r * N + j, 2 * V * sizeof(REAL));
                 for (i64 qb = 0; qb < blocks; qb++) {  /* the panel of gm */
-                    const REAL *wb = packed + (g * blocks + qb) * Og * CONV_MC, *gp = gog + r * N + j;
+                    const REAL *wb = packed + (g * blocks + qb) * Og * CONV_MC, *gp = gpanel;
                     vec_SUF acc[CONV_MC][2] = {{{0}}};
-                    for (i64 o = 0; o < Og; o++, wb += CONV_MC, gp += P) {
+                    for (i64 o = 0; o < Og; o++, wb += CONV_MC, gp += 2 * V) {
                         const vec_SUF g0 = load_SUF(gp, 1), g1 = load_SUF(gp + V, 1);
                         for (int i = 0; i < CONV_MC; i++) {
                             acc[i][0] += wb[i] * g0;
@@ -242,6 +245,7 @@ int conv_backward_input_SUF(const REAL *restrict gout, const REAL *restrict x, c
     }
     free(packed);
     free(panel);
+    free(gpanel);
     return 0;
 }
 

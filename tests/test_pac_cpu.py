@@ -2,6 +2,7 @@
 (pac's window view, fold and sums) on 2-D and 3-D windows of convolutions and of transposed phases; the build
 (cache, compiler failure, opt-out) and the layers' fallback to torch operations."""
 import itertools
+import math
 import shutil
 
 import pytest
@@ -14,17 +15,18 @@ from pac import _Band, _flat, _fold_into, _phases, _window
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
 
-def band_cases(dims: int, transposed: bool):
-    """(padded input, padded guide, band) covering every output phase of a stride-2 layer with 3-tap windows."""
-    k, s, p, d = (3,) * dims, (2,) * dims, (1,) * dims, (1,) * dims
-    size = (9, 8) if dims == 2 else (6, 5, 7)
-    x = torch.randn(2, 3, *size, dtype=torch.float64)
+def band_cases(dims: int, transposed: bool, size=None, channels: int = 3, stride: int = 2):
+    """(padded input, padded guide, band) covering every output phase of a layer with 3-tap windows (stride 2 unless
+    given) of an input of ``size`` (small unless given)."""
+    k, s, p, d = (3,) * dims, (stride,) * dims, (1,) * dims, (1,) * dims
+    size = size or ((9, 8) if dims == 2 else (6, 5, 7))
+    x = torch.randn(2, channels, *size, dtype=torch.float64)
     if transposed:  # the input padded as pac pads it for a transposed layer's phases
         out = pac._transposed_out_size(size, k, s, p, (1,) * dims, d)
         before, after = zip(*(pac._transposed_pads(k[a], s[a], p[a], d[a], size[a], out[a]) for a in range(dims)))
         x = torch.nn.functional.pad(x, pac._torch_pads(before, after))
         phases = _phases(True, k, s, p, d, out, before)
-        guide = torch.randn(2, 3, *(n + 2 for n in out), dtype=torch.float64)  # output resolution, 'same' padding
+        guide = torch.randn(2, channels, *(n + 2 for n in out), dtype=torch.float64)  # output resolution, 'same' padding
     else:
         phases = _phases(False, k, s, p, d, pac._conv_out_size(tuple(n - 2 for n in size), k, s, p, d))
         guide = torch.randn_like(x)
@@ -60,6 +62,51 @@ def test_modulate_pool_and_backward_match_torch_ops(dims, transposed, dtype):
                 torch.testing.assert_close(grad_x, expected_x, **tol)
                 torch.testing.assert_close(grad_kernel, _flat((full * win).sum(1, keepdim=True) if kc == 1
                                                                 else full * win, band), **tol)
+
+
+def wide_band_cases(dims: int, transposed: bool, channels: int):
+    """Bands whose rows hold whole pieces of vectors of the convolution loops and a remainder, in both dtypes:
+    stride 1 and 2 (every phase of a transposed layer)."""
+    size = (5, 45) if dims == 2 else (4, 3, 29)
+    for stride in (1, 2):
+        yield from band_cases(dims, transposed, size, channels, stride)
+
+
+@pytest.mark.parametrize("dims,transposed", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("groups,channels,out_channels", [(1, 20, 6), (2, 6, 10)])
+def test_conv_loops_match_the_modulated_windows_times_the_weight(dims, transposed, dtype, groups, channels,
+                                                                 out_channels):
+    """conv, conv_backward_input and conv_backward_weight against modulate, modulate_backward and matmuls: output
+    channel blocks and input channel vectors with a remainder, grouped weights, a kernel per channel."""
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    b = 2
+    for x, _, band in wide_band_cases(dims, transposed, channels):
+        x = x.to(dtype)
+        w, taps = pac._cpu_window(x, band), math.prod(band.taps)
+        weight = torch.randn(groups, out_channels // groups, channels // groups * taps, dtype=dtype)
+        for kc in (1, channels):
+            kernel = _flat(torch.rand(b, kc, *band.taps, *band.counts, dtype=dtype), band)
+            modulated = pac_cpu.modulate(x, kernel, w).view(b, groups, -1, w.outputs)
+            out = pac_cpu.conv(x, kernel, weight, w)
+            torch.testing.assert_close(out, torch.matmul(weight, modulated).view(b, out_channels, -1), **tol)
+
+            grad = torch.randn_like(out)
+            grouped = grad.view(b, groups, -1, w.outputs)
+            expected_x = torch.zeros_like(x)
+            expected_kernel = pac_cpu.modulate_backward(torch.matmul(weight.transpose(1, 2), grouped).view(
+                b, channels, taps, -1), x, kernel, w, expected_x, True)
+            grad_x = torch.zeros_like(x)
+            grad_kernel = pac_cpu.conv_backward_input(grad, x, kernel, weight, w, grad_x, True)
+            torch.testing.assert_close(grad_x, expected_x, **tol)
+            torch.testing.assert_close(grad_kernel, expected_kernel, **tol)
+            assert pac_cpu.conv_backward_input(grad, x, kernel, weight, w, None, False) is None
+            if kc == 1:
+                torch.testing.assert_close(pac_cpu.conv_backward_weight(grad, x, kernel, groups, w),
+                                           torch.matmul(grouped, modulated.transpose(2, 3)).sum(0), **tol)
+            else:
+                with pytest.raises(ValueError, match="shared by the channels"):
+                    pac_cpu.conv_backward_weight(grad, x, kernel, groups, w)
 
 
 @pytest.mark.parametrize("dims,transposed", CASES)
