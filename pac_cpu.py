@@ -58,6 +58,9 @@ typedef struct { i64 plane, taps, rows, cols, step; const i64 *row, *tap; } Wind
 #define GRAD_PIECE 128
 #define CONV_PIECE 128
 static inline i64 min_i64(i64 a, i64 b) { return a < b ? a : b; }
+/* The statements with the step S of a strided read: a constant 2 (a transposed layer's phases, stride 2; the
+   compiler then vectorises the loop) or s. */
+#define BY_STEP(s, ...) do { if ((s) == 2) { const i64 S = 2; __VA_ARGS__ } else { const i64 S = (s); __VA_ARGS__ } } while (0)
 """
 
 _TEMPLATE = r"""
@@ -314,7 +317,7 @@ void modulate_SUF(const REAL *restrict x, const REAL *restrict k, REAL *restrict
             const REAL *xs = xc + w->row[r] + w->tap[t], *ks = kb + t * P + r * N;
             REAL *os = oc + t * P + r * N;
             if (s == 1) for (i64 j = 0; j < N; j++) os[j] = xs[j] * ks[j];
-            else for (i64 j = 0; j < N; j++) os[j] = xs[j * s] * ks[j];
+            else BY_STEP(s, for (i64 j = 0; j < N; j++) os[j] = xs[j * S] * ks[j];);
         }
     }
 }
@@ -331,7 +334,7 @@ void pool_SUF(const REAL *restrict x, const REAL *restrict k, REAL *restrict out
             const REAL *xs = xc + w->row[r] + w->tap[t], *ks = kb + t * P + r * N;
             REAL *os = oc + r * N;
             if (s == 1) for (i64 j = 0; j < N; j++) os[j] += xs[j] * ks[j];
-            else for (i64 j = 0; j < N; j++) os[j] += xs[j * s] * ks[j];
+            else BY_STEP(s, for (i64 j = 0; j < N; j++) os[j] += xs[j * S] * ks[j];);
         }
     }
 }
@@ -352,12 +355,12 @@ void modulate_backward_SUF(const REAL *restrict g, i64 g_tap_stride, const REAL 
             if (gx) {
                 REAL *gxs = gx + (b * channels + c) * w->plane + at;
                 if (s == 1) for (i64 j = 0; j < N; j++) gxs[j] += gs[j] * ks[j];
-                else for (i64 j = 0; j < N; j++) gxs[j * s] += gs[j] * ks[j];
+                else BY_STEP(s, for (i64 j = 0; j < N; j++) gxs[j * S] += gs[j] * ks[j];);
             }
             if (gk) {
                 REAL *gks = gk + kofs + t * P + r * N;
                 if (s == 1) for (i64 j = 0; j < N; j++) gks[j] += gs[j] * xs[j];
-                else for (i64 j = 0; j < N; j++) gks[j] += gs[j] * xs[j * s];
+                else BY_STEP(s, for (i64 j = 0; j < N; j++) gks[j] += gs[j] * xs[j * S];);
             }
         }
     }
@@ -380,7 +383,7 @@ void distance_SUF(const REAL *restrict guide, const REAL *restrict centre, REAL 
             const REAL *gs = gc + w->row[r] + w->tap[t], *cs = cc + r * N;
             REAL *os = oc + t * P + r * N;
             if (s == 1) for (i64 j = 0; j < N; j++) { const REAL d = diff_SUF(gs[j], cs[j], asym); os[j] += d * d; }
-            else for (i64 j = 0; j < N; j++) { const REAL d = diff_SUF(gs[j * s], cs[j], asym); os[j] += d * d; }
+            else BY_STEP(s, for (i64 j = 0; j < N; j++) { const REAL d = diff_SUF(gs[j * S], cs[j], asym); os[j] += d * d; });
         }
     }
 }
@@ -402,11 +405,11 @@ void distance_backward_SUF(const REAL *restrict gd, const REAL *restrict guide, 
                 const REAL v = 2 * diff_SUF(gs[j], cs[j], asym) * gds[j];
                 ggs[j] += v;
                 gcs[j] -= v;
-            } else for (i64 j = 0; j < N; j++) {
-                const REAL v = 2 * diff_SUF(gs[j * s], cs[j], asym) * gds[j];
-                ggs[j * s] += v;
+            } else BY_STEP(s, for (i64 j = 0; j < N; j++) {
+                const REAL v = 2 * diff_SUF(gs[j * S], cs[j], asym) * gds[j];
+                ggs[j * S] += v;
                 gcs[j] -= v;
-            }
+            });
         }
     }
 }
