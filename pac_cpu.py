@@ -9,11 +9,15 @@ pass of a plain C loop:
 * :func:`modulate` -- ``M[c, t, p] = X[c, read_t(p)] * K[t, p]``, the input of the weight's matrix product,
 * :func:`pool` -- ``sum_t X[c, read_t(p)] * K[t, p]``,
 * :func:`modulate_backward` -- ``gX[c, read_t(p)] += gM[c, t, p] * K[t, p]`` and ``gK[t, p] = sum_c gM * X``,
-* :func:`distance_backward` -- the guide and centre gradients of :func:`distance`.
+* :func:`distance_backward` -- the guide and centre gradients of :func:`distance`,
+* :func:`conv`, :func:`conv_backward_input`, :func:`conv_backward_weight` -- a convolution's weight times the
+  :func:`modulate` windows and its gradients, without making the windows: register-blocked loops over panels of a
+  few vectors of columns that stay in the L1 cache.
 
 ``read_t(p)`` is any window of a band (see ``pac._reads``): one row offset per output row, one offset per tap
 and a step along the last axis, so every dimensionality, stride, dilation and transposed phase is the same loop.
-The weight's matrix products stay with torch (its BLAS is faster than any loop here).
+The fused convolution loops replace the ``(B, C, taps, outputs)`` temporary and the BLAS products that read it:
+that temporary, written and read back from memory, cost more than the products themselves.
 
 The library is compiled on first use with the system C compiler (``$CC`` or ``cc``), about a second, into
 ``$PAC_CACHE_DIR`` (default ``~/.cache/pacnet``), and loaded with :mod:`ctypes`, which releases the GIL during
