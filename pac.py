@@ -507,14 +507,15 @@ def _read_spans(first: _Phase, guide: bool) -> List[Tuple[int, int]]:
     return spans
 
 
-def _disjoint_sets(bands: List[_Band], guide: bool) -> List[List[_Band]]:
-    """``bands`` dealt into sets whose members read disjoint rows of the input (and of the guide): the
-    backward folds the bands of one set in parallel, and the sets one after the other (deterministic)."""
-    size = bands[0].t1 - bands[0].t0
+def _disjoint_sets(items: list, first: _Band, guide: bool) -> List[list]:
+    """``items``, the consecutive bands of a phase (or work on them) from ``first`` on, dealt into sets whose members
+    read disjoint rows of the input (and of the guide): the backward folds the bands of one set in parallel, and the
+    sets one after the other (deterministic)."""
+    size = first.t1 - first.t0
     # band i reads rows from i*size*step on, (size-1)*step + span of them: bands m apart are disjoint
     # when (m-1)*size*step >= span - step
-    sets = 1 + max(max(0, -(-(span - step) // (size * step))) for span, step in _read_spans(bands[0].phases[0], guide))
-    return [bands[i::sets] for i in range(sets)]
+    sets = 1 + max(max(0, -(-(span - step) // (size * step))) for span, step in _read_spans(first.phases[0], guide))
+    return [items[i::sets] for i in range(sets)]
 
 
 def _band_bytes(device: torch.device) -> int:
@@ -670,8 +671,8 @@ def _band_distance(spec: _KernelSpec, guide, centre, band: _Band, compiled: bool
 
 
 def _band_kernel(spec: _KernelSpec, dist, valid_win, pattern_win, alpha, lam):
-    """Adaptive kernel ``(B, 1 or C, *taps, *counts)`` of one band from its guide distances (overwritten), and the
-    output mask flags.
+    """Adaptive kernel ``(B, 1 or C, *taps, *counts)`` of one band from its guide distances (overwritten), its
+    divisor (or None), the output mask flags (or None) and the kernel before masking and normalisation (``dist``).
 
     ``valid_win`` is the window of the layer's mask (or of the real-pixel pattern when only normalising),
     ``pattern_win`` the real-pixel pattern (used with a mask and no normalisation).
@@ -680,7 +681,7 @@ def _band_kernel(spec: _KernelSpec, dist, valid_win, pattern_win, alpha, lam):
         kernel = _gaussian_(spec, dist, valid_win)
     else:
         kernel = dist.add_(_INV_EPS).pow_(0.5 * _channel_view(lam, dist)).add_(_channel_view(alpha, dist))
-    return _restrict(spec, kernel, valid_win, pattern_win)
+    return (*_restrict(spec, kernel, valid_win, pattern_win), kernel)
 
 
 def _gaussian_(spec: _KernelSpec, dist, valid_win):
@@ -721,10 +722,11 @@ def _restrict(spec: _KernelSpec, kernel, valid_win, pattern_win):
     return kernel.div_(norm), norm, (~empty)[(slice(None), slice(None), *([0] * len(taps)))]
 
 
-def _band_kernel_backward(spec: _KernelSpec, grad_kernel, dist, valid_win, pattern_win, alpha, lam):
-    """Gradients of one band's kernel with respect to its guide distances ``dist`` (overwritten) and alpha/lambda."""
+def _band_kernel_backward(spec: _KernelSpec, grad_kernel, dist, valid_win, pattern_win, alpha, lam, base=None):
+    """Gradients of one band's kernel with respect to its guide distances ``dist`` (overwritten) and alpha/lambda.
+    A gaussian kernel's ``base`` (its value before masking and normalisation), when given, replaces ``dist``."""
     if spec.kind == _GAUSSIAN:
-        base = _gaussian_(spec, dist, valid_win)
+        base = _gaussian_(spec, dist, valid_win) if base is None else base
     else:
         shifted = dist.add_(_INV_EPS)
         power = shifted.pow(0.5 * _channel_view(lam, dist))
@@ -813,62 +815,63 @@ class _OpArgs(NamedTuple):
     transposed: bool
     groups: int
     spec: Optional[_KernelSpec]  # None when the kernel is given
-    padding_mode: str
 
     @staticmethod
     def decode(geometry: Sequence[int], options: Sequence[int], masked: bool = False) -> "_OpArgs":
         dims = len(geometry) // 6  # the output size is symbolic under export
         k, s, p, op, d, out_size = (tuple(geometry[i * dims:(i + 1) * dims]) for i in range(6))
-        transposed, groups, kind, asym, channel_wise, normalize, mode = options
+        transposed, groups, kind, asym, channel_wise, normalize = options
         shift = bool(normalize) and kind == _GAUSSIAN and _centre_may_be_invalid(k, p, d, bool(transposed), masked)
         spec = None if kind == _GIVEN else _KernelSpec(kind, bool(asym), bool(channel_wise), bool(normalize), shift)
-        return _OpArgs(k, s, p, op, d, out_size, bool(transposed), groups, spec, PADDING_MODES[mode])
+        return _OpArgs(k, s, p, op, d, out_size, bool(transposed), groups, spec)
 
 
-def _encode(k, s, p, op, d, out_size, transposed, groups, kernel_type, channel_wise, normalize, padding_mode,
-            kernel_given: bool):
-    """The (geometry, options) integer lists of the ``pac::`` ops."""
-    geometry = [*k, *s, *p, *op, *d, *out_size]
+def _encode(layer: "_Layer", out_size, kernel_type: str, channel_wise: bool, normalize: bool, kernel_given: bool):
+    """The (geometry, options) integer lists of the ``pac::`` ops for a layer's call."""
+    geometry = [*layer.k, *layer.s, *layer.op_padding, *layer.op, *layer.d, *out_size]
     if kernel_given:
         kind, asym = _GIVEN, False
     else:
         name, _, _, asym, _ = _parse_kernel_type(kernel_type)
         kind = _GAUSSIAN if name == "gaussian" else _INV
-    options = [int(transposed), groups, kind, int(asym), int(channel_wise), int(normalize),
-               PADDING_MODES.index(padding_mode)]
-    return geometry, options
+    return geometry, [int(layer.transposed), layer.groups, kind, int(asym), int(channel_wise), int(normalize)]
 
 
-def _as_read(image: torch.Tensor, a: _OpArgs, pads=None) -> torch.Tensor:
-    """``image`` (a mask, or ones) at the layer's input resolution, laid out like what the taps read:
-    padded by ``pads`` around a transposed layer's input, zero-inserted and padded for a transposed
-    layer's kernel, or padded by the layer's padding mode (reflected borders are real pixels)."""
-    if pads is not None:
-        return F.pad(image, pads)
+def _guide_pads(a: _OpArgs) -> Tuple[int, ...]:
+    """The zeros that the kernel's windows read around the guide: the layer's padding, or half a window around a
+    transposed layer's guide (which is at the output resolution)."""
+    return tuple((k - 1) * d // 2 for k, d in zip(a.k, a.d)) if a.transposed else a.p
+
+
+def _as_read(image: torch.Tensor, a: _OpArgs) -> torch.Tensor:
+    """``image`` (a mask, or ones) at the layer's input resolution, laid out like the windows of ``pac::kernel``
+    read it: zero-inserted and padded for a transposed layer, zero padded otherwise."""
     if a.transposed:
         return _transposed_padded_input(image, a.k, a.s, a.p, a.op, a.d)
-    return _pad(image, a.p, a.padding_mode)
+    return _pad(image, a.p)
 
 
-def _validity(mask, a: _OpArgs, in_size, dtype, device, pads=None):
-    """(valid, pattern) images laid out like the taps read: ``valid`` is the mask, or the real-pixel
-    pattern when only normalising; ``pattern`` is needed with a mask and no normalisation."""
+def _validity(mask, a: _OpArgs, in_size, dtype, device):
+    """(valid, pattern) images at the layer's input size: ``valid`` is the mask, or the real pixels (ones) when only
+    normalising; ``pattern`` (ones) is needed with a mask and no normalisation. What the windows read around them,
+    padding and inserted zeros, is not real."""
     if a.spec is None or (mask is None and not a.spec.normalize):
         return None, None
-    pattern = _as_read(torch.ones(1, 1, *in_size, dtype=dtype, device=device), a, pads)
+    pattern = torch.ones(1, 1, *in_size, dtype=dtype, device=device)
     if mask is None:
         return pattern, None
-    return _as_read(mask.to(dtype), a, pads), (None if a.spec.normalize else pattern)
+    return mask.to(dtype), (None if a.spec.normalize else pattern)
 
 
 class _Prepared(NamedTuple):
-    x: torch.Tensor                  # the input as the taps read it (padded)
-    guide: Optional[torch.Tensor]    # the padded guide
+    x: torch.Tensor                  # the input (contiguous when compiled)
+    x_pads: Tuple[Tuple[int, int], ...]  # per axis, the zeros that the taps read before and after x
+    guide: Optional[torch.Tensor]    # the guide (contiguous when compiled)
+    guide_pads: Tuple[Tuple[int, int], ...]
     phases: Tuple[List[_Phase], ...]  # the output phases of every axis
-    valid: Optional[torch.Tensor]    # mask (or real-pixel pattern when only normalising), laid out like x
-    pattern: Optional[torch.Tensor]  # real-pixel pattern, with a mask and no normalisation
-    unpad: tuple                     # index of the input in the padded x
-    compiled: bool                   # whether pac_cpu's compiled loops run the band primitives (x, guide contiguous)
+    valid: Optional[torch.Tensor]    # mask (or real pixels when only normalising), at x's size
+    pattern: Optional[torch.Tensor]  # real pixels, with a mask and no normalisation
+    compiled: bool                   # whether pac_cpu's compiled loops run the band primitives
 
 
 def _prepare_filter(x, guide, mask, a: _OpArgs, kernel_dtype) -> _Prepared:
@@ -876,18 +879,16 @@ def _prepare_filter(x, guide, mask, a: _OpArgs, kernel_dtype) -> _Prepared:
     compiled = _compiled(x) and (guide is None or _compiled(guide))
     if compiled:
         x, guide = x.contiguous(), (None if guide is None else guide.contiguous())
+    in_size = tuple(x.shape[2:])
     if a.transposed:
-        in_size = tuple(x.shape[2:])
-        before, after = zip(*(_transposed_pads(a.k[i], a.s[i], a.p[i], a.d[i], in_size[i], a.out_size[i])
-                              for i in range(dims)))
-        pads = _torch_pads(before, after)
-        phases = _phases(True, a.k, a.s, a.p, a.d, a.out_size, before)
-        valid, pattern = _validity(mask, a, in_size, kernel_dtype, x.device, pads)
-        unpad = (slice(None), slice(None), *(slice(b, b + n) for b, n in zip(before, in_size)))
-        return _Prepared(F.pad(x, pads), guide, phases, valid, pattern, unpad, compiled)
-    in_size = tuple(x.shape[2 + i] - 2 * a.p[i] for i in range(dims))
+        x_pads = tuple(_transposed_pads(a.k[i], a.s[i], a.p[i], a.d[i], in_size[i], a.out_size[i])
+                       for i in range(dims))
+        phases = _phases(True, a.k, a.s, a.p, a.d, a.out_size, tuple(before for before, _ in x_pads))
+    else:
+        x_pads, phases = tuple((p, p) for p in a.p), _phases(False, a.k, a.s, a.p, a.d, a.out_size)
     valid, pattern = _validity(mask, a, in_size, kernel_dtype, x.device)
-    return _Prepared(x, guide, _phases(False, a.k, a.s, a.p, a.d, a.out_size), valid, pattern, (...,), compiled)
+    guide_pads = tuple((p, p) for p in _guide_pads(a))
+    return _Prepared(x, x_pads, guide, guide_pads, phases, valid, pattern, compiled)
 
 
 def _laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -900,20 +901,129 @@ def _band_of(t: Optional[torch.Tensor], band: _Band):
 
 
 def _own_centres(guide: torch.Tensor, a: _OpArgs) -> torch.Tensor:
-    """The centre features of the ops' windows when no (smoothed) centre is given: a view of the padded guide, so
-    that their gradient folds straight into the guide's (a separate centre tensor would cost a gradient buffer
-    and autograd's scatter of it back into the guide)."""
+    """The centre features of the kernel op's windows when no (smoothed) centre is given: a view of the padded
+    guide, so that their gradient folds straight into the guide's (a separate centre tensor would cost a gradient
+    buffer and autograd's scatter of it back into the guide)."""
     return guide[_centre_index(a.k, a.d, a.out_size, (1,) * len(a.k) if a.transposed else a.s)]
 
 
-def _kernel_of_band(a: _OpArgs, kernel, guide, centre, prep: _Prepared, alpha, lam, band: _Band):
-    """The kernel of one band: a slice of the given kernel, or computed from the guide."""
-    out = band.out_index()
+# Per band, the filter op reads band-sized zero-padded copies of the rows of its inputs that the band reads
+# (a band's "rows" are along the first spatial axis): it never holds padded copies of whole inputs, nor of
+# their gradients, which the band copies' gradients are added into.
+
+def _rows_read(band: _Band, guide: bool) -> Tuple[int, int]:
+    """The rows ``[r0, r1)`` of the padded input (or guide) that the taps of ``band`` read."""
+    start, step, dil = _reads(band, guide)[0]
+    return start, start + (band.counts[0] - 1) * step + (band.taps[0] - 1) * dil + 1
+
+
+def _centre_reads(a: _OpArgs, band: _Band) -> List[Tuple[int, int, int]]:
+    """Per axis, (first position, count, step) of the centres of the band's windows in the padded guide."""
+    steps = (1,) * len(a.k) if a.transposed else a.s
+    reads = []
+    for i, ph in enumerate(band.phases):
+        t0, count = (band.t0, band.t1 - band.t0) if i == 0 else (0, ph.count)
+        first = (ph.out_start + ph.out_step * t0) * steps[i] + a.k[i] // 2 * a.d[i]
+        reads.append((first, count, ph.out_step * steps[i]))
+    return reads
+
+
+def _band_centres(guide_rows: torch.Tensor, a: _OpArgs, band: _Band, row0: int) -> torch.Tensor:
+    """The guide's own centre features of the band's windows: a view of ``guide_rows``, the padded guide's rows
+    from ``row0`` on (their gradient then folds straight into the guide's)."""
+    index = [_strided(first - (row0 if i == 0 else 0), count, step)
+             for i, (first, count, step) in enumerate(_centre_reads(a, band))]
+    return guide_rows[(slice(None), slice(None), *index)]
+
+
+def _interior(t: torch.Tensor, pads, row: int, count: int) -> tuple:
+    """Index, in padded rows of ``t``, of ``count`` rows of ``t`` from padded row ``row`` on."""
+    return (slice(None), slice(None), slice(row, row + count),
+            *(slice(before, before + n) for n, (before, _) in zip(t.shape[3:], pads[1:])))
+
+
+def _real_rows(t: torch.Tensor, pads, rows: Tuple[int, int]) -> Tuple[int, int]:
+    """The rows ``[lo, hi)`` of ``t`` among the padded rows ``rows``."""
+    before = pads[0][0]
+    return max(rows[0] - before, 0), min(rows[1] - before, t.shape[2])
+
+
+def _padded_rows(t: Optional[torch.Tensor], pads, rows: Tuple[int, int]) -> Optional[torch.Tensor]:
+    """The padded rows ``[r0, r1)`` of ``t`` zero-padded by ``pads`` (per axis, before and after): a contiguous
+    copy, whole along the other axes."""
+    if t is None:
+        return None
+    lo, hi = _real_rows(t, pads, rows)
+    out = t.new_zeros(*t.shape[:2], rows[1] - rows[0], *(n + sum(p) for n, p in zip(t.shape[3:], pads[1:])))
+    if hi > lo:
+        out[_interior(t, pads, lo + pads[0][0] - rows[0], hi - lo)] = t[:, :, lo:hi]
+    return out
+
+
+def _add_padded_rows(target: torch.Tensor, grad: torch.Tensor, pads, rows: Tuple[int, int]) -> None:
+    """The adjoint of :func:`_padded_rows`: adds the part of ``grad`` that lies on ``target`` into it."""
+    lo, hi = _real_rows(target, pads, rows)
+    if hi > lo:
+        target[:, :, lo:hi] += grad[_interior(target, pads, lo + pads[0][0] - rows[0], hi - lo)]
+
+
+class _RowInputs(NamedTuple):
+    """The rows of the padded input, guide and validity images that a band of rows reads, copied out."""
+    x: torch.Tensor
+    x_rows: Tuple[int, int]           # the padded input's rows in ``x``
+    guide: Optional[torch.Tensor]
+    guide_rows: Tuple[int, int]       # the padded guide's rows in ``guide``
+    valid: Optional[torch.Tensor]
+    pattern: Optional[torch.Tensor]
+
+
+def _row_inputs(prep: _Prepared, a: _OpArgs, band: _Band, own_centres: bool) -> _RowInputs:
+    """What the bands of ``band``'s rows read (whatever their phases along the other axes): with ``own_centres``,
+    the guide's copy also covers the centres of their windows."""
+    x_rows, guide_rows, guide = _rows_read(band, guide=False), (0, 0), None
+    if prep.guide is not None:
+        guide_rows = _rows_read(band, guide=True)
+        if own_centres:
+            first, count, step = _centre_reads(a, band)[0]
+            guide_rows = (min(guide_rows[0], first), max(guide_rows[1], first + (count - 1) * step + 1))
+        guide = _padded_rows(prep.guide, prep.guide_pads, guide_rows)
+    return _RowInputs(_padded_rows(prep.x, prep.x_pads, x_rows), x_rows, guide, guide_rows,
+                      _padded_rows(prep.valid, prep.x_pads, x_rows), _padded_rows(prep.pattern, prep.x_pads, x_rows))
+
+
+class _BandInputs(NamedTuple):
+    """What one band reads: its rows' copies and the centres of its windows."""
+    band: _Band                       # the band, its reads along the first axis shifted to the copies' rows
+    x: torch.Tensor
+    guide: Optional[torch.Tensor]
+    centre: Optional[torch.Tensor]
+    valid: Optional[torch.Tensor]
+    pattern: Optional[torch.Tensor]
+
+
+def _band_inputs(rows: _RowInputs, a: _OpArgs, band: _Band, centre: Optional[torch.Tensor]) -> _BandInputs:
+    """``band``'s view of its rows' copies; its window centres are the given ``centre``'s, or (None) the guide's
+    own."""
+    band_centre = None
+    if rows.guide is not None:
+        band_centre = _band_centres(rows.guide, a, band, rows.guide_rows[0]) if centre is None else \
+            centre[band.out_index()]
+    first = band.phases[0]
+    first = first._replace(x_start=first.x_start - rows.x_rows[0], g_start=first.g_start - rows.guide_rows[0])
+    return _BandInputs(band._replace(phases=(first, *band.phases[1:])), rows.x, rows.guide, band_centre, rows.valid,
+                       rows.pattern)
+
+
+def _kernel_of_band(a: _OpArgs, kernel, inputs: _BandInputs, alpha, lam, compiled: bool):
+    """The kernel of one band: a slice of the given kernel, or computed from the guide; its output mask flags and its
+    value before masking and normalisation (see :func:`_band_kernel`)."""
+    band = inputs.band
     if a.spec is None:
-        return kernel[band.tap_index() + out[2:]], None
-    dist = _band_distance(a.spec, guide, centre[out], band, prep.compiled)
-    kernel, _, flags = _band_kernel(a.spec, dist, _band_of(prep.valid, band), _band_of(prep.pattern, band), alpha, lam)
-    return kernel, flags
+        return kernel[band.tap_index() + band.out_index()[2:]], None, None
+    dist = _band_distance(a.spec, inputs.guide, inputs.centre, band, compiled)
+    kernel, _, flags, base = _band_kernel(a.spec, dist, _band_of(inputs.valid, band), _band_of(inputs.pattern, band),
+                                          alpha, lam)
+    return kernel, flags, base
 
 
 def _band_rows_bytes(batch: int, values: int, phases: Sequence[_Phase], element_size: int) -> int:
@@ -941,42 +1051,53 @@ def _phase_weight(weight, groups, phases: Sequence[_Phase]):
     return weight[index].reshape(groups, weight.shape[0] // groups, -1).contiguous()
 
 
-def _filter_rows_bytes(x, weight, kernel, guide, centre, a: _OpArgs, prep: _Prepared, phases) -> int:
+def _filter_rows_bytes(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared, phases) -> int:
     """:func:`_band_rows_bytes` of a ``pac::filter`` phase."""
-    kernel_channels = kernel.shape[1] if a.spec is None else centre.shape[1] if a.spec.channel_wise else 1
+    kernel_channels = kernel.shape[1] if a.spec is None else guide.shape[1] if a.spec.channel_wise else 1
     values = _temporary_values(x.shape[1], 0 if guide is None else guide.shape[1], kernel_channels,
                                math.prod(ph.taps for ph in phases), weight is not None, prep.compiled)
     return _band_rows_bytes(x.shape[0], values, phases, x.element_size())
+
+
+def _row_tasks(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared) -> List[List[list]]:
+    """The filter op's work: per output phase along the first axis, its bands of rows; each band of rows is a list
+    of ``(band, phase weight)``, one per combination of phases along the other axes (they read the same rows, which
+    are copied once)."""
+    units = []
+    for first in prep.phases[0]:
+        combos = [(first, *rest) for rest in itertools.product(*prep.phases[1:])]
+        if not combos:
+            continue
+        weights = [_phase_weight(weight, a.groups, phases) for phases in combos]
+        row_bytes = max(_filter_rows_bytes(x, weight, kernel, guide, a, prep, phases) for phases in combos)
+        units.append([[(_Band(phases, rows.t0, rows.t1), w) for phases, w in zip(combos, weights)]
+                      for rows in _bands(combos[0], row_bytes, x.device, guide is not None)])
+    return units
 
 
 @_coordinated_op
 def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpArgs):
     kernel_dtype = (kernel if a.spec is None else guide).dtype
     prep = _prepare_filter(x, guide, mask, a, kernel_dtype)
-    if centre is None and guide is not None:
-        centre = _own_centres(prep.guide, a)
     b, c = x.shape[:2]
     out = x.new_zeros(b, c if weight is None else weight.shape[0], *a.out_size)
     flags_out = None
     if mask is not None and a.spec is not None:
-        flags_out = x.new_zeros(b, centre.shape[1] if a.spec.channel_wise else 1, *a.out_size, dtype=kernel_dtype)
-    tasks = [(band, _phase_weight(weight, a.groups, phases))
-             for phases in itertools.product(*prep.phases)
-             for band in _bands(phases, _filter_rows_bytes(x, weight, kernel, guide, centre, a, prep, phases), x.device,
-                                guide is not None)]
-
+        flags_out = x.new_zeros(b, guide.shape[1] if a.spec.channel_wise else 1, *a.out_size, dtype=kernel_dtype)
     def run(task) -> None:  # output phases and bands write disjoint outputs: all of them run in parallel
-        band, w = task
-        kb, flags = _kernel_of_band(a, kernel, prep.guide, centre, prep, alpha, lam, band)
-        if flags_out is not None:
-            flags_out[band.out_index()] = flags.to(kernel_dtype)
-        kb = kb.to(x.dtype)
-        if w is None:
-            out[band.out_index()] = _pooled(prep.x, kb, band, prep.compiled)
-        else:
-            out[band.out_index()] = _convolved(prep.x, kb, w, a.groups, band, prep.compiled)
+        rows = _row_inputs(prep, a, task[0][0], centre is None)
+        for band, w in task:
+            inputs = _band_inputs(rows, a, band, centre)
+            kb, flags, _ = _kernel_of_band(a, kernel, inputs, alpha, lam, prep.compiled)
+            if flags_out is not None:
+                flags_out[band.out_index()] = flags.to(kernel_dtype)
+            kb = kb.to(x.dtype)
+            if w is None:
+                out[band.out_index()] = _pooled(inputs.x, kb, inputs.band, prep.compiled)
+            else:
+                out[band.out_index()] = _convolved(inputs.x, kb, w, a.groups, inputs.band, prep.compiled)
 
-    _map_bands(run, tasks)
+    _map_bands(run, [task for unit in _row_tasks(x, weight, kernel, guide, a, prep) for task in unit])
     return out, (x.new_zeros(0) if flags_out is None else flags_out)
 
 
@@ -1021,55 +1142,70 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     kernel_dtype = (kernel if a.spec is None else guide).dtype
     prep = _prepare_filter(x, guide, mask, a, kernel_dtype)
     own_centres = centre is None and guide is not None  # their gradient is part of the guide's
-    if own_centres:
-        centre = _own_centres(prep.guide, a)
     acc = _acc_dtype(x.dtype)
-    gx = torch.zeros(prep.x.shape, dtype=acc, device=x.device) if need_x else None
+    gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
     gk = torch.zeros_like(kernel) if need_k else None
-    gguide = torch.zeros(prep.guide.shape, dtype=guide.dtype, device=x.device) if need_guide or need_centre else None
+    gguide = torch.zeros(guide.shape, dtype=guide.dtype, device=x.device) if need_guide or need_centre else None
     gcentre = torch.zeros_like(centre) if (need_guide or need_centre) and not own_centres else None
     need_kernel_grad = need_k or gguide is not None or need_alpha or need_lam
     params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_out = grad_out.to(x.dtype)
 
-    def run(band: _Band, w, gx, gguide):
-        """Fold one band's input and guide gradients into ``gx`` and ``gguide``; return its weight and
-        kernel-parameter gradients."""
+    def run_band(band: _Band, w, rows: _RowInputs, rows_gx, rows_gguide):
+        """Add one band's input and guide gradients into its rows' ``rows_gx`` and ``rows_gguide``; return its
+        weight and kernel-parameter gradients."""
         out = band.out_index()
-        kb, _ = _kernel_of_band(a, kernel, prep.guide, centre, prep, alpha, lam, band)
+        inputs = _band_inputs(rows, a, band, centre)
+        kb, _, base = _kernel_of_band(a, kernel, inputs, alpha, lam, prep.compiled)
         kbx = kb.to(x.dtype)
         go = grad_out[out]
         g_weight = g_params = None
         if w is None:  # pooling: every tap of a channel gets the channel's output gradient
-            gkb = _modulated_backward(go, prep.x, kbx, band, gx, need_kernel_grad, prep.compiled)
+            gkb = _modulated_backward(go, inputs.x, kbx, inputs.band, rows_gx, need_kernel_grad, prep.compiled)
         else:
-            gkb, g_weight = _convolved_backward(go, prep.x, kbx, w, a.groups, band, gx, need_kernel_grad, need_w,
-                                                prep.compiled)
+            gkb, g_weight = _convolved_backward(go, inputs.x, kbx, w, a.groups, inputs.band, rows_gx,
+                                                need_kernel_grad, need_w, prep.compiled)
         if need_kernel_grad:
             gkb = gkb.to(kernel_dtype)
             if gk is not None:
                 gk[band.tap_index() + out[2:]] = gkb
-            if gguide is not None or params.needed:
-                band_gcentre = None if gguide is None else (_own_centres(gguide, a) if own_centres else gcentre)[out]
-                g_params = _kernel_band_backward_into(a.spec, gkb, prep.guide, centre[out], prep.valid, prep.pattern,
-                                                      alpha, lam, band, gguide, band_gcentre, prep.compiled)
+            if rows_gguide is not None or params.needed:
+                band_gcentre = None
+                if rows_gguide is not None:
+                    band_gcentre = _band_centres(rows_gguide, a, band, rows.guide_rows[0]) if own_centres else \
+                        gcentre[out]
+                g_params = _kernel_band_backward_into(a.spec, gkb, inputs.guide, inputs.centre, inputs.valid,
+                                                      inputs.pattern, alpha, lam, inputs.band, rows_gguide,
+                                                      band_gcentre, prep.compiled, base)
         return band, g_weight, g_params
 
-    phases = [(_phase_weight(weight, a.groups, ph),
-               _bands(ph, _filter_rows_bytes(x, weight, kernel, guide, centre, a, prep, ph), x.device, guide is not None))
-              for ph in itertools.product(*prep.phases)]
-    if len(phases) == 1:  # the bands of a disjoint set read disjoint rows: fold each set in parallel
-        w, bands = phases[0]
-        results = [r for disjoint in _disjoint_sets(bands, guide is not None)
-                   for r in _map_bands(lambda band: run(band, w, gx, gguide), disjoint)]
-    else:  # output phases read overlapping inputs: fixed groups of phases, each folding into its own buffers
+    def run(task, gx, gguide):
+        """Add the input and guide gradients of one band of rows into ``gx`` and ``gguide``; return its bands'
+        weight and kernel-parameter gradients."""
+        rows = _row_inputs(prep, a, task[0][0], own_centres)
+        rows_gx = None if gx is None else torch.zeros(rows.x.shape, dtype=gx.dtype, device=x.device)
+        rows_gguide = None if gguide is None else torch.zeros_like(rows.guide)
+        results = [run_band(band, w, rows, rows_gx, rows_gguide) for band, w in task]
+        if rows_gx is not None:
+            _add_padded_rows(gx, rows_gx, prep.x_pads, rows.x_rows)
+        if rows_gguide is not None:
+            _add_padded_rows(gguide, rows_gguide, prep.guide_pads, rows.guide_rows)
+        return results
+
+    units = _row_tasks(x, weight, kernel, guide, a, prep)
+    if len(units) == 1:  # the bands of rows of a disjoint set read disjoint rows: each set is folded in parallel
+        tasks = units[0]
+        results = [r for disjoint in _disjoint_sets(tasks, tasks[0][0][0], guide is not None)
+                   for task_results in _map_bands(lambda task: run(task, gx, gguide), disjoint)
+                   for r in task_results]
+    else:  # phases along the first axis read overlapping rows: fixed groups of them, each folding into own buffers
         workers = getattr(_thread_state, "threads", None) or 1
-        groups = _balanced_groups(phases, min(len(phases), workers))
+        groups = _balanced_groups(units, min(len(units), workers))
 
         def run_group(group):  # one group (one worker) folds straight into the totals
             own = (gx, gguide) if len(groups) == 1 else [None if t is None else torch.zeros_like(t) for t in (gx, gguide)]
-            return own, [run(band, w, *own) for w, bands in group for band in bands]
+            return own, [r for unit in group for task in unit for r in run(task, *own)]
 
         results = []
         for own, group_results in _map_bands(run_group, groups):  # summed in a fixed order
@@ -1082,7 +1218,7 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
             gw[band.tap_index()] += g_weight.view(gw.shape[0], gw.shape[1], *band.taps)
         params.add(g_params)
     if gx is not None:
-        gx = gx[prep.unpad].to(x.dtype).contiguous()  # as the fake kernel promises
+        gx = gx.to(x.dtype)
     if gguide is not None:
         gguide = _laid_out_like(gguide, guide)
     if gw is not None:
@@ -1090,17 +1226,18 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     return (gx, gw, gk, gguide, gcentre) + params.result()
 
 
-def _balanced_groups(phases: list, count: int) -> List[list]:
-    """``(weight, bands)`` phases dealt into ``count`` groups of about equal work (taps x outputs): each phase in
-    turn, largest first, to the group with the least work so far (a fixed order, so sums are deterministic)."""
-    def work(phase):
-        return sum(math.prod(band.taps) * math.prod(band.counts) for band in phase[1])
+def _balanced_groups(units: list, count: int) -> List[list]:
+    """The filter op's units of work (see :func:`_row_tasks`) dealt into ``count`` groups of about equal work (taps x
+    outputs): each unit in turn, largest first, to the group with the least work so far (a fixed order, so sums are
+    deterministic)."""
+    def work(unit):
+        return sum(math.prod(band.taps) * math.prod(band.counts) for task in unit for band, _ in task)
 
     groups, loads = [[] for _ in range(count)], [0] * count
-    for phase in sorted(phases, key=work, reverse=True):
+    for unit in sorted(units, key=work, reverse=True):
         i = loads.index(min(loads))
-        groups[i].append(phase)
-        loads[i] += work(phase)
+        groups[i].append(unit)
+        loads[i] += work(unit)
     return groups
 
 
@@ -1125,21 +1262,25 @@ class _ParamGrads:
 
 
 def _kernel_band_backward_into(spec, gkb, guide, centre, valid, pattern, alpha, lam, band: _Band, gguide, gcentre,
-                               compiled: bool):
+                               compiled: bool, base=None):
     """Backpropagate one band's kernel gradient into the padded guide's ``gguide`` and into ``gcentre`` (the band's
     part of the centre gradient; both None when not needed); return the band's ``(grad alpha, grad lambda)``
-    (None for a gaussian kernel). ``centre`` holds the band's centre features."""
-    dist = _band_distance(spec, guide, centre, band, compiled)
+    (None for a gaussian kernel). ``centre`` holds the band's centre features; ``base``, when the caller has it, the
+    kernel before masking and normalisation (a gaussian kernel's gradient then needs no distances)."""
+    if spec.kind != _GAUSSIAN:
+        base = None  # (the 'inv' kernels' gradients need the distances themselves)
+    dist = None if base is not None else _band_distance(spec, guide, centre, band, compiled)
     grad_dist, ga, gl = _band_kernel_backward(spec, gkb, dist, _band_of(valid, band), _band_of(pattern, band),
-                                              alpha, lam)
+                                              alpha, lam, base)
     if gguide is not None:
         _band_distance_backward_into(spec, grad_dist, guide, centre, band, gguide, gcentre, compiled)
     return None if ga is None else (ga, gl)
 
 
-def _kernel_phases(guide, a: _OpArgs):
-    """Window geometry of :func:`packernel2d` over the padded guide: a stride-1 'same' window for a
-    transposed layer (the guide is at the output resolution), the layer's own window otherwise."""
+def _kernel_inputs(guide, mask, a: _OpArgs):
+    """What ``pac::kernel`` reads: the padded guide, the window geometry over it (a stride-1 'same' window for a
+    transposed layer, whose guide is at the output resolution, the layer's own window otherwise) and the validity
+    images laid out like the windows read them."""
     dims = len(a.k)
     win_s = (1,) * dims if a.transposed else a.s
     phases = tuple(ph[0] for ph in _phases(False, a.k, win_s, a.p, a.d, a.out_size))
@@ -1147,8 +1288,10 @@ def _kernel_phases(guide, a: _OpArgs):
         in_size = tuple(_transposed_in_size(a.out_size[i], a.k[i], a.s[i], a.p[i], a.op[i], a.d[i])
                         for i in range(dims))
     else:
-        in_size = tuple(guide.shape[2 + i] - 2 * a.p[i] for i in range(dims))
-    return phases, in_size
+        in_size = tuple(guide.shape[2:])
+    valid, pattern = (None if v is None else _as_read(v, a) for v in _validity(mask, a, in_size, guide.dtype,
+                                                                             guide.device))
+    return _pad(guide, _guide_pads(a)), phases, valid, pattern
 
 
 def _first_axis_rows(t: torch.Tensor, band: _Band) -> torch.Tensor:
@@ -1165,18 +1308,16 @@ def _kernel_rows_bytes(guide, centre, a: _OpArgs, phases, compiled: bool) -> int
 
 @_coordinated_op
 def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
-    phases, in_size = _kernel_phases(guide, a)
-    valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
+    guide, phases, valid, pattern = _kernel_inputs(guide, mask, a)
     compiled = _compiled(guide)
-    guide = guide.contiguous() if compiled else guide
     centre = _own_centres(guide, a) if centre is None else centre
     b = guide.shape[0]
-    kernel = guide.new_empty(b, centre.shape[1] if a.spec.channel_wise else 1, *a.k, *a.out_size)
+    kernel = guide.new_empty(b, guide.shape[1] if a.spec.channel_wise else 1, *a.k, *a.out_size)
     flags_out = None if mask is None else guide.new_zeros(b, kernel.shape[1], *a.out_size)
 
     def run(band: _Band) -> None:
         dist = _band_distance(a.spec, guide, _first_axis_rows(centre, band), band, compiled)
-        kb, _, flags = _band_kernel(a.spec, dist, _band_of(valid, band), _band_of(pattern, band), alpha, lam)
+        kb, _, flags, _ = _band_kernel(a.spec, dist, _band_of(valid, band), _band_of(pattern, band), alpha, lam)
         _first_axis_rows(kernel, band).copy_(kb)
         if flags_out is not None:
             _first_axis_rows(flags_out, band).copy_(flags)
@@ -1188,10 +1329,9 @@ def _kernel_forward(guide, centre, mask, alpha, lam, a: _OpArgs):
 @_coordinated_op
 def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, needs):
     need_guide, need_centre, need_alpha, need_lam = (bool(n) for n in needs)
-    phases, in_size = _kernel_phases(guide, a)
-    valid, pattern = _validity(mask, a, in_size, guide.dtype, guide.device)
+    given = guide
+    guide, phases, valid, pattern = _kernel_inputs(guide, mask, a)
     compiled = _compiled(guide)
-    given, guide = guide, (guide.contiguous() if compiled else guide)
     gguide = torch.zeros_like(guide)
     own_centres = centre is None  # their gradient is part of the guide's
     centre, gcentre = ((_own_centres(guide, a), _own_centres(gguide, a)) if own_centres else
@@ -1205,10 +1345,11 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
                                           _first_axis_rows(gcentre, band), compiled)
 
     bands = _bands(phases, _kernel_rows_bytes(guide, centre, a, phases, compiled), guide.device, True)
-    for disjoint in _disjoint_sets(bands, True):
+    for disjoint in _disjoint_sets(bands, bands[0], True):
         for g_params in _map_bands(run, disjoint):
             params.add(g_params)
-    return (_laid_out_like(gguide, given), None if own_centres else gcentre) + params.result()
+    unpad = (slice(None), slice(None), *(slice(p, p + n) for p, n in zip(_guide_pads(a), given.shape[2:])))
+    return (_laid_out_like(gguide[unpad], given), None if own_centres else gcentre) + params.result()
 
 
 # Registration. The ops take the layer geometry and options as integer lists (see _encode); optional
@@ -1453,36 +1594,36 @@ def _pac_triton():
 # ----------------------------------------------------------------------------------------------
 
 class _GuideGeometry(NamedTuple):
-    guide: torch.Tensor        # the padded guide, float32 (float64 for a float64 guide)
-    centre: torch.Tensor       # the (smoothed) centre feature of every window, (B, C, *out)
+    guide: torch.Tensor        # the guide as the ops take it (see _Layer.for_ops), float32 (float64 for float64)
+    pads: Tuple[int, ...]      # the zeros that the kernel's windows read around it
+    win_s: Tuple[int, ...]     # the windows' stride over it
     out_size: Tuple[int, ...]
     in_size: Tuple[int, ...]   # the layer's input size
-    smoothed: bool
+    op_centre: Optional[torch.Tensor]  # the smoothed centre feature of every window (B, C, *out), or None: the guide's
 
-    @property
-    def op_centre(self) -> Optional[torch.Tensor]:
-        """The centre as the 'taps' ops take it: None when it is the guide's own (see :func:`_own_centres`)."""
-        return self.centre if self.smoothed else None
+    def padded(self) -> torch.Tensor:
+        """The guide padded as the kernel's windows read it."""
+        return _pad(self.guide, self.pads)
 
 
-def _guide_geometry(input, k, s, p, op, d, transposed, padding_mode, smooth_kernel) -> _GuideGeometry:
-    """Pad the guide as the kernel's windows read it and take (or smooth) every window's centre."""
+def _guide_geometry(input: torch.Tensor, layer: "_Layer", smooth_kernel) -> _GuideGeometry:
+    """The guide as the ops take it, the geometry of the kernel's windows over it and, with a smoothing kernel,
+    every window's smoothed centre."""
     guide = input if input.dtype == torch.float64 else input.float()
+    k, s, p, op, d = layer.k, layer.s, layer.p, layer.op, layer.d
     size, dims = tuple(guide.shape[2:]), len(k)
-    if transposed:
+    if layer.transposed:
         win_s, win_p = (1,) * dims, tuple((k[a] - 1) * d[a] // 2 for a in range(dims))
         out_size = size
         in_size = tuple(_transposed_in_size(size[a], k[a], s[a], p[a], op[a], d[a]) for a in range(dims))
     else:
-        win_s, win_p = s, p
+        win_s, win_p = s, layer.op_padding
         out_size = _conv_out_size(size, k, s, p, d, name="the guide")
         in_size = size
-    guide_padded = _pad(guide, win_p, "zeros" if transposed else padding_mode)
-    if smooth_kernel is not None:
-        centre = _smoothed_centre(guide_padded, smooth_kernel.to(guide.dtype), k, win_s, d, out_size)
-    else:
-        centre = guide_padded[_centre_index(k, d, out_size, win_s)]
-    return _GuideGeometry(guide_padded, centre, out_size, in_size, smooth_kernel is not None)
+    geo = _GuideGeometry(layer.for_ops(guide), win_p, win_s, out_size, in_size, None)
+    if smooth_kernel is None:
+        return geo
+    return geo._replace(op_centre=_smoothed_centre(geo.padded(), smooth_kernel.to(guide.dtype), k, win_s, d, out_size))
 
 
 def _kernel_params(kernel_type: str, inv_alpha, inv_lambda, dtype):
@@ -1581,18 +1722,18 @@ def _packernel(dims: int, input, mask, kernel_size, stride, padding, output_padd
         raise ValueError(f"inv_alpha and inv_lambda must be given for kernel_type {kernel_type!r}")
     _check_padding_mode(padding_mode)
 
+    layer = _Layer(k, s, p, op, d, transposed, 1, padding_mode)
     with torch.autocast(input.device.type, enabled=False):
-        geo = _guide_geometry(input, k, s, p, op, d, transposed, padding_mode,
-                              smooth_kernel if smooth_kind != "none" else None)
+        geo = _guide_geometry(input, layer, smooth_kernel if smooth_kind != "none" else None)
         if mask is not None:
             _check_mask(mask, input.shape[0], geo.in_size)
         alpha, lam = _kernel_params(kernel_type, inv_alpha, inv_lambda, geo.guide.dtype)
         if _backend(_without_triton(impl), input.device) == "unfold":
             return _native_kernel(geo, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize,
                                   transposed, padding_mode)
-        geometry, options = _encode(k, s, p, op, d, geo.out_size, transposed, 1, kernel_type, channel_wise,
-                                    normalize, padding_mode, kernel_given=False)
-        kernel, flags = _kernel(geo.guide, geo.op_centre, mask, alpha, lam, geometry, options)
+        geometry, options = _encode(layer, geo.out_size, kernel_type, channel_wise, normalize, kernel_given=False)
+        kernel, flags = _kernel(geo.guide, geo.op_centre, layer.mask_for_ops(mask, geo.guide.dtype), alpha, lam,
+                                geometry, options)
     return kernel, (flags if mask is not None else None)
 
 
@@ -1606,9 +1747,9 @@ def _native_base(dist: torch.Tensor, kind: str, alpha, lam) -> torch.Tensor:
 def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha, lam, channel_wise, normalize,
                    transposed, padding_mode):
     """The 'unfold' implementation of :func:`packernel2d`: plain autograd through ``unfold``."""
-    dims = len(k)
-    win_s = (1,) * dims if transposed else s
-    dist = _native_distance(geo.guide, geo.centre, k, win_s, d, asym, channel_wise)
+    guide = geo.padded()
+    centre = guide[_centre_index(k, d, geo.out_size, geo.win_s)] if geo.op_centre is None else geo.op_centre
+    dist = _native_distance(guide, centre, k, geo.win_s, d, asym, channel_wise)
     if mask is None and not normalize:
         return _native_base(dist, kind, alpha, lam), None
 
@@ -1636,7 +1777,7 @@ def _native_kernel(geo: _GuideGeometry, mask, k, s, p, op, d, kind, asym, alpha,
     if mask is None:
         return kernel, None
     # one flag per kernel (a mask of batch 1 still gives a batch of flags, as on the 'taps' path)
-    return kernel, (~empty).expand(*kernel.shape[:2], *empty.shape[2:]).to(geo.guide.dtype).flatten(1, 1 + dims)
+    return kernel, (~empty).expand(*kernel.shape[:2], *empty.shape[2:]).to(guide.dtype).flatten(1, 1 + len(k))
 
 
 def _check_mask(mask: torch.Tensor, batch: int, in_size: Tuple[int, ...]) -> None:
@@ -1698,8 +1839,28 @@ class _Layer(NamedTuple):
         return _conv_out_size(in_size, self.k, self.s, self.p, self.d)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the taps read it: padded by the layer (a transposed layer's op pads itself)."""
+        """The input as the 'unfold' path reads it: padded by the layer (``unfolded`` pads a transposed layer's)."""
         return x if self.transposed else _pad(x, self.p, self.padding_mode)
+
+    @property
+    def pads_first(self) -> bool:
+        """Whether the layer pads the ops' input, guide and mask itself: the ops read zeros around their inputs,
+        so a padding mode other than zeros is applied before them."""
+        return not self.transposed and self.padding_mode != "zeros"
+
+    @property
+    def op_padding(self) -> Tuple[int, ...]:
+        """The zeros that the ops read around the input."""
+        return (0,) * len(self.p) if self.pads_first else self.p
+
+    def for_ops(self, t: torch.Tensor) -> torch.Tensor:
+        """The input or guide as the ops take it: padded first by a padding mode other than zeros."""
+        return _pad(t, self.p, self.padding_mode) if self.pads_first else t
+
+    def mask_for_ops(self, mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The mask as the ops take it: padded like the input when :attr:`pads_first` (reflected borders are real
+        pixels)."""
+        return mask if mask is None or not self.pads_first else self.for_ops(mask.to(dtype))
 
     def unfolded(self, x: torch.Tensor) -> torch.Tensor:
         """The windows ``(B, C, *k, *out)`` of the padded input, for the 'unfold' path."""
@@ -1713,15 +1874,12 @@ def _filter_with_kernel(layer: _Layer, x, kernel, weight, bias, impl: str) -> to
     _check_kernel(kernel, x.shape[0], x.shape[1], layer.k, layer.out_size(x.shape[2:]))
     x, kernel, weight, bias = _cast_all(_autocast_dtype(x.device.type), x, kernel, weight, bias)
     kernel = kernel.to(x.dtype)
-    x = layer.padded(x)
     if _backend(_without_triton(impl), x.device) == "unfold":
         with torch.autocast(x.device.type, enabled=False):
-            return _native_taps(layer.unfolded(x), kernel, weight, bias, layer.groups)
+            return _native_taps(layer.unfolded(layer.padded(x)), kernel, weight, bias, layer.groups)
     dims = len(layer.k)
-    geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, tuple(kernel.shape[-dims:]),
-                                layer.transposed, layer.groups, "gaussian", False, False, layer.padding_mode,
-                                kernel_given=True)
-    out, _ = _filter(x, weight, kernel, None, None, None, None, None, geometry, options)
+    geometry, options = _encode(layer, tuple(kernel.shape[-dims:]), "gaussian", False, False, kernel_given=True)
+    out, _ = _filter(layer.for_ops(x), weight, kernel, None, None, None, None, None, geometry, options)
     return out if bias is None else out + bias.view(1, -1, *([1] * dims))
 
 
@@ -2109,18 +2267,16 @@ class _PacKernelLayer(nn.Module):
         layer = self._layer(groups)
         with torch.autocast(input.device.type, enabled=False):
             smooth = getattr(self, "smooth_kernel", None) if self.smooth_kernel_type != "none" else None
-            geo = _guide_geometry(guide, layer.k, layer.s, layer.p, layer.op, layer.d, layer.transposed,
-                                  layer.padding_mode, smooth)
+            geo = _guide_geometry(guide, layer, smooth)
             alpha, lam = _kernel_params(self.kernel_type, getattr(self, "inv_alpha", None),
                                         getattr(self, "inv_lambda", None), geo.guide.dtype)
         if mask is not None:
             _check_mask(mask, input.shape[0], geo.in_size)
         x, weight, bias = _cast_all(_autocast_dtype(input.device.type), input, weight, bias)
-        geometry, options = _encode(layer.k, layer.s, layer.p, layer.op, layer.d, geo.out_size, layer.transposed,
-                                    groups, self.kernel_type, self.channel_wise, self.normalize_kernel,
-                                    layer.padding_mode, kernel_given=False)
-        out, flags = _filter(layer.padded(x), weight, None, geo.guide, geo.op_centre, mask, alpha, lam,
-                                          geometry, options)
+        geometry, options = _encode(layer, geo.out_size, self.kernel_type, self.channel_wise, self.normalize_kernel,
+                                    kernel_given=False)
+        out, flags = _filter(layer.for_ops(x), weight, None, geo.guide, geo.op_centre,
+                             layer.mask_for_ops(mask, geo.guide.dtype), alpha, lam, geometry, options)
         if bias is not None:
             out = out + bias.view(1, -1, *([1] * self._dims))
         return out, (flags if mask is not None else None)

@@ -168,7 +168,7 @@ def test_bands_of_a_disjoint_set_read_disjoint_rows(monkeypatch, k, s, d, band_b
     first = pac._conv_phases(k, s, d, 40)[0]
     bands = pac._bands([first, first], 1000, torch.device("cpu"), guide=True)
     assert [b.t0 for b in bands] == sorted({b.t0 for b in bands}) and bands[-1].t1 == 40
-    for disjoint in pac._disjoint_sets(bands, guide=True):
+    for disjoint in pac._disjoint_sets(bands, bands[0], guide=True):
         for guide in (False, True):
             rows = [{r0 + t * step + i * dil for t in range(b.t1 - b.t0) for i in range(k)}
                     for b in disjoint for r0, step, dil in [pac._reads(b, guide)[0]]]
@@ -237,10 +237,9 @@ def op_samples():
         pac.pacconv2d(x, kernel.detach().requires_grad_(), conv.weight, None, 2, 1, impl="taps")
     finally:
         pac._FilterFn.forward = original
-    geometry, options = pac._encode((3, 3), (2, 2), (1, 1), (0, 0), (1, 1), (4, 4), False, 1, "inv_0.5_-0.5",
-                                    False, True, "zeros", kernel_given=False)
-    geo = pac._guide_geometry(guide, (3, 3), (2, 2), (1, 1), (0, 0), (1, 1), False, "zeros", None)
-    kernel_args = (geo.guide.detach().requires_grad_(), geo.centre.detach().requires_grad_(), mask,
+    layer = pac._Layer((3, 3), (2, 2), (1, 1), (0, 0), (1, 1), False, 1, "zeros")
+    geometry, options = pac._encode(layer, (4, 4), "inv_0.5_-0.5", False, True, kernel_given=False)
+    kernel_args = (guide.detach().requires_grad_(), rand(1, 2, 4, 4).requires_grad_(), mask,
                    conv.inv_alpha.detach().requires_grad_(), conv.inv_lambda.detach().requires_grad_(),
                    geometry, options)
     own_centres = (kernel_args[0], None) + kernel_args[2:]
