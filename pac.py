@@ -19,8 +19,9 @@ Every layer and functional form takes ``impl``:
 - ``'taps'`` (what ``'auto'`` runs on CPU): registered ``torch.library`` ops (``pac::filter``,
   ``pac::kernel`` and their backward ops). They work band by band over the first output axis; for each
   band a few large operations compute the kernel from the guide, modulate the input windows and
-  apply the weight as one matrix product. ``K`` is never stored and backward recomputes it, so the
-  extra memory is one band. On a CPU the element-wise passes over a band's taps (guide distances,
+  apply the weight as one matrix product. ``K`` is never stored and backward recomputes it; each band
+  reads zero-padded copies of just the rows it needs, so no padded copy of a whole input or gradient is
+  made and the extra memory is one band. On a CPU the element-wise passes over a band's taps (guide distances,
   modulation, pooling and their gradients) are plain C loops from :mod:`pac_cpu`, compiled on first
   use; without a C compiler the same steps run as torch operations. Transposed convolutions are
   computed one output phase at a time (each tap reads a stride-1 window of the input), so they never
@@ -740,7 +741,7 @@ def _band_kernel_backward(spec: _KernelSpec, grad_kernel, dist, valid_win, patte
             grad_kernel = grad_kernel / norm
         grad_kernel = grad_kernel * valid_win
     if spec.kind == _GAUSSIAN:
-        return grad_kernel * base * -0.5, None, None
+        return torch.mul(grad_kernel, base).mul_(-0.5), None, None
     half_lam = 0.5 * _channel_view(lam, dist)
     grad_dist = grad_kernel * half_lam * power / shifted
     dims = tuple(d for d in range(grad_kernel.dim()) if d != 1) if alpha.dim() else None
