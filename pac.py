@@ -1060,6 +1060,17 @@ def _filter_rows_bytes(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared, ph
     return _band_rows_bytes(x.shape[0], values, phases, x.element_size())
 
 
+def _copied_row_bytes(prep: _Prepared, first: _Phase) -> int:
+    """Bytes per output row (along the first axis) of a band's copies of the input and guide rows
+    (:func:`_row_inputs`)."""
+    def row_bytes(t, pads, step):
+        size = math.prod(n + sum(p) for n, p in zip(t.shape[3:], pads[1:]))
+        return step * t.shape[0] * t.shape[1] * size * max(t.element_size(), 4)
+
+    return row_bytes(prep.x, prep.x_pads, first.x_step) + (
+        0 if prep.guide is None else row_bytes(prep.guide, prep.guide_pads, first.g_step))
+
+
 def _row_tasks(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared) -> List[List[list]]:
     """The filter op's work: per output phase along the first axis, its bands of rows; each band of rows is a list
     of ``(band, phase weight)``, one per combination of phases along the other axes (they read the same rows, which
@@ -1070,7 +1081,8 @@ def _row_tasks(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared) -> List[Li
         if not combos:
             continue
         weights = [_phase_weight(weight, a.groups, phases) for phases in combos]
-        row_bytes = max(_filter_rows_bytes(x, weight, kernel, guide, a, prep, phases) for phases in combos)
+        row_bytes = max(_filter_rows_bytes(x, weight, kernel, guide, a, prep, phases) for phases in combos) + \
+            _copied_row_bytes(prep, first)
         units.append([[(_Band(phases, rows.t0, rows.t1), w) for phases, w in zip(combos, weights)]
                       for rows in _bands(combos[0], row_bytes, x.device, guide is not None)])
     return units
