@@ -488,14 +488,18 @@ def _fold_into(target: torch.Tensor, grad_window: torch.Tensor, band: _Band, gui
         target[index] += folded
 
 
-def _bands(phases: Sequence[_Phase], row_bytes: int, device: torch.device, guide: bool) -> List[_Band]:
-    """Bands of outputs along the first axis whose largest temporary is about ``_band_bytes(device)``. A band
-    is as tall as its input (and guide) window when that costs at most twice the budget, so that bands two
-    apart never read the same positions (see :func:`_disjoint_sets`); a 3-D layer's rows can be too large."""
+def _bands(phases: Sequence[_Phase], row_bytes: int, device: torch.device, guide: bool,
+           limit: Optional[int] = None) -> List[_Band]:
+    """Bands of outputs along the first axis whose temporaries (``row_bytes`` per row) are about
+    ``_band_bytes(device)``, and at most ``limit`` bytes when given. A band is as tall as its input (and guide)
+    window when that costs at most twice the budget, so that bands two apart never read the same positions (see
+    :func:`_disjoint_sets`); a 3-D layer's rows can be too large."""
     first = phases[0]
-    budget = _band_bytes(device)
+    budget, row_bytes = _band_bytes(device), max(row_bytes, 1)
     min_rows = max(-(-span // step) for span, step in _read_spans(first, guide))
-    size = max(1, budget // max(row_bytes, 1), min(min_rows, 2 * budget // max(row_bytes, 1)))
+    size = max(1, budget // row_bytes, min(min_rows, 2 * budget // row_bytes))
+    if limit is not None:
+        size = max(1, min(size, limit // row_bytes))
     size = min(first.count, size)
     return [_Band(tuple(phases), t0, min(first.count, t0 + size)) for t0 in range(0, first.count, size)]
 
@@ -724,8 +728,9 @@ def _restrict(spec: _KernelSpec, kernel, valid_win, pattern_win):
 
 
 def _band_kernel_backward(spec: _KernelSpec, grad_kernel, dist, valid_win, pattern_win, alpha, lam, base=None):
-    """Gradients of one band's kernel with respect to its guide distances ``dist`` (overwritten) and alpha/lambda.
-    A gaussian kernel's ``base`` (its value before masking and normalisation), when given, replaces ``dist``."""
+    """Gradients of one band's kernel with respect to its guide distances ``dist`` and alpha/lambda, computed in
+    the memory of ``grad_kernel`` and ``dist`` (both overwritten). A gaussian kernel's ``base`` (its value before
+    masking and normalisation), when given, replaces ``dist``."""
     if spec.kind == _GAUSSIAN:
         base = _gaussian_(spec, dist, valid_win) if base is None else base
     else:
@@ -741,13 +746,12 @@ def _band_kernel_backward(spec: _KernelSpec, grad_kernel, dist, valid_win, patte
             grad_kernel = grad_kernel / norm
         grad_kernel = grad_kernel * valid_win
     if spec.kind == _GAUSSIAN:
-        return torch.mul(grad_kernel, base).mul_(-0.5), None, None
-    half_lam = 0.5 * _channel_view(lam, dist)
-    grad_dist = grad_kernel * half_lam * power / shifted
+        return grad_kernel.mul_(base).mul_(-0.5), None, None
     dims = tuple(d for d in range(grad_kernel.dim()) if d != 1) if alpha.dim() else None
     grad_alpha = grad_kernel.sum(dims) if dims else grad_kernel.sum()
     g_lam = grad_kernel * power * shifted.log() * 0.5
     grad_lambda = g_lam.sum(dims) if dims else g_lam.sum()
+    grad_dist = grad_kernel.mul_(0.5 * _channel_view(lam, dist)).mul_(power).div_(shifted)
     return grad_dist, grad_alpha, grad_lambda
 
 
@@ -1071,10 +1075,10 @@ def _copied_row_bytes(prep: _Prepared, first: _Phase) -> int:
         0 if prep.guide is None else row_bytes(prep.guide, prep.guide_pads, first.g_step))
 
 
-def _row_tasks(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared) -> List[List[list]]:
-    """The filter op's work: per output phase along the first axis, its bands of rows; each band of rows is a list
-    of ``(band, phase weight)``, one per combination of phases along the other axes (they read the same rows, which
-    are copied once)."""
+def _row_tasks(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared, limit: Optional[int] = None) -> List[List[list]]:
+    """The filter op's work: per output phase along the first axis, its bands of rows (see :func:`_bands` for
+    ``limit``); each band of rows is a list of ``(band, phase weight)``, one per combination of phases along the other
+    axes (they read the same rows, which are copied once)."""
     units = []
     for first in prep.phases[0]:
         combos = [(first, *rest) for rest in itertools.product(*prep.phases[1:])]
@@ -1084,7 +1088,7 @@ def _row_tasks(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared) -> List[Li
         row_bytes = max(_filter_rows_bytes(x, weight, kernel, guide, a, prep, phases) for phases in combos) + \
             _copied_row_bytes(prep, first)
         units.append([[(_Band(phases, rows.t0, rows.t1), w) for phases, w in zip(combos, weights)]
-                      for rows in _bands(combos[0], row_bytes, x.device, guide is not None)])
+                      for rows in _bands(combos[0], row_bytes, x.device, guide is not None, limit)])
     return units
 
 
@@ -1165,48 +1169,57 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
     params = _ParamGrads(alpha if need_alpha else None, lam if need_lam else None)
     grad_out = grad_out.to(x.dtype)
 
-    def run_band(band: _Band, w, rows: _RowInputs, rows_gx, rows_gguide):
-        """Add one band's input and guide gradients into its rows' ``rows_gx`` and ``rows_gguide``; return its
-        weight and kernel-parameter gradients."""
-        out = band.out_index()
-        inputs = _band_inputs(rows, a, band, centre)
-        kb, _, base = _kernel_of_band(a, kernel, inputs, alpha, lam, prep.compiled)
-        kbx = kb.to(x.dtype)
-        go = grad_out[out]
-        g_weight = g_params = None
-        if w is None:  # pooling: every tap of a channel gets the channel's output gradient
-            gkb = _modulated_backward(go, inputs.x, kbx, inputs.band, rows_gx, need_kernel_grad, prep.compiled)
-        else:
-            gkb, g_weight = _convolved_backward(go, inputs.x, kbx, w, a.groups, inputs.band, rows_gx,
-                                                need_kernel_grad, need_w, prep.compiled)
-        if need_kernel_grad:
-            gkb = gkb.to(kernel_dtype)
-            if gk is not None:
-                gk[band.tap_index() + out[2:]] = gkb
-            if rows_gguide is not None or params.needed:
-                band_gcentre = None
-                if rows_gguide is not None:
-                    band_gcentre = _band_centres(rows_gguide, a, band, rows.guide_rows[0]) if own_centres else \
-                        gcentre[out]
-                g_params = _kernel_band_backward_into(a.spec, gkb, inputs.guide, inputs.centre, inputs.valid,
-                                                      inputs.pattern, alpha, lam, inputs.band, rows_gguide,
-                                                      band_gcentre, prep.compiled, base)
-        return band, g_weight, g_params
-
     def run(task, gx, gguide):
         """Add the input and guide gradients of one band of rows into ``gx`` and ``gguide``; return its bands'
-        weight and kernel-parameter gradients."""
+        weight and kernel-parameter gradients. Each band's kernel is freed before its guide gradients are made, and
+        the rows' input copies and their gradient (folded into ``gx``) before the last band's."""
         rows = _row_inputs(prep, a, task[0][0], own_centres)
         rows_gx = None if gx is None else torch.zeros(rows.x.shape, dtype=gx.dtype, device=x.device)
-        rows_gguide = None if gguide is None else torch.zeros_like(rows.guide)
-        results = [run_band(band, w, rows, rows_gx, rows_gguide) for band, w in task]
-        if rows_gx is not None:
-            _add_padded_rows(gx, rows_gx, prep.x_pads, rows.x_rows)
+        rows_gguide = None
+        results = []
+        for i, (band, w) in enumerate(task):
+            out = band.out_index()
+            inputs = _band_inputs(rows, a, band, centre)
+            kb, _, base = _kernel_of_band(a, kernel, inputs, alpha, lam, prep.compiled)
+            go = grad_out[out]
+            g_weight = g_params = None
+            if w is None:  # pooling: every tap of a channel gets the channel's output gradient
+                gkb = _modulated_backward(go, inputs.x, kb.to(x.dtype), inputs.band, rows_gx, need_kernel_grad,
+                                          prep.compiled)
+            else:
+                gkb, g_weight = _convolved_backward(go, inputs.x, kb.to(x.dtype), w, a.groups, inputs.band, rows_gx,
+                                                    need_kernel_grad, need_w, prep.compiled)
+            del kb
+            if i == len(task) - 1:
+                if rows_gx is not None:
+                    _add_padded_rows(gx, rows_gx, prep.x_pads, rows.x_rows)
+                rows_gx, rows, inputs = None, rows._replace(x=None), inputs._replace(x=None)
+            if need_kernel_grad:
+                gkb = gkb.to(kernel_dtype)
+                if gk is not None:
+                    gk[band.tap_index() + out[2:]] = gkb
+                if gguide is not None or params.needed:
+                    grad_dist, g_params = _band_kernel_grads(a.spec, gkb, inputs, alpha, lam, prep.compiled, base)
+                    del gkb, base
+                    if gguide is not None:
+                        if rows_gguide is None:
+                            rows_gguide = torch.zeros_like(inputs.guide)
+                        band_gcentre = _band_centres(rows_gguide, a, band, rows.guide_rows[0]) if own_centres else \
+                            gcentre[out]
+                        _band_distance_backward_into(a.spec, grad_dist, inputs.guide, inputs.centre, inputs.band,
+                                                     rows_gguide, band_gcentre, prep.compiled)
+            results.append((band, g_weight, g_params))
         if rows_gguide is not None:
             _add_padded_rows(gguide, rows_gguide, prep.guide_pads, rows.guide_rows)
         return results
 
-    units = _row_tasks(x, weight, kernel, guide, a, prep)
+    # A band's temporaries in the backward (twice the forward's: the gradients of its row copies) come on top of
+    # the input and guide gradients: on a CPU they stay within a quarter of the op's inputs and output.
+    limit = None
+    if x.device.type == "cpu":
+        out_bytes = grad_out.numel() * x.element_size()
+        limit = (sum(t.numel() * t.element_size() for t in (x, kernel, guide) if t is not None) + out_bytes) // 4
+    units = _row_tasks(x, weight, kernel, guide, a, prep, limit)
     if len(units) == 1:  # the bands of rows of a disjoint set read disjoint rows: each set is folded in parallel
         tasks = units[0]
         results = [r for disjoint in _disjoint_sets(tasks, tasks[0][0][0], guide is not None)
@@ -1274,20 +1287,16 @@ class _ParamGrads:
         return tuple(self.grads)
 
 
-def _kernel_band_backward_into(spec, gkb, guide, centre, valid, pattern, alpha, lam, band: _Band, gguide, gcentre,
-                               compiled: bool, base=None):
-    """Backpropagate one band's kernel gradient into the padded guide's ``gguide`` and into ``gcentre`` (the band's
-    part of the centre gradient; both None when not needed); return the band's ``(grad alpha, grad lambda)``
-    (None for a gaussian kernel). ``centre`` holds the band's centre features; ``base``, when the caller has it, the
-    kernel before masking and normalisation (a gaussian kernel's gradient then needs no distances)."""
+def _band_kernel_grads(spec: _KernelSpec, gkb, inputs: _BandInputs, alpha, lam, compiled: bool, base=None):
+    """The gradients of one band's kernel ``gkb`` (overwritten) with respect to its guide distances (in the memory
+    of ``gkb``) and ``(grad alpha, grad lambda)`` (None for a gaussian kernel). ``base``, when the caller has it, is
+    the kernel before masking and normalisation (a gaussian kernel's gradient then needs no distances)."""
     if spec.kind != _GAUSSIAN:
         base = None  # (the 'inv' kernels' gradients need the distances themselves)
-    dist = None if base is not None else _band_distance(spec, guide, centre, band, compiled)
-    grad_dist, ga, gl = _band_kernel_backward(spec, gkb, dist, _band_of(valid, band), _band_of(pattern, band),
-                                              alpha, lam, base)
-    if gguide is not None:
-        _band_distance_backward_into(spec, grad_dist, guide, centre, band, gguide, gcentre, compiled)
-    return None if ga is None else (ga, gl)
+    dist = None if base is not None else _band_distance(spec, inputs.guide, inputs.centre, inputs.band, compiled)
+    grad_dist, ga, gl = _band_kernel_backward(spec, gkb, dist, _band_of(inputs.valid, inputs.band),
+                                              _band_of(inputs.pattern, inputs.band), alpha, lam, base)
+    return grad_dist, None if ga is None else (ga, gl)
 
 
 def _kernel_inputs(guide, mask, a: _OpArgs):
@@ -1353,9 +1362,12 @@ def _kernel_backward(grad_kernel, guide, centre, mask, alpha, lam, a: _OpArgs, n
     grad_kernel = grad_kernel.to(guide.dtype)
 
     def run(band: _Band):
-        return _kernel_band_backward_into(a.spec, _first_axis_rows(grad_kernel, band), guide,
-                                          _first_axis_rows(centre, band), valid, pattern, alpha, lam, band, gguide,
-                                          _first_axis_rows(gcentre, band), compiled)
+        inputs = _BandInputs(band, None, guide, _first_axis_rows(centre, band), valid, pattern)
+        grad_dist, g_params = _band_kernel_grads(a.spec, _first_axis_rows(grad_kernel, band).clone(), inputs, alpha,
+                                                 lam, compiled)
+        _band_distance_backward_into(a.spec, grad_dist, guide, inputs.centre, band, gguide,
+                                     _first_axis_rows(gcentre, band), compiled)
+        return g_params
 
     bands = _bands(phases, _kernel_rows_bytes(guide, centre, a, phases, compiled), guide.device, True)
     for disjoint in _disjoint_sets(bands, bands[0], True):
