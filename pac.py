@@ -792,8 +792,12 @@ def _modulated_backward(grad, x, kernel, band: _Band, gx, need_kernel: bool, com
     ``(B, C, *counts)``): adds the input gradient into the padded ``gx`` (when given) and returns the kernel
     gradient ``(B, 1 or C, *taps, *counts)`` (when ``need_kernel``)."""
     if compiled:
-        gk = pac_cpu.modulate_backward(_flat(grad, band), x, _flat(kernel, band), _cpu_window(x, band), gx,
-                                       need_kernel)
+        if grad.dim() == 2 + len(band.counts):  # a pool's band of whole output rows: a view, not a copy
+            grad = grad.reshape(*grad.shape[:2], -1)
+            grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        else:
+            grad = _flat(grad, band)
+        gk = pac_cpu.modulate_backward(grad, x, _flat(kernel, band), _cpu_window(x, band), gx, need_kernel)
         return None if gk is None else _as_taps(gk, band)
     if grad.dim() == 2 + len(band.counts):  # pooling: every tap of a channel gets the channel's output gradient
         grad = grad.view(*grad.shape[:2], *([1] * len(band.counts)), *band.counts)

@@ -344,15 +344,16 @@ void pool_SUF(const REAL *restrict x, const REAL *restrict k, REAL *restrict out
 }
 
 /* gx[b, c, read] += g[b, c, t, p] * k[b, c or 0, t, p];  gk[b, c or 0, t, p] += g[b, c, t, p] * x[b, c, read].
-   g's tap stride is P, or 0 when one gradient per channel and output is shared by all taps (pooling). */
-void modulate_backward_SUF(const REAL *restrict g, i64 g_tap_stride, const REAL *restrict x,
+   g's strides are g_b, g_c and g_t between batch entries, channels and taps (0 when one gradient per channel and
+   output is shared by all taps: pooling); its outputs are contiguous. */
+void modulate_backward_SUF(const REAL *restrict g, i64 g_b, i64 g_c, i64 g_tap_stride, const REAL *restrict x,
                            const REAL *restrict k, REAL *restrict gx, REAL *restrict gk,
                            i64 batch, i64 channels, i64 kc, const Window *w) {
     const i64 N = w->cols, P = w->rows * N, T = w->taps, s = w->step;
     for (i64 b = 0; b < batch; b++) for (i64 c = 0; c < channels; c++) {
         const i64 kofs = (b * kc + (kc > 1 ? c : 0)) * T * P;
         const REAL *xc = x + (b * channels + c) * w->plane;
-        const REAL *gc = g + (b * channels + c) * (g_tap_stride ? T * P : P);
+        const REAL *gc = g + b * g_b + c * g_c;
         for (i64 t = 0; t < T; t++) for (i64 r = 0; r < w->rows; r++) {
             const i64 at = w->row[r] + w->tap[t];
             const REAL *xs = xc + at, *gs = gc + t * g_tap_stride + r * N, *ks = k + kofs + t * P + r * N;
@@ -563,12 +564,15 @@ def pool(x: torch.Tensor, kernel: torch.Tensor, w: Window) -> torch.Tensor:
 def modulate_backward(grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, w: Window,
                       grad_x: Optional[torch.Tensor], need_kernel: bool) -> Optional[torch.Tensor]:
     """Adds the input gradient of :func:`modulate` (or :func:`pool` when ``grad`` is ``(B, C, P)``) into the
-    contiguous padded ``grad_x`` (when given) and returns the kernel gradient (when ``need_kernel``)."""
+    contiguous padded ``grad_x`` (when given) and returns the kernel gradient (when ``need_kernel``). ``grad`` need
+    only be contiguous along its last axis (a band's rows of a whole output gradient need no copy)."""
     b, c = x.shape[:2]
     grad_kernel = torch.zeros_like(kernel) if need_kernel else None
-    tap_stride = w.outputs if grad.dim() == 4 else 0
-    _call("modulate_backward", x.dtype, _ptr(grad), _i(tap_stride), _ptr(x), _ptr(kernel), _ptr(grad_x),
-          _ptr(grad_kernel), _i(b), _i(c), _i(kernel.shape[1]), ctypes.byref(w.struct))
+    if grad.stride(-1) != 1 and grad.shape[-1] > 1:
+        raise ValueError(f"pac_cpu: grad must be contiguous along its last axis, got strides {grad.stride()}")
+    strides = grad.stride()[:3] if grad.dim() == 4 else (*grad.stride()[:2], 0)
+    _call("modulate_backward", x.dtype, ctypes.c_void_p(grad.data_ptr()), *map(_i, strides), _ptr(x), _ptr(kernel),
+          _ptr(grad_x), _ptr(grad_kernel), _i(b), _i(c), _i(kernel.shape[1]), ctypes.byref(w.struct))
     return grad_kernel
 
 

@@ -158,6 +158,23 @@ def test_non_contiguous_tensors_are_refused():
         pac_cpu.modulate(x, kernel.transpose(2, 3).contiguous().transpose(2, 3), pac._cpu_window(x, band))
 
 
+def test_pooled_backward_reads_a_strided_output_gradient():
+    """A pool's band of whole output rows is passed as a view of the output gradient (channel and batch strides of
+    the whole tensor): same gradients as from a contiguous copy; a last axis that is not contiguous is refused."""
+    x = torch.randn(2, 3, 6, 6)
+    band = _Band(tuple(ph[0] for ph in _phases(False, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4))), 0, 4)
+    kernel, w = torch.rand(2, 1, 9, 16), pac._cpu_window(x, band)
+    strided = torch.randn(2, 5, 40)[:, 1:4, 8:24]
+    assert strided.stride() == (200, 40, 1)
+    grad_x, expected_x = torch.zeros_like(x), torch.zeros_like(x)
+    grad_kernel = pac_cpu.modulate_backward(strided, x, kernel, w, grad_x, True)
+    expected_kernel = pac_cpu.modulate_backward(strided.contiguous(), x, kernel, w, expected_x, True)
+    torch.testing.assert_close(grad_x, expected_x, rtol=0, atol=0)
+    torch.testing.assert_close(grad_kernel, expected_kernel, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="last axis"):
+        pac_cpu.modulate_backward(torch.randn(2, 3, 32)[:, :, ::2], x, kernel, w, grad_x, True)
+
+
 def test_opt_out_runs_torch_operations(monkeypatch):
     monkeypatch.setenv("PAC_CPU_KERNELS", "0")
     assert pac_cpu.library() is None and not pac_cpu.supports(torch.zeros(1))
