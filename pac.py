@@ -779,24 +779,34 @@ def _modulated(x, kernel, band: _Band, compiled: bool) -> torch.Tensor:
     return _contiguous_mul(_window(x, band), kernel)
 
 
-def _pooled(x, kernel, band: _Band, compiled: bool) -> torch.Tensor:
-    """``(B, C, *counts)``: :func:`_modulated` summed over the taps."""
-    if compiled:
-        return pac_cpu.pool(x, _flat(kernel, band), _cpu_window(x, band)).view(*x.shape[:2], *band.counts)
-    modulated = _modulated(x, kernel, band, compiled)
-    return modulated.sum(_tap_dims(modulated), dtype=_acc_dtype(x.dtype)).to(x.dtype)
+def _pool_into(out: torch.Tensor, x, kernel, band: _Band, compiled: bool) -> None:
+    """``out`` ``(B, C, *counts)`` = :func:`_modulated` summed over the taps."""
+    if compiled and _outputs_contiguous(out):  # (a pool's band of whole output rows: no temporary)
+        pac_cpu.pool(x, _flat(kernel, band), _cpu_window(x, band), out.view(*out.shape[:2], -1))
+    elif compiled:
+        out.copy_(pac_cpu.pool(x, _flat(kernel, band), _cpu_window(x, band)).view(out.shape))
+    else:
+        modulated = _modulated(x, kernel, band, compiled)
+        out.copy_(modulated.sum(_tap_dims(modulated), dtype=_acc_dtype(x.dtype)))
+
+
+def _outputs_contiguous(t: torch.Tensor) -> bool:
+    """Whether ``t`` ``(B, C, *counts)`` holds each channel's outputs contiguously (it views as ``(B, C, P)``)."""
+    expected = 1
+    for n, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if n != 1 and stride != expected:
+            return False
+        expected *= n
+    return True
 
 
 def _modulated_backward(grad, x, kernel, band: _Band, gx, need_kernel: bool, compiled: bool):
-    """Backward of :func:`_modulated` (``grad`` ``(B, C, *taps, *counts)``), or of :func:`_pooled` (``grad``
+    """Backward of :func:`_modulated` (``grad`` ``(B, C, *taps, *counts)``), or of :func:`_pool_into` (``grad``
     ``(B, C, *counts)``): adds the input gradient into the padded ``gx`` (when given) and returns the kernel
     gradient ``(B, 1 or C, *taps, *counts)`` (when ``need_kernel``)."""
     if compiled:
-        if grad.dim() == 2 + len(band.counts):  # a pool's band of whole output rows: a view, not a copy
-            grad = grad.reshape(*grad.shape[:2], -1)
-            grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        else:
-            grad = _flat(grad, band)
+        pooled_rows = grad.dim() == 2 + len(band.counts) and _outputs_contiguous(grad)  # (a view: no copy)
+        grad = grad.view(*grad.shape[:2], -1) if pooled_rows else _flat(grad, band)
         gk = pac_cpu.modulate_backward(grad, x, _flat(kernel, band), _cpu_window(x, band), gx, need_kernel)
         return None if gk is None else _as_taps(gk, band)
     if grad.dim() == 2 + len(band.counts):  # pooling: every tap of a channel gets the channel's output gradient
@@ -1114,7 +1124,7 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
                 flags_out[band.out_index()] = flags.to(kernel_dtype)
             kb = kb.to(x.dtype)
             if w is None:
-                out[band.out_index()] = _pooled(inputs.x, kb, inputs.band, prep.compiled)
+                _pool_into(out[band.out_index()], inputs.x, kb, inputs.band, prep.compiled)
             else:
                 out[band.out_index()] = _convolved(inputs.x, kb, w, a.groups, inputs.band, prep.compiled)
 

@@ -326,13 +326,14 @@ void modulate_SUF(const REAL *restrict x, const REAL *restrict k, REAL *restrict
     }
 }
 
-/* out[b, c, p] = sum_t x[b, c, read] * k[b, c or 0, t, p] */
-void pool_SUF(const REAL *restrict x, const REAL *restrict k, REAL *restrict out,
+/* out[b, c, p] = sum_t x[b, c, read] * k[b, c or 0, t, p]; out's strides are out_b and out_c between batch entries
+   and channels, its outputs are contiguous. */
+void pool_SUF(const REAL *restrict x, const REAL *restrict k, REAL *restrict out, i64 out_b, i64 out_c,
               i64 batch, i64 channels, i64 kc, const Window *w) {
     const i64 N = w->cols, P = w->rows * N, T = w->taps, s = w->step;
     for (i64 b = 0; b < batch; b++) for (i64 c = 0; c < channels; c++) {
         const REAL *xc = x + (b * channels + c) * w->plane, *kb = k + (b * kc + (kc > 1 ? c : 0)) * T * P;
-        REAL *oc = out + (b * channels + c) * P;
+        REAL *oc = out + b * out_b + c * out_c;
         memset(oc, 0, P * sizeof(REAL));
         for (i64 t = 0; t < T; t++) for (i64 r = 0; r < w->rows; r++) {
             const REAL *xs = xc + w->row[r] + w->tap[t], *ks = kb + t * P + r * N;
@@ -535,6 +536,13 @@ def _ptr(t: Optional[torch.Tensor]):
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _rows_ptr(t: torch.Tensor, name: str):
+    """Pointer to ``t``, whose leading axes may have any strides but whose last axis must be contiguous."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"pac_cpu: {name} must be contiguous along its last axis, got strides {t.stride()}")
+    return ctypes.c_void_p(t.data_ptr())
+
+
 def _call(name: str, dtype: torch.dtype, *args):
     return getattr(library(), f"{name}_{DTYPES[dtype][1]}")(*args)
 
@@ -552,12 +560,13 @@ def modulate(x: torch.Tensor, kernel: torch.Tensor, w: Window) -> torch.Tensor:
     return out
 
 
-def pool(x: torch.Tensor, kernel: torch.Tensor, w: Window) -> torch.Tensor:
-    """``(B, C, P)``: the sum over taps of :func:`modulate`."""
+def pool(x: torch.Tensor, kernel: torch.Tensor, w: Window, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, C, P)``: the sum over taps of :func:`modulate`, written into ``out`` when given (contiguous along its last
+    axis: a band's rows of a whole output need no copy)."""
     b, c = x.shape[:2]
-    out = x.new_empty(b, c, w.outputs)
-    _call("pool", x.dtype, _ptr(x), _ptr(kernel), _ptr(out), _i(b), _i(c), _i(kernel.shape[1]),
-          ctypes.byref(w.struct))
+    out = x.new_empty(b, c, w.outputs) if out is None else out
+    _call("pool", x.dtype, _ptr(x), _ptr(kernel), _rows_ptr(out, "out"), *map(_i, out.stride()[:2]), _i(b), _i(c),
+          _i(kernel.shape[1]), ctypes.byref(w.struct))
     return out
 
 
@@ -568,10 +577,8 @@ def modulate_backward(grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
     only be contiguous along its last axis (a band's rows of a whole output gradient need no copy)."""
     b, c = x.shape[:2]
     grad_kernel = torch.zeros_like(kernel) if need_kernel else None
-    if grad.stride(-1) != 1 and grad.shape[-1] > 1:
-        raise ValueError(f"pac_cpu: grad must be contiguous along its last axis, got strides {grad.stride()}")
     strides = grad.stride()[:3] if grad.dim() == 4 else (*grad.stride()[:2], 0)
-    _call("modulate_backward", x.dtype, ctypes.c_void_p(grad.data_ptr()), *map(_i, strides), _ptr(x), _ptr(kernel),
+    _call("modulate_backward", x.dtype, _rows_ptr(grad, "grad"), *map(_i, strides), _ptr(x), _ptr(kernel),
           _ptr(grad_x), _ptr(grad_kernel), _i(b), _i(c), _i(kernel.shape[1]), ctypes.byref(w.struct))
     return grad_kernel
 

@@ -158,14 +158,20 @@ def test_non_contiguous_tensors_are_refused():
         pac_cpu.modulate(x, kernel.transpose(2, 3).contiguous().transpose(2, 3), pac._cpu_window(x, band))
 
 
-def test_pooled_backward_reads_a_strided_output_gradient():
-    """A pool's band of whole output rows is passed as a view of the output gradient (channel and batch strides of
-    the whole tensor): same gradients as from a contiguous copy; a last axis that is not contiguous is refused."""
+def test_pool_and_its_backward_take_strided_outputs():
+    """A pool's band of whole output rows is written into a view of the whole output, and its backward reads a view
+    of the output gradient (batch and channel strides of the whole tensor): the same results as with contiguous
+    tensors; a last axis that is not contiguous is refused."""
     x = torch.randn(2, 3, 6, 6)
     band = _Band(tuple(ph[0] for ph in _phases(False, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4))), 0, 4)
     kernel, w = torch.rand(2, 1, 9, 16), pac._cpu_window(x, band)
-    strided = torch.randn(2, 5, 40)[:, 1:4, 8:24]
+    whole = torch.zeros(2, 5, 40)
+    strided = whole[:, 1:4, 8:24]
     assert strided.stride() == (200, 40, 1)
+    pac_cpu.pool(x, kernel, w, strided)
+    torch.testing.assert_close(strided, pac_cpu.pool(x, kernel, w), rtol=0, atol=0)
+    assert whole[:, 1:4, :8].eq(0).all() and whole[:, 1:4, 24:].eq(0).all() and whole[:, [0, 4]].eq(0).all()
+    strided.normal_()
     grad_x, expected_x = torch.zeros_like(x), torch.zeros_like(x)
     grad_kernel = pac_cpu.modulate_backward(strided, x, kernel, w, grad_x, True)
     expected_kernel = pac_cpu.modulate_backward(strided.contiguous(), x, kernel, w, expected_x, True)
@@ -173,6 +179,8 @@ def test_pooled_backward_reads_a_strided_output_gradient():
     torch.testing.assert_close(grad_kernel, expected_kernel, rtol=0, atol=0)
     with pytest.raises(ValueError, match="last axis"):
         pac_cpu.modulate_backward(torch.randn(2, 3, 32)[:, :, ::2], x, kernel, w, grad_x, True)
+    with pytest.raises(ValueError, match="last axis"):
+        pac_cpu.pool(x, kernel, w, torch.zeros(2, 3, 32)[:, :, ::2])
 
 
 def test_opt_out_runs_torch_operations(monkeypatch):
