@@ -16,6 +16,8 @@ pass of a plain C loop:
 
 ``read_t(p)`` is any window of a band (see ``pac._reads``): one row offset per output row, one offset per tap
 and a step along the last axis, so every dimensionality, stride, dilation and transposed phase is the same loop.
+Inputs are contiguous; a pool's output and output gradient may be views of a band's rows of whole tensors (any
+batch and channel strides), so that a band of whole rows needs no temporary for them.
 The fused convolution loops replace the ``(B, C, taps, outputs)`` temporary and the BLAS products that read it:
 that temporary, written and read back from memory, cost more than the products themselves.
 
@@ -345,8 +347,8 @@ void pool_SUF(const REAL *restrict x, const REAL *restrict k, REAL *restrict out
 }
 
 /* gx[b, c, read] += g[b, c, t, p] * k[b, c or 0, t, p];  gk[b, c or 0, t, p] += g[b, c, t, p] * x[b, c, read].
-   g's strides are g_b, g_c and g_t between batch entries, channels and taps (0 when one gradient per channel and
-   output is shared by all taps: pooling); its outputs are contiguous. */
+   g's strides are g_b, g_c and g_tap_stride between batch entries, channels and taps (0 when one gradient per channel
+   and output is shared by all taps: pooling); its outputs are contiguous. */
 void modulate_backward_SUF(const REAL *restrict g, i64 g_b, i64 g_c, i64 g_tap_stride, const REAL *restrict x,
                            const REAL *restrict k, REAL *restrict gx, REAL *restrict gk,
                            i64 batch, i64 channels, i64 kc, const Window *w) {
