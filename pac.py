@@ -930,10 +930,21 @@ def _own_centres(guide: torch.Tensor, a: _OpArgs) -> torch.Tensor:
 # (a band's "rows" are along the first spatial axis): it never holds padded copies of whole inputs, nor of
 # their gradients, which the band copies' gradients are added into.
 
-def _rows_read(band: _Band, guide: bool) -> Tuple[int, int]:
-    """The rows ``[r0, r1)`` of the padded input (or guide) that the taps of ``band`` read."""
-    start, step, dil = _reads(band, guide)[0]
-    return start, start + (band.counts[0] - 1) * step + (band.taps[0] - 1) * dil + 1
+def _rows_read(band: _Band, guide: bool, step: int = 1) -> Tuple[int, int, int]:
+    """``(r0, r1, step)``: the rows ``r0, r0 + step, ...`` (before ``r1``) of the padded input (or guide) among which
+    the taps of ``band`` read (``step`` must divide the distances between the rows they read)."""
+    start, row_step, dil = _reads(band, guide)[0]
+    return start, start + (band.counts[0] - 1) * row_step + (band.taps[0] - 1) * dil + 1, step
+
+
+def _guide_row_step(prep: "_Prepared", a: _OpArgs, first: _Phase) -> int:
+    """The step between the guide rows that the bands of a transposed layer's first-axis phase read: its guide is at
+    the output resolution, read ``stride`` rows apart, and its bands copy only those rows (at stride 16, a sixteenth
+    of the span). 1 elsewhere, and for a single first-axis phase, whose backward folds bands in parallel and needs
+    the window centres among the copied rows."""
+    if not a.transposed or prep.guide is None or len(prep.phases[0]) < 2:
+        return 1
+    return math.gcd(first.g_step if first.count > 1 else 0, first.g_dil if first.taps > 1 else 0) or 1
 
 
 def _centre_reads(a: _OpArgs, band: _Band) -> List[Tuple[int, int, int]]:
@@ -947,12 +958,13 @@ def _centre_reads(a: _OpArgs, band: _Band) -> List[Tuple[int, int, int]]:
     return reads
 
 
-def _band_centres(guide_rows: torch.Tensor, a: _OpArgs, band: _Band, row0: int) -> torch.Tensor:
-    """The guide's own centre features of the band's windows: a view of ``guide_rows``, the padded guide's rows
-    from ``row0`` on (their gradient then folds straight into the guide's)."""
-    index = [_strided(first - (row0 if i == 0 else 0), count, step)
-             for i, (first, count, step) in enumerate(_centre_reads(a, band))]
-    return guide_rows[(slice(None), slice(None), *index)]
+def _band_centres(guide: torch.Tensor, a: _OpArgs, band: _Band, shifts: Sequence[int]) -> torch.Tensor:
+    """The guide's own centre features of the band's windows: a view of ``guide``, the padded guide's rows copied
+    from row ``shifts[0]`` on (or the unpadded guide, ``shifts`` being its padding before each axis), so that their
+    gradient folds straight into the guide's."""
+    index = [_strided(first - shift, count, step)
+             for (first, count, step), shift in zip(_centre_reads(a, band), shifts)]
+    return guide[(slice(None), slice(None), *index)]
 
 
 def _interior(t: torch.Tensor, pads, row: int, count: int) -> tuple:
@@ -961,50 +973,56 @@ def _interior(t: torch.Tensor, pads, row: int, count: int) -> tuple:
             *(slice(before, before + n) for n, (before, _) in zip(t.shape[3:], pads[1:])))
 
 
-def _real_rows(t: torch.Tensor, pads, rows: Tuple[int, int]) -> Tuple[int, int]:
-    """The rows ``[lo, hi)`` of ``t`` among the padded rows ``rows``."""
-    before = pads[0][0]
-    return max(rows[0] - before, 0), min(rows[1] - before, t.shape[2])
+def _real_rows(t: torch.Tensor, pads, rows: Tuple[int, int, int]) -> Tuple[int, int, slice]:
+    """Of the padded rows ``rows`` (see :func:`_rows_read`), those ``[j0, j1)`` that are rows of ``t``, and where they
+    are in ``t``."""
+    (r0, r1, step), before = rows, pads[0][0]
+    j0 = max(0, -(-(before - r0) // step))
+    j1 = min(-(-(r1 - r0) // step), -(-(before + t.shape[2] - r0) // step))
+    lo = r0 + j0 * step - before
+    return j0, j1, slice(lo, lo + (j1 - j0 - 1) * step + 1, step)
 
 
-def _padded_rows(t: Optional[torch.Tensor], pads, rows: Tuple[int, int]) -> Optional[torch.Tensor]:
-    """The padded rows ``[r0, r1)`` of ``t`` zero-padded by ``pads`` (per axis, before and after): a contiguous
-    copy, whole along the other axes."""
+def _padded_rows(t: Optional[torch.Tensor], pads, rows: Tuple[int, int, int]) -> Optional[torch.Tensor]:
+    """The padded rows ``rows`` (see :func:`_rows_read`) of ``t`` zero-padded by ``pads`` (per axis, before and
+    after): a contiguous copy, whole along the other axes."""
     if t is None:
         return None
-    lo, hi = _real_rows(t, pads, rows)
-    out = t.new_zeros(*t.shape[:2], rows[1] - rows[0], *(n + sum(p) for n, p in zip(t.shape[3:], pads[1:])))
-    if hi > lo:
-        out[_interior(t, pads, lo + pads[0][0] - rows[0], hi - lo)] = t[:, :, lo:hi]
+    j0, j1, real = _real_rows(t, pads, rows)
+    count = -(-(rows[1] - rows[0]) // rows[2])
+    out = t.new_zeros(*t.shape[:2], count, *(n + sum(p) for n, p in zip(t.shape[3:], pads[1:])))
+    if j1 > j0:
+        out[_interior(t, pads, j0, j1 - j0)] = t[:, :, real]
     return out
 
 
-def _add_padded_rows(target: torch.Tensor, grad: torch.Tensor, pads, rows: Tuple[int, int]) -> None:
+def _add_padded_rows(target: torch.Tensor, grad: torch.Tensor, pads, rows: Tuple[int, int, int]) -> None:
     """The adjoint of :func:`_padded_rows`: adds the part of ``grad`` that lies on ``target`` into it."""
-    lo, hi = _real_rows(target, pads, rows)
-    if hi > lo:
-        target[:, :, lo:hi] += grad[_interior(target, pads, lo + pads[0][0] - rows[0], hi - lo)]
+    j0, j1, real = _real_rows(target, pads, rows)
+    if j1 > j0:
+        target[:, :, real] += grad[_interior(target, pads, j0, j1 - j0)]
 
 
 class _RowInputs(NamedTuple):
     """The rows of the padded input, guide and validity images that a band of rows reads, copied out."""
     x: torch.Tensor
-    x_rows: Tuple[int, int]           # the padded input's rows in ``x``
+    x_rows: Tuple[int, int, int]      # the padded input's rows in ``x`` (see :func:`_rows_read`)
     guide: Optional[torch.Tensor]
-    guide_rows: Tuple[int, int]       # the padded guide's rows in ``guide``
+    guide_rows: Tuple[int, int, int]  # the padded guide's rows in ``guide``
     valid: Optional[torch.Tensor]
     pattern: Optional[torch.Tensor]
 
 
 def _row_inputs(prep: _Prepared, a: _OpArgs, band: _Band, own_centres: bool) -> _RowInputs:
     """What the bands of ``band``'s rows read (whatever their phases along the other axes): with ``own_centres``,
-    the guide's copy also covers the centres of their windows."""
-    x_rows, guide_rows, guide = _rows_read(band, guide=False), (0, 0), None
+    the guide's copy also covers the centres of their windows, unless it holds only every few rows (see
+    :func:`_guide_row_step`)."""
+    x_rows, guide_rows, guide = _rows_read(band, guide=False), (0, 0, 1), None
     if prep.guide is not None:
-        guide_rows = _rows_read(band, guide=True)
-        if own_centres:
+        guide_rows = _rows_read(band, True, _guide_row_step(prep, a, band.phases[0]))
+        if own_centres and guide_rows[2] == 1:
             first, count, step = _centre_reads(a, band)[0]
-            guide_rows = (min(guide_rows[0], first), max(guide_rows[1], first + (count - 1) * step + 1))
+            guide_rows = (min(guide_rows[0], first), max(guide_rows[1], first + (count - 1) * step + 1), 1)
         guide = _padded_rows(prep.guide, prep.guide_pads, guide_rows)
     return _RowInputs(_padded_rows(prep.x, prep.x_pads, x_rows), x_rows, guide, guide_rows,
                       _padded_rows(prep.valid, prep.x_pads, x_rows), _padded_rows(prep.pattern, prep.x_pads, x_rows))
@@ -1012,7 +1030,7 @@ def _row_inputs(prep: _Prepared, a: _OpArgs, band: _Band, own_centres: bool) -> 
 
 class _BandInputs(NamedTuple):
     """What one band reads: its rows' copies and the centres of its windows."""
-    band: _Band                       # the band, its reads along the first axis shifted to the copies' rows
+    band: _Band                       # the band, its reads along the first axis moved to the copies' rows
     x: torch.Tensor
     guide: Optional[torch.Tensor]
     centre: Optional[torch.Tensor]
@@ -1020,15 +1038,26 @@ class _BandInputs(NamedTuple):
     pattern: Optional[torch.Tensor]
 
 
-def _band_inputs(rows: _RowInputs, a: _OpArgs, band: _Band, centre: Optional[torch.Tensor]) -> _BandInputs:
+def _own_band_centres(prep: _Prepared, rows: _RowInputs, guide_rows: torch.Tensor, guide: torch.Tensor, a: _OpArgs,
+                      band: _Band) -> torch.Tensor:
+    """The guide's own centres of ``band``'s windows, as a view of ``guide_rows`` (the copy of ``rows.guide_rows``,
+    or its gradient) when it holds them, else of ``guide`` (the unpadded guide, or its gradient)."""
+    if rows.guide_rows[2] == 1:
+        return _band_centres(guide_rows, a, band, (rows.guide_rows[0],) + (0,) * (len(a.k) - 1))
+    return _band_centres(guide, a, band, [before for before, _ in prep.guide_pads])
+
+
+def _band_inputs(prep: _Prepared, rows: _RowInputs, a: _OpArgs, band: _Band,
+                 centre: Optional[torch.Tensor]) -> _BandInputs:
     """``band``'s view of its rows' copies; its window centres are the given ``centre``'s, or (None) the guide's
     own."""
     band_centre = None
     if rows.guide is not None:
-        band_centre = _band_centres(rows.guide, a, band, rows.guide_rows[0]) if centre is None else \
+        band_centre = _own_band_centres(prep, rows, rows.guide, prep.guide, a, band) if centre is None else \
             centre[band.out_index()]
-    first = band.phases[0]
-    first = first._replace(x_start=first.x_start - rows.x_rows[0], g_start=first.g_start - rows.guide_rows[0])
+    first, step = band.phases[0], rows.guide_rows[2]
+    first = first._replace(x_start=first.x_start - rows.x_rows[0], g_start=(first.g_start - rows.guide_rows[0]) // step,
+                           g_step=max(1, first.g_step // step), g_dil=max(1, first.g_dil // step))
     return _BandInputs(band._replace(phases=(first, *band.phases[1:])), rows.x, rows.guide, band_centre, rows.valid,
                        rows.pattern)
 
@@ -1078,7 +1107,7 @@ def _filter_rows_bytes(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared, ph
     return _band_rows_bytes(x.shape[0], values, phases, x.element_size())
 
 
-def _copied_row_bytes(prep: _Prepared, first: _Phase) -> int:
+def _copied_row_bytes(prep: _Prepared, a: _OpArgs, first: _Phase) -> int:
     """Bytes per output row (along the first axis) of a band's copies of the input and guide rows
     (:func:`_row_inputs`)."""
     def row_bytes(t, pads, step):
@@ -1086,7 +1115,8 @@ def _copied_row_bytes(prep: _Prepared, first: _Phase) -> int:
         return step * t.shape[0] * t.shape[1] * size * max(t.element_size(), 4)
 
     return row_bytes(prep.x, prep.x_pads, first.x_step) + (
-        0 if prep.guide is None else row_bytes(prep.guide, prep.guide_pads, first.g_step))
+        0 if prep.guide is None else row_bytes(prep.guide, prep.guide_pads,
+                                               max(1, first.g_step // _guide_row_step(prep, a, first))))
 
 
 def _row_tasks(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared, limit: Optional[int] = None) -> List[List[list]]:
@@ -1100,7 +1130,7 @@ def _row_tasks(x, weight, kernel, guide, a: _OpArgs, prep: _Prepared, limit: Opt
             continue
         weights = [_phase_weight(weight, a.groups, phases) for phases in combos]
         row_bytes = max(_filter_rows_bytes(x, weight, kernel, guide, a, prep, phases) for phases in combos) + \
-            _copied_row_bytes(prep, first)
+            _copied_row_bytes(prep, a, first)
         units.append([[(_Band(phases, rows.t0, rows.t1), w) for phases, w in zip(combos, weights)]
                       for rows in _bands(combos[0], row_bytes, x.device, guide is not None, limit)])
     return units
@@ -1118,7 +1148,7 @@ def _filter_forward(x, weight, kernel, guide, centre, mask, alpha, lam, a: _OpAr
     def run(task) -> None:  # output phases and bands write disjoint outputs: all of them run in parallel
         rows = _row_inputs(prep, a, task[0][0], centre is None)
         for band, w in task:
-            inputs = _band_inputs(rows, a, band, centre)
+            inputs = _band_inputs(prep, rows, a, band, centre)
             kb, flags, _ = _kernel_of_band(a, kernel, inputs, alpha, lam, prep.compiled)
             if flags_out is not None:
                 flags_out[band.out_index()] = flags.to(kernel_dtype)
@@ -1193,7 +1223,7 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
         results = []
         for i, (band, w) in enumerate(task):
             out = band.out_index()
-            inputs = _band_inputs(rows, a, band, centre)
+            inputs = _band_inputs(prep, rows, a, band, centre)
             kb, _, base = _kernel_of_band(a, kernel, inputs, alpha, lam, prep.compiled)
             go = grad_out[out]
             g_weight = g_params = None
@@ -1218,8 +1248,8 @@ def _filter_backward(grad_out, x, weight, kernel, guide, centre, mask, alpha, la
                     if gguide is not None:
                         if rows_gguide is None:
                             rows_gguide = torch.zeros_like(inputs.guide)
-                        band_gcentre = _band_centres(rows_gguide, a, band, rows.guide_rows[0]) if own_centres else \
-                            gcentre[out]
+                        band_gcentre = _own_band_centres(prep, rows, rows_gguide, gguide, a, band) if own_centres \
+                            else gcentre[out]
                         _band_distance_backward_into(a.spec, grad_dist, inputs.guide, inputs.centre, inputs.band,
                                                      rows_gguide, band_gcentre, prep.compiled)
             results.append((band, g_weight, g_params))

@@ -160,6 +160,26 @@ def test_band_size_does_not_change_results(monkeypatch):
     assert_band_size_does_not_change_results(monkeypatch, module, rand(2, 3, 11, 9), rand(2, 2, 22, 18), threads=2)
 
 
+def test_transposed_bands_copy_only_the_guide_rows_they_read(monkeypatch, cpu_loops):
+    """A stride-4 transposed layer reads its guide every 4th row along the first axis in each output phase: its bands
+    copy only those rows and take their windows' own centres from the guide itself. Outputs and gradients match the
+    unfold path."""
+    steps = []
+    copy_rows = pac._padded_rows
+    monkeypatch.setattr(pac, "_padded_rows", lambda t, pads, rows: steps.append(rows[2]) or copy_rows(t, pads, rows))
+    x, guide = rand(2, 3, 5, 6), rand(2, 2, 20, 24)
+    results = []
+    for impl in ("taps", "unfold"):
+        torch.manual_seed(1)
+        module = PacConvTranspose2d(3, 2, 9, stride=4, padding=3, output_padding=1, normalize_kernel=True,
+                                    impl=impl).double()
+        out = module(x, guide)
+        results.append((out, *torch.autograd.grad((out * out.cos()).sum(), (x, guide, module.weight))))
+    for taps, unfold in zip(*results):
+        torch.testing.assert_close(taps, unfold)
+    assert 4 in steps
+
+
 @pytest.mark.parametrize("k,s,d", [(3, 1, 1), (5, 1, 1), (5, 2, 1), (3, 1, 3), (7, 3, 2)])
 @pytest.mark.parametrize("band_bytes", [1, 3000, 1 << 30])
 def test_bands_of_a_disjoint_set_read_disjoint_rows(monkeypatch, k, s, d, band_bytes):
